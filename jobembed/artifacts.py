@@ -1,0 +1,112 @@
+"""Small helpers every stage shares: atomic writes, file hashes, run manifests, stage stamps.
+
+A stage writes its outputs into a temporary name and renames them into place, so an interrupted run
+never leaves a half-written file that a later run would trust. A ``stage.json`` stamp records the
+hash of everything the stage consumed; ``jobembed run`` skips a stage whose stamp still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def hash_obj(obj: Any) -> str:
+    """A stable hash of a JSON-able object (configs, lists of file hashes)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(names: Iterable[str] = ("jobembed", "torch", "sentence-transformers", "transformers",
+                                              "scikit-learn", "numpy", "pandas")) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str]) -> None:
+    """Add or refresh one stage's entry in ``run_dir/manifest.json``.
+
+    Args:
+        stage: stage name ("prepare", "embed", ...).
+        config: the stage's resolved config (JSON-able).
+        inputs: input name -> content hash.
+    """
+    path = run_dir / "manifest.json"
+    manifest = read_json(path) if path.is_file() else {"stages": {}}
+    manifest.update(packages=package_versions(), git_commit=git_commit(), platform=platform.platform())
+    manifest["stages"][stage] = {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": config,
+        "inputs": inputs,
+    }
+    write_json(path, manifest)
+
+
+def stage_is_current(stage_dir: Path, key: str) -> bool:
+    """True when ``stage_dir/stage.json`` exists and was written for the same input key."""
+    stamp = stage_dir / "stage.json"
+    return stamp.is_file() and read_json(stamp).get("key") == key
+
+
+def mark_stage_done(stage_dir: Path, key: str, **extra: Any) -> None:
+    write_json(stage_dir / "stage.json", {"key": key, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                                          **extra})
