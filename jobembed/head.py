@@ -1,0 +1,541 @@
+"""An MLP classification head on sentence embeddings: scikit-learn conventions, PyTorch inside.
+
+``MLPHead`` is what SetFit calls a differentiable head: a small feed-forward network trained with
+cross-entropy on frozen (or fine-tuned) sentence vectors. It follows scikit-learn's estimator contract
+(``__init__`` only stores hyperparameters, learned attributes end in ``_``, ``clone`` and
+``check_is_fitted`` work), stops early on validation macro-F1 and calibrates its probabilities with a
+single temperature. A fitted head is saved as ``head.safetensors`` (weights, never pickle) plus a
+``head.json`` sidecar (hyperparameters, classes, temperature, checksum).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.metrics import f1_score
+from sklearn.model_selection import train_test_split
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from jobembed import __version__
+from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
+from jobembed.config import HeadConfig
+from jobembed.errors import BundleError, ConfigError, DataError
+
+HEAD_FORMAT = "jobembed-head/1"
+WEIGHTS_FILE = "head.safetensors"
+META_FILE = "head.json"
+CLASS_WEIGHT_MODES = ("none", "balanced", "sqrt")
+_TEMPERATURE_BOUNDS = (0.05, 20.0)
+# Rows per forward pass at predict time: bounds memory on large tables without slowing small ones.
+_PREDICT_CHUNK = 65_536
+
+
+class HeadInputError(DataError, ValueError):
+    """Bad ``X``/``y`` for the head. A ``ValueError`` too, as scikit-learn code expects."""
+
+
+def class_weights(counts: np.ndarray, mode: str | None) -> np.ndarray:
+    """Per-class loss weights from training counts.
+
+    Args:
+        counts: ``(k,)`` number of training examples per class; zeros are allowed (weight 0).
+        mode: ``"none"`` (uniform), ``"balanced"`` (``n / (k_present * count)``, scikit-learn's formula) or
+            ``"sqrt"`` (square root of balanced, normalised to mean 1 over present classes).
+
+    Returns:
+        ``(k,)`` float64 weights. Only their ratios matter: the loss is a weighted mean.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    if mode in (None, "none"):
+        weights[present] = 1.0
+        return weights
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ConfigError(f"unknown class_weight {mode!r}", expected=" | ".join(CLASS_WEIGHT_MODES))
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    if mode == "sqrt":
+        weights[present] = np.sqrt(weights[present])
+        weights[present] /= weights[present].mean()
+    return weights
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-class confidence over ``n_bins`` equal-width bins in (0, 1].
+
+    Args:
+        proba: ``(n, k)`` probabilities.
+        y: ``(n,)`` true class indices into the columns of ``proba``.
+    """
+    if len(y) == 0:
+        return float("nan")
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(logits / T)``; ``logits`` is ``(n, k)``, ``y`` ``(n,)``."""
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y].mean())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}", expected="auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available", fix="use device 'auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available", fix="use device 'auto' or 'cpu'")
+    return device
+
+
+def _build_mlp(n_features: int, hidden_sizes: Sequence[int], n_classes: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = n_features
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def _check_X(X: Any, what: str = "X") -> np.ndarray:
+    """``X`` as a C-contiguous ``(n, d)`` float32 array of finite numbers, with n, d ≥ 1."""
+    try:
+        arr = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HeadInputError(f"{what} must be a numeric (n, d) array of embeddings") from None
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise HeadInputError(f"{what} must be a non-empty 2-D array (n, d)", found=f"shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise HeadInputError(f"{what} contains NaN or infinite values", fix="re-embed the affected rows")
+    return np.ascontiguousarray(arr)
+
+
+def _check_y(y: Any, n_rows: int, what: str = "y") -> np.ndarray:
+    """``y`` as a ``(n,)`` array of ``str`` labels matching ``n_rows``."""
+    arr = np.asarray(y, dtype=object)
+    if arr.ndim != 1:
+        raise HeadInputError(f"{what} must be 1-D (one label per row)", found=f"shape {arr.shape}")
+    if len(arr) != n_rows:
+        raise HeadInputError(f"{what} has {len(arr)} labels but X has {n_rows} rows", expected="one label per row")
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in arr):
+        raise HeadInputError(f"{what} has missing labels (None/NaN)", fix="drop or label those rows")
+    return arr.astype(str)
+
+
+class MLPHead(ClassifierMixin, BaseEstimator):
+    """Feed-forward classifier on ``(n, d)`` embeddings: ``[Linear → GELU → Dropout] × len(hidden_sizes) → Linear``.
+
+    Labels are stored as strings (``classes_`` sorted), so the head round-trips through ``head.json``.
+
+    Args:
+        hidden_sizes: Widths of the hidden layers; empty gives multinomial logistic regression.
+        dropout: Dropout after each hidden layer, in [0, 1).
+        weight_decay: AdamW decoupled weight decay.
+        learning_rate: AdamW learning rate.
+        batch_size: Minibatch size.
+        max_epochs: Upper bound on training epochs.
+        patience: Epochs without a better validation macro-F1 before stopping.
+        class_weight: ``"none"``, ``"balanced"`` or ``"sqrt"``; see ``class_weights``.
+        calibrate: Fit a softmax temperature on the validation set after training.
+        validation_fraction: Share of the training data held out when ``fit`` gets no ``X_val``/``y_val``.
+        device: ``"auto"`` (cuda, else mps, else cpu) or a torch device string.
+        random_state: Seed for the holdout split, initialisation, shuffling and dropout; None draws one.
+        verbose: Print one line per epoch to stderr.
+
+    Attributes:
+        classes_: ``(k,)`` sorted str labels; column order of ``predict_proba``.
+        n_features_in_: Embedding dimension ``d`` seen in ``fit``.
+        model_: The trained ``nn.Sequential`` (best epoch's weights, eval mode).
+        temperature_: Softmax temperature (1.0 when ``calibrate=False``).
+        best_epoch_: 1-based epoch whose weights were kept.
+        best_val_score_: Validation macro-F1 at ``best_epoch_``.
+        history_: One dict per epoch: ``epoch``, ``train_loss``, ``val_macro_f1``, ``val_loss``.
+        n_iter_: Epochs actually run.
+        calibration_: ``ece_before``, ``ece_after``, ``nll_before``, ``nll_after``, ``n_val``.
+        class_weights_: ``(k,)`` loss weights used in training.
+        device_: Device the head runs on, as a string.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_sizes: Sequence[int] = (512,),
+        dropout: float = 0.2,
+        weight_decay: float = 1e-4,
+        learning_rate: float = 1e-3,
+        batch_size: int = 64,
+        max_epochs: int = 200,
+        patience: int = 20,
+        class_weight: str | None = "sqrt",
+        calibrate: bool = True,
+        validation_fraction: float = 0.1,
+        device: str = "auto",
+        random_state: int | None = 13,
+        verbose: bool = False,
+    ) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.class_weight = class_weight
+        self.calibrate = calibrate
+        self.validation_fraction = validation_fraction
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @classmethod
+    def from_config(cls, cfg: HeadConfig) -> MLPHead:
+        """A head with the hyperparameters of a ``HeadConfig`` (``seed`` becomes ``random_state``)."""
+        return cls(
+            hidden_sizes=tuple(cfg.hidden_sizes),
+            dropout=cfg.dropout,
+            weight_decay=cfg.weight_decay,
+            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_size,
+            max_epochs=cfg.max_epochs,
+            patience=cfg.patience,
+            class_weight=cfg.class_weight,
+            calibrate=cfg.calibrate,
+            validation_fraction=cfg.validation_fraction,
+            device=cfg.device,
+            random_state=cfg.seed,
+        )
+
+    # ----------------------------------------------------------------------------------------- fit
+
+    def _validate_params(self) -> tuple[int, ...]:
+        """Check hyperparameters (scikit-learn defers this to ``fit``); returns ``hidden_sizes`` as a tuple."""
+
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError(f"MLPHead {name}={getattr(self, name)!r} is invalid", expected=expected)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+        try:
+            hidden = tuple(self.hidden_sizes)
+        except TypeError:
+            raise bad("hidden_sizes", "a list of positive integers") from None
+        if not all(is_int(h) and h > 0 for h in hidden):
+            raise bad("hidden_sizes", "a list of positive integers")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "a value in [0, 1)")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", ">= 0")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", "> 0")
+        for name in ("batch_size", "max_epochs", "patience"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise bad(name, "an integer >= 1")
+        if self.class_weight not in (*CLASS_WEIGHT_MODES, None):
+            raise bad("class_weight", " | ".join(CLASS_WEIGHT_MODES))
+        if not 0 < self.validation_fraction < 1:
+            raise bad("validation_fraction", "a value in (0, 1)")
+        if self.random_state is not None and not (is_int(self.random_state) and self.random_state >= 0):
+            raise bad("random_state", "a non-negative integer or None")
+        return tuple(int(h) for h in hidden)
+
+    def _holdout(self, y_idx: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train/validation row indices. Classes with one example stay in training; stratified when possible."""
+        counts = np.bincount(y_idx)
+        single = counts[y_idx] < 2
+        rest = np.flatnonzero(~single)
+        n_val = math.ceil(self.validation_fraction * len(rest))
+        if len(rest) < 2 or n_val >= len(rest):
+            raise DataError(
+                f"too few examples ({len(y_idx)}) to hold out a validation set",
+                fix="pass X_val/y_val to fit or add labelled ads",
+            )
+        k_rest = len(np.unique(y_idx[rest]))
+        # train_test_split refuses to stratify when either side is smaller than the number of classes.
+        stratify = y_idx[rest] if n_val >= k_rest and len(rest) - n_val >= k_rest else None
+        tr, va = train_test_split(rest, test_size=n_val, random_state=seed, stratify=stratify)
+        # An unstratified split can take every example of a class; give those back to training.
+        orphan = ~np.isin(y_idx[va], y_idx[tr])
+        if orphan.all():
+            raise DataError(
+                f"too few examples per class ({len(y_idx)} rows) to hold out a validation set",
+                fix="pass X_val/y_val to fit or add labelled ads",
+            )
+        tr = np.concatenate([np.flatnonzero(single), tr, va[orphan]])
+        return np.sort(tr), np.sort(va[~orphan])
+
+    def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> MLPHead:
+        """Train on embeddings, stop early on validation macro-F1, then calibrate the temperature.
+
+        Args:
+            X: ``(n, d)`` float embeddings.
+            y: ``(n,)`` labels (stored as str).
+            X_val: ``(m, d)`` validation embeddings; when None, ``validation_fraction`` of ``X`` is held out.
+            y_val: ``(m,)`` validation labels; labels not in ``y`` are dropped with a warning.
+
+        Returns:
+            ``self``.
+        """
+        hidden = self._validate_params()
+        device = _resolve_device(self.device)
+        X = _check_X(X)
+        y = _check_y(y, X.shape[0])
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise HeadInputError(f"y has a single class {classes[0]!r}", expected="at least 2 classes")
+        seed = self.random_state if self.random_state is not None else secrets.randbits(63)
+
+        if (X_val is None) != (y_val is None):
+            raise HeadInputError("pass both X_val and y_val, or neither")
+        if X_val is None:
+            tr, va = self._holdout(y_idx, seed)
+            X_tr, y_tr, X_va, y_va = X[tr], y_idx[tr], X[va], y_idx[va]
+        else:
+            X_va = _check_X(X_val, "X_val")
+            if X_va.shape[1] != X.shape[1]:
+                raise HeadInputError(f"X_val has {X_va.shape[1]} features but X has {X.shape[1]}")
+            yv = _check_y(y_val, X_va.shape[0], "y_val")
+            known = np.isin(yv, classes)
+            if not known.all():
+                unseen = sorted(set(yv[~known]))
+                warnings.warn(
+                    f"y_val: {int((~known).sum())} rows with labels not in y are ignored: {unseen[:5]}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if not known.any():
+                raise HeadInputError("no y_val label occurs in y", fix="validate on the same label set")
+            X_tr, y_tr, X_va, y_va = X, y_idx, X_va[known], np.searchsorted(classes, yv[known])
+
+        self.classes_ = classes
+        self.n_features_in_ = X.shape[1]
+        self.device_ = str(device)
+        self.class_weights_ = class_weights(np.bincount(y_tr, minlength=len(classes)), self.class_weight)
+        # A private RNG scope: seeding must not disturb the caller's global torch state.
+        if device.type == "cuda":
+            fork = torch.random.fork_rng(devices=[device.index or torch.cuda.current_device()], device_type="cuda")
+        else:
+            fork = torch.random.fork_rng(devices=[])
+        with fork:
+            torch.manual_seed(seed)
+            self.model_ = _build_mlp(X.shape[1], hidden, len(classes), self.dropout).to(device)
+            self._train(X_tr, y_tr, X_va, y_va, device, seed)
+        self.model_.eval()
+
+        val_logits = self._logits(X_va)
+        nll_before = _nll(val_logits, y_va)
+        self.temperature_ = 1.0
+        if self.calibrate:
+            lo, hi = (math.log(b) for b in _TEMPERATURE_BOUNDS)
+            res = minimize_scalar(lambda t: _nll(val_logits, y_va, math.exp(t)), bounds=(lo, hi), method="bounded")
+            # Bounded Brent can stop on a plateau; never accept a temperature that makes the fit worse.
+            if res.fun < nll_before:
+                self.temperature_ = float(math.exp(res.x))
+        self.calibration_ = {
+            "ece_before": expected_calibration_error(softmax(val_logits, axis=1), y_va),
+            "ece_after": expected_calibration_error(softmax(val_logits / self.temperature_, axis=1), y_va),
+            "nll_before": nll_before,
+            "nll_after": _nll(val_logits, y_va, self.temperature_),
+            "n_val": len(y_va),
+        }
+        return self
+
+    def _train(
+        self, X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, device: torch.device, seed: int
+    ) -> None:
+        model = self.model_
+        opt = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        weight = torch.tensor(self.class_weights_, dtype=torch.float32, device=device)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        Xt, yt = torch.from_numpy(X_tr).to(device), torch.from_numpy(y_tr.astype(np.int64)).to(device)
+        Xv, yv = torch.from_numpy(X_va).to(device), torch.from_numpy(y_va.astype(np.int64)).to(device)
+        # Macro-F1 over the classes that have validation examples; others would count as 0 for nothing.
+        val_labels = np.unique(y_va)
+        # Shuffling on a CPU generator gives the same order on every device.
+        gen = torch.Generator().manual_seed(seed)
+        n = len(yt)
+
+        best: tuple[float, float] = (-1.0, math.inf)
+        best_state: dict[str, torch.Tensor] = {}
+        self.history_ = []
+        since_better_f1 = 0
+        for epoch in range(1, self.max_epochs + 1):
+            model.train()
+            total = 0.0
+            perm = torch.randperm(n, generator=gen).to(device)
+            for start in range(0, n, self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                loss = loss_fn(model(Xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            model.eval()
+            with torch.no_grad():
+                logits = model(Xv)
+                val_loss = nn.functional.cross_entropy(logits, yv).item()
+                pred = logits.argmax(dim=1).cpu().numpy()
+            f1 = float(f1_score(y_va, pred, labels=val_labels, average="macro", zero_division=0))
+            self.history_.append({"epoch": epoch, "train_loss": total / n, "val_macro_f1": f1, "val_loss": val_loss})
+            if self.verbose:
+                print(
+                    f"epoch {epoch:4d}  train_loss {total / n:.4f}  val_loss {val_loss:.4f}  val_f1 {f1:.4f}",
+                    file=sys.stderr,
+                )
+            # Patience counts epochs without a better F1; an equal F1 with lower loss still replaces the kept
+            # weights (less overconfident), but does not extend training.
+            since_better_f1 = 0 if f1 > best[0] else since_better_f1 + 1
+            if f1 > best[0] or (f1 == best[0] and val_loss < best[1]):
+                best = (f1, val_loss)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.best_epoch_ = epoch
+            if since_better_f1 >= self.patience:
+                break
+        self.n_iter_ = epoch
+        self.best_val_score_ = best[0]
+        model.load_state_dict(best_state)
+
+    # ------------------------------------------------------------------------------------- predict
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        """``(n, k)`` float64 logits of an already checked ``(n, d)`` float32 array."""
+        device = next(self.model_.parameters()).device
+        self.model_.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(X), _PREDICT_CHUNK):
+                chunk = torch.from_numpy(X[start : start + _PREDICT_CHUNK]).to(device)
+                out.append(self.model_(chunk).cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def _check_predict_X(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        X = _check_X(X)
+        if X.shape[1] != self.n_features_in_:
+            raise HeadInputError(
+                f"X has {X.shape[1]} features but this head was fitted on {self.n_features_in_}",
+                fix="embed with the same encoder the head was trained on",
+            )
+        return X
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Raw logits (before temperature), ``(n, k)`` float64, columns ordered as ``classes_``."""
+        return self._logits(self._check_predict_X(X))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Calibrated probabilities ``softmax(logits / temperature_)``, ``(n, k)`` float64, rows sum to 1."""
+        return softmax(self.decision_function(X) / self.temperature_, axis=1)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``(n,)`` str labels from ``classes_``; temperature does not change the argmax."""
+        logits = self.decision_function(X)  # first: it raises NotFittedError before classes_ is touched
+        return self.classes_[logits.argmax(axis=1)]
+
+    # ------------------------------------------------------------------------------- persistence
+
+    def save(self, path: Path) -> None:
+        """Write ``path/head.safetensors`` (weights as CPU tensors) and ``path/head.json`` (everything else)."""
+        check_is_fitted(self, "model_")
+        path = Path(path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata={"format": HEAD_FORMAT}))
+        # NumPy scalars would reach the JSON as strings and fail validation after load.
+        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
+        params["hidden_sizes"] = [int(h) for h in params["hidden_sizes"]]
+        meta = {
+            "format": HEAD_FORMAT,
+            "jobembed_version": __version__,
+            **params,
+            "classes": [str(c) for c in self.classes_],
+            "n_features_in": int(self.n_features_in_),
+            "temperature": self.temperature_,
+            "best_epoch": self.best_epoch_,
+            "best_val_score": self.best_val_score_,
+            "n_iter": self.n_iter_,
+            "calibration": self.calibration_,
+            "class_weights": [float(w) for w in self.class_weights_],
+            "history": self.history_,
+            "sha256": file_sha256(path / WEIGHTS_FILE),
+        }
+        write_json(path / META_FILE, meta)
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "auto") -> MLPHead:
+        """Rebuild a head saved by ``save``; checks the format tag and the weights' checksum.
+
+        Raises:
+            BundleError: missing files, another format version, checksum mismatch or weights that do not fit.
+        """
+        path = Path(path)
+        meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+        for p in (meta_path, weights_path):
+            if not p.is_file():
+                raise BundleError(f"head file {p} not found", fix="point at a folder written by MLPHead.save")
+        try:
+            meta = read_json(meta_path)
+        except ValueError:
+            raise BundleError(f"{meta_path} is not valid JSON (corrupt)", fix="retrain or restore the head") from None
+        found = str(meta.get("format"))
+        name, _, version = found.partition("/")
+        exp_name, _, exp_version = HEAD_FORMAT.partition("/")
+        if name != exp_name or version.split(".")[0] != exp_version:
+            raise BundleError(
+                f"{meta_path}: unsupported head format",
+                expected=HEAD_FORMAT,
+                found=found,
+                fix="retrain with this jobembed version",
+            )
+        if file_sha256(weights_path) != meta.get("sha256"):
+            raise BundleError(f"{weights_path} is corrupt (sha256 does not match head.json)", fix="retrain the head")
+        params = {k: meta[k] for k in cls._get_param_names() if k in meta}
+        params["hidden_sizes"] = tuple(params.get("hidden_sizes", ()))
+        head = cls(**{**params, "device": device})
+        dev = _resolve_device(device)
+        try:
+            state = st_load(weights_path.read_bytes())
+            model = _build_mlp(meta["n_features_in"], head.hidden_sizes, len(meta["classes"]), head.dropout)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise BundleError(f"{weights_path}: weights do not fit head.json ({e})", fix="retrain the head") from None
+        head.model_ = model.to(dev).eval()
+        head.classes_ = np.asarray(meta["classes"], dtype=str)
+        head.n_features_in_ = int(meta["n_features_in"])
+        head.temperature_ = float(meta["temperature"])
+        head.best_epoch_ = meta.get("best_epoch")
+        head.best_val_score_ = meta.get("best_val_score")
+        head.n_iter_ = meta.get("n_iter")
+        head.calibration_ = meta.get("calibration", {})
+        head.class_weights_ = np.asarray(meta.get("class_weights", []), dtype=np.float64)
+        head.history_ = meta.get("history", [])
+        head.device_ = str(dev)
+        return head

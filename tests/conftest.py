@@ -1,0 +1,137 @@
+"""Shared fixtures: a tiny offline SentenceTransformer and a sandboxed cache.
+
+No test may touch the network or the user's ``~/.cache``: the hub is switched to offline mode at import
+time (before transformers/huggingface_hub read the variables) and ``JOBEMBED_CACHE`` points at a
+per-session temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# ~30 short job-ad sentences, Polish and English, six occupations.
+TINY_CORPUS: list[str] = [
+    "Kierowca kat. C, praca w Warszawie, umowa o pracę",
+    "Zatrudnimy kierowcę ciężarówki w transporcie międzynarodowym",
+    "Kierowca dostawczy, prawo jazdy kat. B",
+    "Truck driver wanted for long-haul routes",
+    "Delivery driver, full-time, own van not required",
+    "Pielęgniarka na oddział internistyczny, praca zmianowa",
+    "Szpital zatrudni pielęgniarkę z prawem wykonywania zawodu",
+    "Registered nurse for night shifts in a care home",
+    "Nurse needed in the hospital emergency department",
+    "Programista Python, praca zdalna, pełny etat",
+    "Programista Java z doświadczeniem w Spring Boot",
+    "Junior programmer to build web applications",
+    "Software developer, programmer, C# and .NET",
+    "Magazynier z uprawnieniami na wózek widłowy",
+    "Pracownik magazynu, kompletacja zamówień, praca na zmiany",
+    "Warehouse worker, picking and packing, forklift licence a plus",
+    "Warehouse operative for a logistics centre near Poznań",
+    "Księgowa w biurze rachunkowym, pełna księgowość",
+    "Samodzielna księgowa, rozliczenia VAT i CIT",
+    "Accountant for month-end closing and payroll",
+    "Junior accountant, invoices and bank reconciliations",
+    "Kucharz w restauracji, kuchnia polska",
+    "Pomoc kuchenna i kucharz na sezon nad morzem",
+    "Cook wanted for a busy hotel kitchen",
+    "Line cook, breakfast and lunch service",
+    "Oferujemy stabilne zatrudnienie i premie",
+    "Wymagamy sumienności i komunikatywności",
+    "We offer a competitive salary and training",
+    "Praca od poniedziałku do piątku w Krakowie",
+    "Apply now with your CV and references",
+]
+
+TINY_SEED = 0
+
+
+def build_tiny_encoder(path: Path, *, seed: int = TINY_SEED) -> Path:
+    """Build a tiny SentenceTransformer folder (WordPiece tokenizer + random 2-layer BERT + mean pooling).
+
+    Args:
+        path: Target folder for the SentenceTransformer; a sibling ``<name>_hf`` holds the raw HF model.
+        seed: ``torch.manual_seed`` for the random weights; different seeds give different models.
+
+    Returns:
+        ``path``, ready for ``SentenceTransformer(str(path))``.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import WordPiece
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(TINY_CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    hf_tok = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    hf_dir = path.parent / f"{path.name}_hf"
+    hf_tok.save_pretrained(hf_dir)
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(hf_dir)
+
+    transformer = Transformer(str(hf_dir), max_seq_length=128)
+    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SentenceTransformer folder (32-dim, 2 layers, max 128 tokens), built once per session."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder") / "tiny-st")
+
+
+@pytest.fixture
+def tiny_encoder(tiny_encoder_dir: Path):
+    """A freshly loaded ``SentenceTransformer`` from ``tiny_encoder_dir`` (CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_encoder_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jobembed_cache")
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_env(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
+    """Every test: offline hub, and ``JOBEMBED_CACHE`` in a session temp folder (never ``~/.cache``)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("JOBEMBED_CACHE", str(_session_cache))

@@ -1,0 +1,45 @@
+"""Small, seeded, in-memory job-ad datasets for tests (no real data, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+OCCUPATIONS: dict[str, tuple[str, list[str]]] = {
+    "83": ("Drivers", ["kierowca kat. C", "truck driver", "transport międzynarodowy", "prawo jazdy", "delivery van"]),
+    "22": ("Health professionals", ["pielęgniarka", "nurse", "szpital", "oddział", "care home night shifts"]),
+    "25": ("ICT professionals", ["programista Python", "software developer", "Java Spring", "web applications"]),
+    "93": ("Labourers", ["magazynier", "warehouse worker", "wózek widłowy", "picking and packing"]),
+    "43": ("Recording clerks", ["księgowa", "accountant", "faktury VAT", "payroll and invoices"]),
+    "51": ("Personal services", ["kucharz", "cook", "restauracja", "hotel kitchen", "pomoc kuchenna"]),
+}
+GENERIC = ["oferujemy stabilne zatrudnienie", "we offer training", "praca w Krakowie", "apply with your CV",
+           "umowa o pracę", "premie i benefity", "<<PHONE>>", "kontakt <<EMAIL>>"]
+
+
+def make_ads(n_per_class: int = 20, *, seed: int = 0, rare: dict[str, int] | None = None) -> pd.DataFrame:
+    """A frame with columns ``id``, ``text``, ``label`` (ISCO-like codes as strings), ``portal``.
+
+    Args:
+        n_per_class: ads per occupation.
+        rare: extra classes with a handful of ads, e.g. ``{"61": 2}``.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    classes = {k: n_per_class for k in OCCUPATIONS} | (rare or {})
+    for label, n in classes.items():
+        words = OCCUPATIONS.get(label, ("Farmers", ["rolnik", "farm worker", "gospodarstwo"]))[1]
+        for _ in range(n):
+            parts = list(rng.choice(words, size=3)) + list(rng.choice(GENERIC, size=2))
+            rng.shuffle(parts)
+            text = f"{parts[0].capitalize()}. " + ", ".join(parts[1:]) + f". Nr {int(rng.integers(1, 10**6))}"
+            rows.append({"id": f"ad-{len(rows)}", "text": text, "label": label, "portal": "test"})
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def make_labels() -> pd.DataFrame:
+    """A label-set frame (``code``, ``name``, ``description``) for the classes of ``make_ads``."""
+    return pd.DataFrame([
+        {"code": k, "name": name, "description": "Workers: " + ", ".join(words)}
+        for k, (name, words) in OCCUPATIONS.items()
+    ] + [{"code": "61", "name": "Farmers", "description": "Workers: rolnik, farm worker"}])
