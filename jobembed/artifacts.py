@@ -71,8 +71,17 @@ def git_commit() -> str | None:
         return None
 
 
-def package_versions(names: Iterable[str] = ("jobembed", "torch", "sentence-transformers", "transformers",
-                                              "scikit-learn", "numpy", "pandas")) -> dict[str, str]:
+def package_versions(
+    names: Iterable[str] = (
+        "jobembed",
+        "torch",
+        "sentence-transformers",
+        "transformers",
+        "scikit-learn",
+        "numpy",
+        "pandas",
+    ),
+) -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -108,5 +117,6 @@ def stage_is_current(stage_dir: Path, key: str) -> bool:
 
 
 def mark_stage_done(stage_dir: Path, key: str, **extra: Any) -> None:
-    write_json(stage_dir / "stage.json", {"key": key, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                                          **extra})
+    write_json(
+        stage_dir / "stage.json", {"key": key, "finished": datetime.now(UTC).isoformat(timespec="seconds"), **extra}
+    )

@@ -72,8 +72,10 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "prototypes_")
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise DataError(f"expected vectors of dim {self.n_features_in_}, found shape {X.shape}",
-                            fix="embed with the same encoder the classifier was fitted on")
+            raise DataError(
+                f"expected vectors of dim {self.n_features_in_}, found shape {X.shape}",
+                fix="embed with the same encoder the classifier was fitted on",
+            )
         return _unit(X) @ self.prototypes_.T
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -97,21 +99,28 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
         path.mkdir(parents=True, exist_ok=True)
         weights = path / "head.safetensors"
         save_file({"prototypes": np.ascontiguousarray(self.prototypes_)}, str(weights))
-        write_json(path / "head.json", {
-            "format": COSINE_FORMAT,
-            "kind": "cosine",
-            "classes": self.classes_.tolist(),
-            "temperature": self.temperature_,
-            "n_features_in": int(self.n_features_in_),
-            "sha256": file_sha256(weights),
-        })
+        write_json(
+            path / "head.json",
+            {
+                "format": COSINE_FORMAT,
+                "kind": "cosine",
+                "classes": self.classes_.tolist(),
+                "temperature": self.temperature_,
+                "n_features_in": int(self.n_features_in_),
+                "sha256": file_sha256(weights),
+            },
+        )
 
     @classmethod
     def load(cls, path: Path) -> CosineClassifier:
         meta = read_json(path / "head.json")
         if meta.get("format") != COSINE_FORMAT:
-            raise BundleError(f"{path / 'head.json'}: unsupported head format", expected=COSINE_FORMAT,
-                              found=str(meta.get("format")), fix="re-create the bundle with this jobembed version")
+            raise BundleError(
+                f"{path / 'head.json'}: unsupported head format",
+                expected=COSINE_FORMAT,
+                found=str(meta.get("format")),
+                fix="re-create the bundle with this jobembed version",
+            )
         weights = path / "head.safetensors"
         if file_sha256(weights) != meta["sha256"]:
             raise BundleError(f"{weights} is corrupt (hash mismatch)", fix="re-create the bundle")
@@ -155,12 +164,32 @@ def tfidf_logreg(config: TfidfConfig, *, seed: int = 13) -> Pipeline:
     Character n-grams (within word boundaries) carry Polish/Danish inflection and compounds that word
     n-grams miss; sublinear TF keeps long boilerplate-heavy ads from dominating.
     """
-    features = FeatureUnion([
-        ("word", TfidfVectorizer(analyzer="word", ngram_range=tuple(config.word_ngrams), sublinear_tf=True,
-                                 min_df=2, max_features=config.max_features, lowercase=True)),
-        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(config.char_ngrams), sublinear_tf=True,
-                                 min_df=2, max_features=config.max_features, lowercase=True)),
-    ])
+    features = FeatureUnion(
+        [
+            (
+                "word",
+                TfidfVectorizer(
+                    analyzer="word",
+                    ngram_range=tuple(config.word_ngrams),
+                    sublinear_tf=True,
+                    min_df=2,
+                    max_features=config.max_features,
+                    lowercase=True,
+                ),
+            ),
+            (
+                "char",
+                TfidfVectorizer(
+                    analyzer="char_wb",
+                    ngram_range=tuple(config.char_ngrams),
+                    sublinear_tf=True,
+                    min_df=2,
+                    max_features=config.max_features,
+                    lowercase=True,
+                ),
+            ),
+        ]
+    )
     clf = LogisticRegression(C=config.C, max_iter=config.max_iter, class_weight="balanced", random_state=seed)
     return Pipeline([("tfidf", features), ("logreg", clf)])
 

@@ -65,28 +65,33 @@ def save_bundle(
     if copy_encoder:
         resolved = encoders.resolve(encoder, cache_dir=embed.cache_dir)
         if resolved.kind == "hub":
-            raise BundleError(f"cannot copy hub model {encoder!r} into the bundle",
-                              fix="save it locally first (SentenceTransformer(...).save(DIR)) and pass that folder")
+            raise BundleError(
+                f"cannot copy hub model {encoder!r} into the bundle",
+                fix="save it locally first (SentenceTransformer(...).save(DIR)) and pass that folder",
+            )
         shutil.copytree(resolved.location, tmp / "encoder")
         ref = "./encoder"
     files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_json(tmp / "bundle.json", {
-        "format": BUNDLE_FORMAT,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "jobembed_version": __version__,
-        "system": system,
-        "head": {"kind": "mlp" if isinstance(model, MLPHead) else "cosine", "path": "head"},
-        "encoder": {
-            "ref": ref,
-            "source_ref": encoder,
-            "fingerprint": encoders.model_fingerprint(encoder, cache_dir=embed.cache_dir),
-            "text_prompt": text_prompt,
-            "max_seq_length": embed.max_seq_length,
+    write_json(
+        tmp / "bundle.json",
+        {
+            "format": BUNDLE_FORMAT,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "jobembed_version": __version__,
+            "system": system,
+            "head": {"kind": "mlp" if isinstance(model, MLPHead) else "cosine", "path": "head"},
+            "encoder": {
+                "ref": ref,
+                "source_ref": encoder,
+                "fingerprint": encoders.model_fingerprint(encoder, cache_dir=embed.cache_dir),
+                "text_prompt": text_prompt,
+                "max_seq_length": embed.max_seq_length,
+            },
+            "classes": [str(c) for c in model.classes_],
+            "files": files,
+            "metrics": metrics or {},
         },
-        "classes": [str(c) for c in model.classes_],
-        "files": files,
-        "metrics": metrics or {},
-    })
+    )
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -107,15 +112,21 @@ class Prediction:
     top_k: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, "confidence": round(self.confidence, 4),
-                "top_k": self.top_k}
+        return {"label": self.label, "name": self.name, "confidence": round(self.confidence, 4), "top_k": self.top_k}
 
 
 class Bundle:
     """A loaded bundle; ``predict`` embeds texts with the bundle's encoder and applies the head."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], head: MLPHead | CosineClassifier, labels: pd.DataFrame,
-                 *, device: str = "auto") -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        head: MLPHead | CosineClassifier,
+        labels: pd.DataFrame,
+        *,
+        device: str = "auto",
+    ) -> None:
         self.path, self.meta, self.head, self.labels, self.device = path, meta, head, labels, device
         self.names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
         self._embedder = None
@@ -132,13 +143,19 @@ class Bundle:
             from jobembed.embed import Embedder
 
             enc = self.meta["encoder"]
-            cfg = EmbedConfig(model=self.encoder_ref, text_prompt=enc["text_prompt"], label_prompt=None,
-                              max_seq_length=enc["max_seq_length"], device=self.device)
+            cfg = EmbedConfig(
+                model=self.encoder_ref,
+                text_prompt=enc["text_prompt"],
+                label_prompt=None,
+                max_seq_length=enc["max_seq_length"],
+                device=self.device,
+            )
             embedder = Embedder(cfg, prompt=enc["text_prompt"])
             if embedder.fingerprint != enc["fingerprint"]:
                 raise BundleError(
                     f"{self.path}: the encoder {self.encoder_ref!r} is not the one the head was trained on",
-                    expected=f"fingerprint {enc['fingerprint']}", found=embedder.fingerprint,
+                    expected=f"fingerprint {enc['fingerprint']}",
+                    found=embedder.fingerprint,
                     fix="use the same model files, or re-create the bundle with copy_encoder",
                 )
             self._embedder = embedder
@@ -156,12 +173,21 @@ class Bundle:
         out = []
         for text, row in zip(texts, proba, strict=True):
             order = np.argsort(-row)[: config.top_k]
-            top = [{"label": classes[i], "name": self.names.get(classes[i], ""), "probability": round(float(row[i]), 4)}
-                   for i in order]
+            top = [
+                {"label": classes[i], "name": self.names.get(classes[i], ""), "probability": round(float(row[i]), 4)}
+                for i in order
+            ]
             best = top[0]
             uncertain = best["probability"] < config.min_confidence
-            out.append(Prediction(text=text, label=config.uncertain_label if uncertain else best["label"],
-                                  name="" if uncertain else best["name"], confidence=float(row[order[0]]), top_k=top))
+            out.append(
+                Prediction(
+                    text=text,
+                    label=config.uncertain_label if uncertain else best["label"],
+                    name="" if uncertain else best["name"],
+                    confidence=float(row[order[0]]),
+                    top_k=top,
+                )
+            )
         return out
 
 
@@ -170,19 +196,27 @@ def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bun
     path = Path(path)
     meta_path = path / "bundle.json"
     if not meta_path.is_file():
-        raise BundleError(f"{path} is not a jobembed bundle (no bundle.json)",
-                          fix="pass a bundle folder, e.g. runs/NAME/bundle, made by compare-report or train-head")
+        raise BundleError(
+            f"{path} is not a jobembed bundle (no bundle.json)",
+            fix="pass a bundle folder, e.g. runs/NAME/bundle, made by compare-report or train-head",
+        )
     meta = read_json(meta_path)
     found = str(meta.get("format"))
     if found != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: unsupported bundle format", expected=BUNDLE_FORMAT, found=found,
-                          fix="re-create the bundle with this jobembed version (jobembed run / train-head)")
+        raise BundleError(
+            f"{meta_path}: unsupported bundle format",
+            expected=BUNDLE_FORMAT,
+            found=found,
+            fix="re-create the bundle with this jobembed version (jobembed run / train-head)",
+        )
     if verify:
         for rel, digest in meta.get("files", {}).items():
             f = path / rel
             if not f.is_file() or file_sha256(f) != digest:
-                raise BundleError(f"{path}: file {rel} is missing or changed since the bundle was made",
-                                  fix="re-create the bundle; do not edit files inside it")
+                raise BundleError(
+                    f"{path}: file {rel} is missing or changed since the bundle was made",
+                    fix="re-create the bundle; do not edit files inside it",
+                )
     head_dir = path / meta["head"]["path"]
     head = MLPHead.load(head_dir, device=device) if meta["head"]["kind"] == "mlp" else CosineClassifier.load(head_dir)
     labels = pd.DataFrame(read_json(path / "labels.json"))
@@ -193,6 +227,7 @@ def find_latest_bundle(runs_dir: Path) -> Path:
     """The newest ``bundle`` (or ``head``) folder under ``runs_dir``, by the time it was written."""
     candidates = [p.parent for p in Path(runs_dir).glob("*/*/bundle.json")]
     if not candidates:
-        raise BundleError(f"no bundle found under {runs_dir}/",
-                          fix="run `jobembed run configs/demo.yaml` first, or pass --bundle DIR")
+        raise BundleError(
+            f"no bundle found under {runs_dir}/", fix="run `jobembed run configs/demo.yaml` first, or pass --bundle DIR"
+        )
     return max(candidates, key=lambda p: (p / "bundle.json").stat().st_mtime)

@@ -46,8 +46,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished stages and cached embeddings are kept; "
-                              "re-run the same command to resume.")
+            err_console.print(
+                "[yellow]interrupted[/]: finished stages and cached embeddings are kept; "
+                "re-run the same command to resume."
+            )
             raise typer.Exit(130) from None
 
     return wrapper
@@ -71,7 +73,9 @@ def _parse_filter(values: list[str] | None) -> dict[str, str]:
     for item in values or []:
         key, sep, val = item.partition("=")
         if not sep:
-            raise JobembedError(f"--labels-filter {item!r}", expected="COLUMN=VALUE", fix="e.g. --labels-filter level=isco_submajor")
+            raise JobembedError(
+                f"--labels-filter {item!r}", expected="COLUMN=VALUE", fix="e.g. --labels-filter level=isco_submajor"
+            )
         out[key.strip()] = val.strip()
     return out
 
@@ -91,6 +95,12 @@ def prepare(
     labels_filter: Annotated[list[str] | None, typer.Option(help="Keep --labels rows where COLUMN=VALUE.")] = None,
     min_class_count: Annotated[int | None, typer.Option(help="Classes with fewer ads are rare.")] = None,
     rare_policy: Annotated[str | None, typer.Option(help="Rare classes: error | drop | merge (into 'other').")] = None,
+    conflict_policy: Annotated[
+        str | None, typer.Option(help="Duplicates with different labels: majority | drop.")
+    ] = None,
+    near_duplicate_threshold: Annotated[
+        float | None, typer.Option(help="TF-IDF cosine above which two ads are one repost group.")
+    ] = None,
     test_size: Annotated[float | None, typer.Option(help="Share of ads for the test split.")] = None,
     val_size: Annotated[float | None, typer.Option(help="Share of ads for the validation split.")] = None,
     max_rows: Annotated[int | None, typer.Option(help="Stratified subsample of this many ads.")] = None,
@@ -102,25 +112,47 @@ def prepare(
     from jobembed import data, pipeline
 
     overrides: dict[str, Any] = {
-        "prepare.input": str(input), "prepare.text_col": text_col, "prepare.label_col": label_col,
-        "prepare.id_col": id_col, "prepare.min_class_count": min_class_count, "prepare.rare_policy": rare_policy,
-        "prepare.test_size": test_size, "prepare.val_size": val_size, "prepare.max_rows": max_rows,
+        "prepare.input": str(input),
+        "prepare.text_col": text_col,
+        "prepare.label_col": label_col,
+        "prepare.id_col": id_col,
+        "prepare.min_class_count": min_class_count,
+        "prepare.rare_policy": rare_policy,
+        "prepare.conflict_policy": conflict_policy,
+        "prepare.near_duplicate_threshold": near_duplicate_threshold,
+        "prepare.test_size": test_size,
+        "prepare.val_size": val_size,
+        "prepare.max_rows": max_rows,
         "prepare.seed": seed,
     }
     if labels is not None:
-        overrides["prepare.labels"] = {k: v for k, v in {
-            "path": str(labels), "code_col": labels_code_col, "name_col": labels_name_col,
-            "description_col": labels_description_col, "filter": _parse_filter(labels_filter)}.items() if v is not None}
+        overrides["prepare.labels"] = {
+            k: v
+            for k, v in {
+                "path": str(labels),
+                "code_col": labels_code_col,
+                "name_col": labels_name_col,
+                "description_col": labels_description_col,
+                "filter": _parse_filter(labels_filter),
+            }.items()
+            if v is not None
+        }
     cfg = pipeline.config_for_run(out, config, overrides)
     result = pipeline.run_prepare(cfg, progress=not quiet)
     console.print(data.data_card_table(result.card))
     console.print(f"[green]prepared[/] {out / 'prepare'}")
 
 
-def _run_overrides(model: str | None, max_seq_length: int | None, batch_size: int | None, device: str | None,
-                   text_column: str | None) -> dict[str, Any]:
-    return {"embed.model": model, "embed.max_seq_length": max_seq_length, "embed.batch_size": batch_size,
-            "embed.device": device, "report.text_column": text_column}
+def _run_overrides(
+    model: str | None, max_seq_length: int | None, batch_size: int | None, device: str | None, text_column: str | None
+) -> dict[str, Any]:
+    return {
+        "embed.model": model,
+        "embed.max_seq_length": max_seq_length,
+        "embed.batch_size": batch_size,
+        "embed.device": device,
+        "report.text_column": text_column,
+    }
 
 
 ModelOpt = Annotated[str | None, typer.Option(help="Encoder: hub id, local folder or builtin:NAME.")]
@@ -145,8 +177,9 @@ def embed(
     """Encode every split of a run with a SentenceTransformer (cached: re-runs and shared texts cost nothing)."""
     from jobembed import pipeline
 
-    cfg = pipeline.config_for_run(run_dir, config, _run_overrides(model, max_seq_length, batch_size, device,
-                                                                  text_column))
+    cfg = pipeline.config_for_run(
+        run_dir, config, _run_overrides(model, max_seq_length, batch_size, device, text_column)
+    )
     paths = pipeline.run_embed(cfg, progress=not quiet)
     for split, path in paths.items():
         console.print(f"[green]{split}[/] → {path}")
@@ -176,17 +209,30 @@ def train_head(
         try:
             sizes = [int(x) for x in hidden_sizes.split(",") if x.strip()]
         except ValueError:
-            raise JobembedError(f"--hidden-sizes {hidden_sizes!r}", expected="comma-separated integers",
-                                fix="e.g. --hidden-sizes 512,256") from None
-    overrides = {"embed.model": model, "head.hidden_sizes": sizes, "head.dropout": dropout,
-                 "head.weight_decay": weight_decay, "head.class_weight": class_weight, "head.max_epochs": max_epochs,
-                 "head.patience": patience, "head.calibrate": calibrate, "head.device": device}
+            raise JobembedError(
+                f"--hidden-sizes {hidden_sizes!r}",
+                expected="comma-separated integers",
+                fix="e.g. --hidden-sizes 512,256",
+            ) from None
+    overrides = {
+        "embed.model": model,
+        "head.hidden_sizes": sizes,
+        "head.dropout": dropout,
+        "head.weight_decay": weight_decay,
+        "head.class_weight": class_weight,
+        "head.max_epochs": max_epochs,
+        "head.patience": patience,
+        "head.calibrate": calibrate,
+        "head.device": device,
+    }
     cfg = pipeline.config_for_run(run_dir, config, overrides)
     result = pipeline.run_train_head(cfg, progress=not quiet)
     test = result["test"]
     if test:
-        console.print(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f} "
-                      f"(best epoch {result['best_epoch']}, temperature {result['temperature']:.2f})")
+        console.print(
+            f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f} "
+            f"(best epoch {result['best_epoch']}, temperature {result['temperature']:.2f})"
+        )
     console.print(f"[green]bundle[/] {result['bundle']}")
 
 
@@ -209,9 +255,13 @@ def compare_report(
     """
     from jobembed import pipeline
 
-    overrides = {"embed.model": model, "report.encoders": encoder or None, "report.cv_folds": cv_folds,
-                 "report.text_column": text_column,
-                 "report.systems": [s.strip() for s in systems.split(",")] if systems else None}
+    overrides = {
+        "embed.model": model,
+        "report.encoders": encoder or None,
+        "report.cv_folds": cv_folds,
+        "report.text_column": text_column,
+        "report.systems": [s.strip() for s in systems.split(",")] if systems else None,
+    }
     cfg = pipeline.config_for_run(run_dir, config, overrides)
     metrics = pipeline.run_compare_report(cfg, progress=not quiet)
     console.print(summary_table(metrics))
@@ -231,7 +281,9 @@ def summary_table(metrics: dict[str, Any]) -> Table:
             f"[bold]{key}[/]" if key == metrics["winner"] else key,
             f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['std']:.3f}",
             f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['std']:.3f}",
-            f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}", f"{t['macro_f1_min_support']:.3f}",
+            f"{t['accuracy']:.3f}",
+            f"{t['macro_f1']:.3f}",
+            f"{t['macro_f1_min_support']:.3f}",
         )
     return table
 
@@ -285,13 +337,18 @@ def _classify_file(loaded: Any, file: Path, *, text_col: str, out: Path | None, 
 
     frame = read_table(file)
     if text_col not in frame.columns:
-        raise JobembedError(f"{file}: no column {text_col!r}", found=", ".join(frame.columns),
-                            fix="pass --text-col with the text column")
+        raise JobembedError(
+            f"{file}: no column {text_col!r}",
+            found=", ".join(frame.columns),
+            fix="pass --text-col with the text column",
+        )
     texts = frame[text_col].fillna("").astype(str).tolist()
     empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
     if empty:
-        raise JobembedError(f"{file}: empty text in row {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else ""),
-                            fix="remove or fill those rows")
+        raise JobembedError(
+            f"{file}: empty text in row {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else ""),
+            fix="remove or fill those rows",
+        )
     preds = loaded.predict(texts, config=cfg)
     result = frame.copy()
     result["label"] = [p.label for p in preds]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from jobembed.artifacts import atomic_write_text
 from jobembed.errors import ConfigError
 
 
@@ -188,7 +189,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})", fix="correct the YAML syntax") from None
+            raise ConfigError(
+                f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})", fix="correct the YAML syntax"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level, found {type(data).__name__}")
         data = _expand(data, path.parent)
@@ -221,7 +224,7 @@ def write_resolved(model: BaseModel, out_dir: Path, name: str = "config.yaml") -
     """Write the resolved config next to a stage's outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(dump_config(model), encoding="utf-8")
+    atomic_write_text(path, dump_config(model))
     return path
 
 

@@ -86,7 +86,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(
             "file not found" if not path.exists() else "not a file",
             where=str(path),
-            fix="check the path (relative paths start at the current folder) or pass --input with an existing file",
+            fix="check the path (relative paths start at the current folder) or pass an existing INPUT file",
         )
     if suffix in PARQUET_SUFFIXES:
         frame = _read_parquet(path)
@@ -99,7 +99,7 @@ def read_table(path: Path) -> pd.DataFrame:
             frame = _read_csv(path, text, CSV_SUFFIXES[suffix])
             rows = np.arange(2, len(frame) + 2)
     if len(frame) == 0:
-        raise DataError("no rows", where=str(path), found="an empty table", fix="point --input at a file with ads")
+        raise DataError("no rows", where=str(path), found="an empty table", fix="pass an INPUT file that has ads")
     frame.attrs["source_rows"] = rows
     return frame
 
@@ -124,12 +124,12 @@ def _decode_utf8(path: Path, data: bytes) -> str:
 
 def _read_csv(path: Path, text: str, sep: str) -> pd.DataFrame:
     if not text.strip():
-        raise DataError("no rows", where=str(path), found="an empty file", fix="point --input at a file with ads")
+        raise DataError("no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads")
     try:
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
     except pd.errors.EmptyDataError:
         raise DataError(
-            "no rows", where=str(path), found="an empty file", fix="point --input at a file with ads"
+            "no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads"
         ) from None
     except (pd.errors.ParserError, ValueError) as e:
         raise DataError(
@@ -441,7 +441,7 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
         DataError: any input problem named above, with the rows concerned and the fix.
     """
     if config.input is None:
-        raise ConfigError("prepare needs an input file", fix="pass --input PATH (CSV, JSONL or Parquet)")
+        raise ConfigError("prepare needs an input file", fix="pass INPUT (CSV, JSONL or Parquet) or set prepare.input")
     path = Path(config.input)
     raw = read_table(path)
     sha256 = file_sha256(path)

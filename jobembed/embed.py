@@ -168,8 +168,13 @@ class Embedder:
         # batch exactly like one big encode call, so checkpointing costs no extra padding.
         missing.sort(key=lambda k: -len(unique[k]))
         step = self.config.checkpoint_every
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, disable=not progress, transient=True) as bar:
             task = bar.add_task(description, total=len(missing))
             for start in range(0, len(missing), step):

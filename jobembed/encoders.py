@@ -56,6 +56,7 @@ _BUILTINS: dict[str, str] = {MINILM_NAME: "minilm", E5_NAME: "e5"}
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".ckpt", ".h5", ".msgpack", ".gguf", ".xml"}
 _MB = 1 << 20
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -315,11 +316,11 @@ def _load_cached(
     except Exception as e:  # the library raises OSError/ValueError/HTTP errors; users need one line
         reason = _one_line(e)
         if resolved.kind == "hub":
+            offline = " (HF_HUB_OFFLINE is set: unset it)" if _hub_offline() else ""
             raise ModelError(
                 f"model {resolved.ref!r} is neither a builtin nor an existing folder, and could not be "
                 f"downloaded from the Hugging Face Hub ({reason})",
-                fix=f"check the id and the network (HF_HUB_OFFLINE must be unset), give a local folder, "
-                f"or use {_builtin_hint()}",
+                fix=f"check the id and the network{offline}, give a local folder, or use {_builtin_hint()}",
             ) from None
         raise ModelError(
             f"model {resolved.ref!r} ({resolved.location}) could not be loaded ({reason})",
@@ -372,8 +373,14 @@ def position_limit(model: SentenceTransformer) -> int | None:
     return limit
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"} for v in _OFFLINE_VARS)
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception message on one line, with its type."""
     text = " ".join(str(e).split()) or type(e).__name__
+    text = text.split(". ", 1)[0]
     text = f"{type(e).__name__}: {text}" if not text.startswith(type(e).__name__) else text
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -617,7 +624,24 @@ def read_e5_file(path: Path) -> E5Source:
         o += 21
         tensors[name] = (dtype, n, off, nbytes)
     return E5Source(
-        hidden, layers, heads, ffn, vocab, maxp, tvs, eps, qk, pieces, scores, bos, eos, pad, unk, norm_map, tensors, data
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        ffn=ffn,
+        vocab_size=vocab,
+        max_positions=maxp,
+        type_vocab_size=tvs,
+        eps=eps,
+        qk=qk,
+        pieces=pieces,
+        scores=scores,
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        unk=unk,
+        norm_map=norm_map,
+        tensors=tensors,
+        data=data,
     )
 
 

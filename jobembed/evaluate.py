@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 METRICS = (
@@ -38,35 +38,43 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def nll(logits: np.ndarray, y_idx: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(logits / T)``; ``logits`` (n, k), ``y_idx`` (n,) ints."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return float(-special.log_softmax(z, axis=1)[np.arange(len(y_idx)), np.asarray(y_idx)].mean())
+
+
 def fit_temperature(logits: np.ndarray, y_idx: np.ndarray, *, bounds: tuple[float, float] = (1e-3, 100.0)) -> float:
     """The scalar T minimising the NLL of ``softmax(logits / T)`` on held-out data (Guo et al., 2017).
 
     Args:
         logits: (n, k) scores; y_idx: (n,) integer column of the true class.
+
+    Returns:
+        T within ``bounds``; 1.0 when no T lowers the NLL (bounded Brent can stop on a plateau, and a
+        calibration must never make the fit worse).
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    y_idx = np.asarray(y_idx)
-
-    def nll(log_t: float) -> float:
-        z = logits / np.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-logp[np.arange(len(y_idx)), y_idx].mean())
-
-    res = optimize.minimize_scalar(nll, bounds=np.log(bounds), method="bounded")
-    return float(np.exp(res.x))
+    res = optimize.minimize_scalar(lambda t: nll(logits, y_idx, float(np.exp(t))), bounds=np.log(bounds),
+                                   method="bounded")
+    return float(np.exp(res.x)) if res.fun < nll(logits, y_idx) else 1.0
 
 
-def expected_calibration_error(proba: np.ndarray, y_idx: np.ndarray, *, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins."""
+def expected_calibration_error(proba: np.ndarray, y_idx: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-class confidence over ``n_bins`` equal-width bins in (0, 1].
+
+    Args:
+        proba: ``(n, k)`` probabilities; y_idx: ``(n,)`` true class indices into its columns.
+    """
+    if len(y_idx) == 0:
+        return float("nan")
     conf = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y_idx
-    edges = np.linspace(0, 1, bins + 1)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        mask = (conf > lo) & (conf <= hi)
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
 
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
@@ -34,6 +33,7 @@ from jobembed import __version__
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
 from jobembed.config import HeadConfig
 from jobembed.errors import BundleError, ConfigError, DataError
+from jobembed.evaluate import expected_calibration_error, fit_temperature, nll
 
 HEAD_FORMAT = "jobembed-head/1"
 WEIGHTS_FILE = "head.safetensors"
@@ -72,31 +72,6 @@ def class_weights(counts: np.ndarray, mode: str | None) -> np.ndarray:
         weights[present] = np.sqrt(weights[present])
         weights[present] /= weights[present].mean()
     return weights
-
-
-def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of the top-class confidence over ``n_bins`` equal-width bins in (0, 1].
-
-    Args:
-        proba: ``(n, k)`` probabilities.
-        y: ``(n,)`` true class indices into the columns of ``proba``.
-    """
-    if len(y) == 0:
-        return float("nan")
-    conf = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
-
-
-def _nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``softmax(logits / T)``; ``logits`` is ``(n, k)``, ``y`` ``(n,)``."""
-    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y].mean())
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -353,19 +328,13 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.model_.eval()
 
         val_logits = self._logits(X_va)
-        nll_before = _nll(val_logits, y_va)
-        self.temperature_ = 1.0
-        if self.calibrate:
-            lo, hi = (math.log(b) for b in _TEMPERATURE_BOUNDS)
-            res = minimize_scalar(lambda t: _nll(val_logits, y_va, math.exp(t)), bounds=(lo, hi), method="bounded")
-            # Bounded Brent can stop on a plateau; never accept a temperature that makes the fit worse.
-            if res.fun < nll_before:
-                self.temperature_ = float(math.exp(res.x))
+        nll_before = nll(val_logits, y_va)
+        self.temperature_ = fit_temperature(val_logits, y_va, bounds=_TEMPERATURE_BOUNDS) if self.calibrate else 1.0
         self.calibration_ = {
             "ece_before": expected_calibration_error(softmax(val_logits, axis=1), y_va),
             "ece_after": expected_calibration_error(softmax(val_logits / self.temperature_, axis=1), y_va),
             "nll_before": nll_before,
-            "nll_after": _nll(val_logits, y_va, self.temperature_),
+            "nll_after": nll(val_logits, y_va, self.temperature_),
             "n_val": len(y_va),
         }
         return self

@@ -24,7 +24,7 @@ from typing import Any
 from jobembed import data, embed, evaluate
 from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, stage_is_current, write_manifest
 from jobembed.bundle import save_bundle
-from jobembed.config import PipelineConfig, dump_config, load_config
+from jobembed.config import PipelineConfig, load_config, write_resolved
 from jobembed.errors import ConfigError, DataError
 from jobembed.head import MLPHead
 
@@ -33,8 +33,7 @@ STAGES = ("prepare", "embed", "train-head", "compare-report")
 
 def save_run_config(config: PipelineConfig) -> None:
     """Write the resolved config to the run folder so later commands on this run start from it."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    write_resolved(config, config.run_dir)
 
 
 def config_for_run(run_dir: Path, config_path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -46,8 +45,9 @@ def config_for_run(run_dir: Path, config_path: Path | None, overrides: dict[str,
 
 def _embed_key(config: PipelineConfig, prepare_key: str) -> str:
     e = config.embed
-    return hash_obj([prepare_key, e.model, e.text_prompt, e.label_prompt, e.max_seq_length, e.precision,
-                     config.report.text_column])
+    return hash_obj(
+        [prepare_key, e.model, e.text_prompt, e.label_prompt, e.max_seq_length, e.precision, config.report.text_column]
+    )
 
 
 def stage_keys(config: PipelineConfig) -> dict[str, str]:
@@ -68,20 +68,30 @@ def stage_keys(config: PipelineConfig) -> dict[str, str]:
 
 
 def run_prepare(config: PipelineConfig, *, progress: bool = True) -> data.PrepareResult:
+    result = data.prepare(config=config.prepare, out_dir=config.run_dir / "prepare", progress=progress)
     save_run_config(config)
-    return data.prepare(config=config.prepare, out_dir=config.run_dir / "prepare", progress=progress)
+    return result
 
 
 def run_embed(config: PipelineConfig, *, progress: bool = True) -> dict[str, Path]:
     """Encode every split of the run with ``embed.model``; vectors go to ``embed/<encoder>/``."""
     _require_prepared(config.run_dir)
-    save_run_config(config)
     embedder, _ = embed.make_embedders(config.embed)
     out = config.run_dir / "embed" / embed.encoder_slug(config.embed.model, embedder.fingerprint)
-    paths = embed.embed_splits(prepare_dir=config.run_dir / "prepare", out_dir=out, config=config.embed,
-                               text_column=config.report.text_column, progress=progress)
-    write_manifest(config.run_dir, stage="embed", config=config.embed.model_dump(mode="json"),
-                   inputs={"fingerprint": embedder.fingerprint})
+    paths = embed.embed_splits(
+        prepare_dir=config.run_dir / "prepare",
+        out_dir=out,
+        config=config.embed,
+        text_column=config.report.text_column,
+        progress=progress,
+    )
+    write_manifest(
+        config.run_dir,
+        stage="embed",
+        config=config.embed.model_dump(mode="json"),
+        inputs={"fingerprint": embedder.fingerprint},
+    )
+    save_run_config(config)
     return paths
 
 
@@ -92,43 +102,73 @@ def run_train_head(config: PipelineConfig, *, progress: bool = True) -> dict[str
         ``{"bundle": path, "test": metrics, "best_epoch": int, "temperature": float}``
     """
     _require_prepared(config.run_dir)
-    save_run_config(config)
     splits = data.load_splits(config.run_dir / "prepare")
     labels = data.load_labels(config.run_dir / "prepare")
     embedder, _ = embed.make_embedders(config.embed)
     col = config.report.text_column
-    vectors = {name: embedder.encode(frame[col].tolist(), progress=progress, description=f"embed {name}")
-               for name, frame in splits.items()}
+    vectors = {
+        name: embedder.encode(frame[col].tolist(), progress=progress, description=f"embed {name}")
+        for name, frame in splits.items()
+    }
     y = {name: frame["label"].to_numpy(dtype=str) for name, frame in splits.items()}
     has_val = len(splits["val"]) > 0
-    head = MLPHead.from_config(config.head).fit(vectors["train"], y["train"], X_val=vectors["val"] if has_val else None,
-                                                y_val=y["val"] if has_val else None)
-    test = (evaluate.classification_metrics(y["test"], head.predict(vectors["test"]),
-                                            min_support=config.report.min_support) if len(y["test"]) else {})
-    bundle = save_bundle(config.run_dir / "head", model=head, system="mlp", encoder=config.embed.model,
-                         config=config, labels=labels, metrics={"test": test})
-    write_manifest(config.run_dir, stage="train-head", config=config.head.model_dump(mode="json"),
-                   inputs={"fingerprint": embedder.fingerprint})
-    return {"bundle": bundle, "test": test, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_,
-            "calibration": getattr(head, "calibration_", {})}
+    head = MLPHead.from_config(config.head).fit(
+        vectors["train"], y["train"], X_val=vectors["val"] if has_val else None, y_val=y["val"] if has_val else None
+    )
+    test = (
+        evaluate.classification_metrics(y["test"], head.predict(vectors["test"]), min_support=config.report.min_support)
+        if len(y["test"])
+        else {}
+    )
+    bundle = save_bundle(
+        config.run_dir / "head",
+        model=head,
+        system="mlp",
+        encoder=config.embed.model,
+        config=config,
+        labels=labels,
+        metrics={"test": test},
+    )
+    write_manifest(
+        config.run_dir,
+        stage="train-head",
+        config=config.head.model_dump(mode="json"),
+        inputs={"fingerprint": embedder.fingerprint},
+    )
+    save_run_config(config)
+    return {
+        "bundle": bundle,
+        "test": test,
+        "best_epoch": int(head.best_epoch_),
+        "temperature": head.temperature_,
+        "calibration": getattr(head, "calibration_", {}),
+    }
 
 
 def run_compare_report(config: PipelineConfig, *, progress: bool = True) -> dict[str, Any]:
     from jobembed.report import compare_report
 
     _require_prepared(config.run_dir)
+    metrics = compare_report(run_dir=config.run_dir, config=config, progress=progress)
     save_run_config(config)
-    return compare_report(run_dir=config.run_dir, config=config, progress=progress)
+    return metrics
 
 
 def _require_prepared(run_dir: Path) -> None:
     if not (run_dir / "prepare" / "train.parquet").is_file():
-        raise DataError(f"{run_dir} has no prepared splits",
-                        fix=f"run `jobembed prepare INPUT --out {run_dir}` (or `jobembed run CONFIG`) first")
+        raise DataError(
+            f"{run_dir} has no prepared splits",
+            fix=f"run `jobembed prepare INPUT --out {run_dir}` (or `jobembed run CONFIG`) first",
+        )
 
 
-def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool = True,
-                 on_stage: Callable[[str, str], None] | None = None) -> dict[str, str]:
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> dict[str, str]:
     """Run prepare → embed → train-head → compare-report, skipping stages that are up to date.
 
     Args:
@@ -140,8 +180,12 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
     """
     keys = stage_keys(config)
     save_run_config(config)
-    runners = {"prepare": run_prepare, "embed": run_embed, "train-head": run_train_head,
-               "compare-report": run_compare_report}
+    runners = {
+        "prepare": run_prepare,
+        "embed": run_embed,
+        "train-head": run_train_head,
+        "compare-report": run_compare_report,
+    }
     outputs = {"prepare": "prepare", "embed": "embed", "train-head": "head", "compare-report": "report"}
     status: dict[str, str] = {}
     upstream_ran = False

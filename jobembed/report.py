@@ -121,8 +121,9 @@ def _fit_predict(
     return np.asarray(model.predict(X_eval), dtype=str), model
 
 
-def _encode_all(config: PipelineConfig, encoder: str, dev: pd.DataFrame, test: pd.DataFrame,
-                labels: pd.DataFrame, progress: bool) -> EncodedData:
+def _encode_all(
+    config: PipelineConfig, encoder: str, dev: pd.DataFrame, test: pd.DataFrame, labels: pd.DataFrame, progress: bool
+) -> EncodedData:
     embed_cfg = config.embed.model_copy(update={"model": encoder})
     text_embedder, label_embedder = make_embedders(embed_cfg)
     col = config.report.text_column
@@ -133,8 +134,9 @@ def _encode_all(config: PipelineConfig, encoder: str, dev: pd.DataFrame, test: p
     )
 
 
-def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+def compare_report(
+    *, run_dir: Path, config: PipelineConfig, out_dir: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run the comparison for a prepared run and write the report.
 
     Args:
@@ -151,8 +153,11 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
     col = config.report.text_column
     for name, frame in splits.items():
         if len(frame) and col not in frame.columns:
-            raise DataError(f"split {name} has no column {col!r}", found=", ".join(frame.columns),
-                            fix="set report.text_column / --text-column to an existing column")
+            raise DataError(
+                f"split {name} has no column {col!r}",
+                found=", ".join(frame.columns),
+                fix="set report.text_column / --text-column to an existing column",
+            )
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
     test = splits["test"]
     if len(test) == 0:
@@ -168,8 +173,11 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
 
     with warnings.catch_warnings():  # classes rarer than k folds are expected (and reported per class)
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        folds = list(StratifiedGroupKFold(config.report.cv_folds, shuffle=True, random_state=config.prepare.seed)
-                     .split(np.zeros(len(dev)), y_dev, groups=dev["group"].to_numpy()))
+        folds = list(
+            StratifiedGroupKFold(config.report.cv_folds, shuffle=True, random_state=config.prepare.seed).split(
+                np.zeros(len(dev)), y_dev, groups=dev["group"].to_numpy()
+            )
+        )
     results: dict[str, dict[str, Any]] = {}
     fitted: dict[str, Any] = {}
     test_preds: dict[str, np.ndarray] = {}
@@ -177,19 +185,36 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
             enc = encoded.get(system.encoder) if system.encoder else None
-            pred, model = _fit_predict(system, config=config, enc=enc, labels=labels, dev=dev, train_idx=train_idx,
-                                       val_idx=val_idx, X_eval=enc.test if enc else None,
-                                       texts_eval=test[col].tolist())
+            pred, model = _fit_predict(
+                system,
+                config=config,
+                enc=enc,
+                labels=labels,
+                dev=dev,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                X_eval=enc.test if enc else None,
+                texts_eval=test[col].tolist(),
+            )
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
             fold_metrics = []
             for tr, te in folds:
                 # Inside CV the MLP carves its own early-stopping split from the training folds.
-                fold_pred, _ = _fit_predict(system, config=config, enc=enc, labels=labels, dev=dev, train_idx=tr,
-                                            val_idx=None, X_eval=enc.dev[te] if enc else None,
-                                            texts_eval=dev[col].iloc[te].tolist())
-                fold_metrics.append(evaluate.classification_metrics(y_dev[te], fold_pred,
-                                                                    min_support=config.report.min_support))
+                fold_pred, _ = _fit_predict(
+                    system,
+                    config=config,
+                    enc=enc,
+                    labels=labels,
+                    dev=dev,
+                    train_idx=tr,
+                    val_idx=None,
+                    X_eval=enc.dev[te] if enc else None,
+                    texts_eval=dev[col].iloc[te].tolist(),
+                )
+                fold_metrics.append(
+                    evaluate.classification_metrics(y_dev[te], fold_pred, min_support=config.report.min_support)
+                )
                 bar.advance(task)
             n_boot = config.report.bootstrap
             results[system.key] = {
@@ -209,14 +234,19 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
     fold_size = len(dev) / len(folds)
     pairwise = []
     for key in ranking[1:]:
-        pairwise.append({
-            "a": winner, "b": key,
-            "mcnemar_test": evaluate.mcnemar(y_test, test_preds[winner], test_preds[key]),
-            "cv_macro_f1_ttest": evaluate.corrected_paired_ttest(
-                [f["macro_f1"] for f in results[winner]["cv"]["folds"]],
-                [f["macro_f1"] for f in results[key]["cv"]["folds"]],
-                n_train=int(len(dev) - fold_size), n_test=int(fold_size)),
-        })
+        pairwise.append(
+            {
+                "a": winner,
+                "b": key,
+                "mcnemar_test": evaluate.mcnemar(y_test, test_preds[winner], test_preds[key]),
+                "cv_macro_f1_ttest": evaluate.corrected_paired_ttest(
+                    [f["macro_f1"] for f in results[winner]["cv"]["folds"]],
+                    [f["macro_f1"] for f in results[key]["cv"]["folds"]],
+                    n_train=int(len(dev) - fold_size),
+                    n_test=int(fold_size),
+                ),
+            }
+        )
     label_order = sorted(set(labels["label"].astype(str)) | set(y_test))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "per_class").mkdir(exist_ok=True)
@@ -227,8 +257,14 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
     best_bundleable = next((k for k in ranking if results[k]["system"] in BUNDLEABLE), None)
     metrics = {
         "format": "jobembed-report/1",
-        "data": {"train": n_train, "val": len(splits["val"]), "test": len(test), "classes": len(label_order),
-                 "cv_folds": len(folds), "text_column": col},
+        "data": {
+            "train": n_train,
+            "val": len(splits["val"]),
+            "test": len(test),
+            "classes": len(label_order),
+            "cv_folds": len(folds),
+            "text_column": col,
+        },
         "systems": results,
         "ranking": ranking,
         "winner": winner,
@@ -238,21 +274,34 @@ def compare_report(*, run_dir: Path, config: PipelineConfig, out_dir: Path | Non
     }
     write_json(out_dir / "metrics.json", metrics)
     write_resolved(config, out_dir)
-    (out_dir / "report.md").write_text(render_markdown(metrics, labels=labels, per_class=per_class[winner]), encoding="utf-8")
+    (out_dir / "report.md").write_text(
+        render_markdown(metrics, labels=labels, per_class=per_class[winner]), encoding="utf-8"
+    )
     if best_bundleable is not None:
         from jobembed.bundle import save_bundle
 
         system = results[best_bundleable]
-        save_bundle(run_dir / "bundle", model=fitted[best_bundleable], system=system["system"],
-                    encoder=system["encoder"], config=config, labels=labels,
-                    metrics={"test": system["test"], "cv": system["cv"]["summary"]})
-    write_manifest(run_dir, stage="compare-report", config=config.model_dump(mode="json"),
-                   inputs={"winner": winner})
+        save_bundle(
+            run_dir / "bundle",
+            model=fitted[best_bundleable],
+            system=system["system"],
+            encoder=system["encoder"],
+            config=config,
+            labels=labels,
+            metrics={"test": system["test"], "cv": system["cv"]["summary"]},
+        )
+    write_manifest(run_dir, stage="compare-report", config=config.model_dump(mode="json"), inputs={"winner": winner})
     return metrics
 
 
-def _figures(folder: Path, results: dict, ranking: list[str], y_test: np.ndarray, preds: dict[str, np.ndarray],
-             label_order: list[str]) -> list[str]:
+def _figures(
+    folder: Path,
+    results: dict,
+    ranking: list[str],
+    y_test: np.ndarray,
+    preds: dict[str, np.ndarray],
+    label_order: list[str],
+) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(ranking) + 1.5))
@@ -308,8 +357,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
         "",
         "## All systems (sorted by CV macro-F1)",
         "",
-        f"| system | CV macro-F1 | CV accuracy | test accuracy [95% CI] | test macro-F1 [95% CI] | "
-        f"test macro-F1 (classes ≥ min support) | test weighted F1 |",
+        "| system | CV macro-F1 | CV accuracy | test accuracy [95% CI] | test macro-F1 [95% CI] | "
+        "test macro-F1 (classes ≥ min support) | test weighted F1 |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in ranking:
@@ -322,32 +371,58 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
             f"[{_fmt(ci['macro_f1'][0])}, {_fmt(ci['macro_f1'][1])}] | {_fmt(t['macro_f1_min_support'])} | "
             f"{_fmt(t['weighted_f1'])} |"
         )
-    lines += ["", "Precision and recall (test, macro / weighted):", "",
-              "| system | macro P | macro R | weighted P | weighted R |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Precision and recall (test, macro / weighted):",
+        "",
+        "| system | macro P | macro R | weighted P | weighted R |",
+        "|---|---|---|---|---|",
+    ]
     for key in ranking:
         t = res[key]["test"]
-        lines.append(f"| {key} | {_fmt(t['macro_precision'])} | {_fmt(t['macro_recall'])} | "
-                     f"{_fmt(t['weighted_precision'])} | {_fmt(t['weighted_recall'])} |")
-    lines += ["", f"## Significance: {winner} against each other system", "",
-              "McNemar: exact two-sided test on the test ads that exactly one of the two systems gets right. "
-              "CV t-test: Nadeau-Bengio corrected resampled t-test on per-fold macro-F1.", "",
-              "| other system | test: only best right | test: only other right | McNemar p | CV macro-F1 diff | "
-              "corrected t-test p |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {key} | {_fmt(t['macro_precision'])} | {_fmt(t['macro_recall'])} | "
+            f"{_fmt(t['weighted_precision'])} | {_fmt(t['weighted_recall'])} |"
+        )
+    lines += [
+        "",
+        f"## Significance: {winner} against each other system",
+        "",
+        "McNemar: exact two-sided test on the test ads that exactly one of the two systems gets right. "
+        "CV t-test: Nadeau-Bengio corrected resampled t-test on per-fold macro-F1.",
+        "",
+        "| other system | test: only best right | test: only other right | McNemar p | CV macro-F1 diff | "
+        "corrected t-test p |",
+        "|---|---|---|---|---|---|",
+    ]
     for pair in metrics["pairwise"]:
         m, t = pair["mcnemar_test"], pair["cv_macro_f1_ttest"]
-        lines.append(f"| {pair['b']} | {m['a_only']} | {m['b_only']} | {m['p_value']:.3g} | "
-                     f"{t['mean_diff']:+.3f} | {_fmt_p(t['p_value'])} |")
+        lines.append(
+            f"| {pair['b']} | {m['a_only']} | {m['b_only']} | {m['p_value']:.3g} | "
+            f"{t['mean_diff']:+.3f} | {_fmt_p(t['p_value'])} |"
+        )
     names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
-    lines += ["", f"## Per class ({winner}, test split)", "",
-              "Every system's table is in `per_class/<system>.csv`.", "",
-              "| label | name | precision | recall | F1 | support | predicted |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Per class ({winner}, test split)",
+        "",
+        "Every system's table is in `per_class/<system>.csv`.",
+        "",
+        "| label | name | precision | recall | F1 | support | predicted |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in per_class.sort_values("support", ascending=False).itertuples():
-        lines.append(f"| {row.label} | {names.get(row.label, '')} | {row.precision:.3f} | {row.recall:.3f} | "
-                     f"{row.f1:.3f} | {row.support} | {row.predicted} |")
+        lines.append(
+            f"| {row.label} | {names.get(row.label, '')} | {row.precision:.3f} | {row.recall:.3f} | "
+            f"{row.f1:.3f} | {row.support} | {row.predicted} |"
+        )
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in metrics["figures"]]
     if metrics.get("bundled"):
-        lines += ["", f"The bundle in `../bundle/` holds **{metrics['bundled']}** (the best system a bundle can "
-                  "serve: MLP head or cosine prototypes on an encoder)."]
+        lines += [
+            "",
+            f"The bundle in `../bundle/` holds **{metrics['bundled']}** (the best system a bundle can "
+            "serve: MLP head or cosine prototypes on an encoder).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -371,21 +446,33 @@ def _answer(metrics: dict[str, Any]) -> list[str]:
             base_key = next((k for k in res if res[k]["system"] == base and res[k]["encoder"] == enc), None)
             if base_key is None:
                 continue
-            diff = res[head_key]["cv"]["summary"]["macro_f1"]["mean"] - res[base_key]["cv"]["summary"]["macro_f1"]["mean"]
+            diff = (
+                res[head_key]["cv"]["summary"]["macro_f1"]["mean"] - res[base_key]["cv"]["summary"]["macro_f1"]["mean"]
+            )
             verdict = "beats" if diff > 0 else "does not beat"
-            out.append(f"- The MLP head {verdict} {SYSTEM_TITLES[base]} on `{enc}`: CV macro-F1 {cv(head_key)} vs "
-                       f"{cv(base_key)} ({diff:+.3f}).")
+            out.append(
+                f"- The MLP head {verdict} {SYSTEM_TITLES[base]} on `{enc}`: CV macro-F1 {cv(head_key)} vs "
+                f"{cv(base_key)} ({diff:+.3f})."
+            )
     if "tfidf" in res:
         best_emb = next((k for k in metrics["ranking"] if k != "tfidf"), None)
         if best_emb:
-            diff = res[best_emb]["cv"]["summary"]["macro_f1"]["mean"] - res["tfidf"]["cv"]["summary"]["macro_f1"]["mean"]
-            who = f"{best_emb} beats TF-IDF + LR" if diff > 0 else f"TF-IDF + LR beats every embedding system (a finding: {best_emb} is {-diff:.3f} behind)"
+            diff = (
+                res[best_emb]["cv"]["summary"]["macro_f1"]["mean"] - res["tfidf"]["cv"]["summary"]["macro_f1"]["mean"]
+            )
+            who = (
+                f"{best_emb} beats TF-IDF + LR"
+                if diff > 0
+                else f"TF-IDF + LR beats every embedding system (a finding: {best_emb} is {-diff:.3f} behind)"
+            )
             out.append(f"- {who}: CV macro-F1 {cv(best_emb)} vs {cv('tfidf')}.")
     p = pairs.get(metrics["ranking"][1]) if len(metrics["ranking"]) > 1 else None
     sig = ""
     if p:
         pv = p["cv_macro_f1_ttest"]["p_value"]
-        sig = (f" Against the runner-up {p['b']}: McNemar p = {p['mcnemar_test']['p_value']:.3g}, "
-               f"corrected CV t-test p = {_fmt_p(pv)}.")
+        sig = (
+            f" Against the runner-up {p['b']}: McNemar p = {p['mcnemar_test']['p_value']:.3g}, "
+            f"corrected CV t-test p = {_fmt_p(pv)}."
+        )
     out.append(f"- Best by CV macro-F1: **{winner}** ({cv(winner)}).{sig}")
     return out

@@ -13,8 +13,16 @@ OCCUPATIONS: dict[str, tuple[str, list[str]]] = {
     "43": ("Recording clerks", ["księgowa", "accountant", "faktury VAT", "payroll and invoices"]),
     "51": ("Personal services", ["kucharz", "cook", "restauracja", "hotel kitchen", "pomoc kuchenna"]),
 }
-GENERIC = ["oferujemy stabilne zatrudnienie", "we offer training", "praca w Krakowie", "apply with your CV",
-           "umowa o pracę", "premie i benefity", "<<PHONE>>", "kontakt <<EMAIL>>"]
+GENERIC = [
+    "oferujemy stabilne zatrudnienie",
+    "we offer training",
+    "praca w Krakowie",
+    "apply with your CV",
+    "umowa o pracę",
+    "premie i benefity",
+    "<<PHONE>>",
+    "kontakt <<EMAIL>>",
+]
 
 
 def make_ads(n_per_class: int = 20, *, seed: int = 0, rare: dict[str, int] | None = None) -> pd.DataFrame:
@@ -39,7 +47,10 @@ def make_ads(n_per_class: int = 20, *, seed: int = 0, rare: dict[str, int] | Non
 
 def make_labels() -> pd.DataFrame:
     """A label-set frame (``code``, ``name``, ``description``) for the classes of ``make_ads``."""
-    return pd.DataFrame([
-        {"code": k, "name": name, "description": "Workers: " + ", ".join(words)}
-        for k, (name, words) in OCCUPATIONS.items()
-    ] + [{"code": "61", "name": "Farmers", "description": "Workers: rolnik, farm worker"}])
+    return pd.DataFrame(
+        [
+            {"code": k, "name": name, "description": "Workers: " + ", ".join(words)}
+            for k, (name, words) in OCCUPATIONS.items()
+        ]
+        + [{"code": "61", "name": "Farmers", "description": "Workers: rolnik, farm worker"}]
+    )

@@ -70,7 +70,11 @@ def test_cosine_save_load_roundtrip_and_tamper(tmp_path, blobs):
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("name", ["Drivers", "x"]), ("description", ["Drive trucks", "x"]), ("name_description", ["Drivers. Drive trucks", "x"])],
+    [
+        ("name", ["Drivers", "x"]),
+        ("description", ["Drive trucks", "x"]),
+        ("name_description", ["Drivers. Drive trucks", "x"]),
+    ],
 )
 def test_label_texts_modes_fall_back_to_name_or_label(mode, expected):
     labels = pd.DataFrame({"label": ["83", "x"], "name": ["Drivers", ""], "description": ["Drive trucks", ""]})

@@ -28,13 +28,25 @@ def workspace(tmp_path_factory, tiny_encoder_dir):
     cfg = {
         "name": "tiny",
         "runs_dir": str(root / "runs"),
-        "prepare": {"input": str(root / "ads.csv"), "text_col": "text", "label_col": "label", "id_col": "id",
-                    "min_class_count": 3, "rare_policy": "merge", "test_size": 0.25, "val_size": 0.15},
+        "prepare": {
+            "input": str(root / "ads.csv"),
+            "text_col": "text",
+            "label_col": "label",
+            "id_col": "id",
+            "min_class_count": 3,
+            "rare_policy": "merge",
+            "test_size": 0.25,
+            "val_size": 0.15,
+        },
         "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 64, "batch_size": 16},
         "head": {"hidden_sizes": [32], "max_epochs": 30, "patience": 5},
         "report": {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 2000}},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "empty.csv").write_text("")
+    (root / "cp1250.csv").write_bytes("id,text,label\n1,Kierowca,83\n2,Ksi\u0119gowa,43\n".encode("cp1250"))
+    pd.DataFrame({"code": ["11", "12"], "name": ["Chief executives", "Managers"]}).to_csv(root / "other_labels.csv",
+                                                                                       index=False)
     return root
 
 
@@ -54,9 +66,18 @@ def test_help_lists_every_command():
 
 
 def test_run_writes_every_artifact(finished_run):
-    for rel in ("config.yaml", "manifest.json", "prepare/train.parquet", "prepare/data_card.json",
-                "head/bundle.json", "report/report.md", "report/metrics.json", "report/figures/cv_macro_f1.png",
-                "bundle/bundle.json", "bundle/head/head.safetensors"):
+    for rel in (
+        "config.yaml",
+        "manifest.json",
+        "prepare/train.parquet",
+        "prepare/data_card.json",
+        "head/bundle.json",
+        "report/report.md",
+        "report/metrics.json",
+        "report/figures/cv_macro_f1.png",
+        "bundle/bundle.json",
+        "bundle/head/head.safetensors",
+    ):
         assert (finished_run / rel).is_file(), rel
     metrics = json.loads((finished_run / "report" / "metrics.json").read_text())
     systems = {r["system"] for r in metrics["systems"].values()}
@@ -83,9 +104,25 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
 
 def test_stage_commands_one_by_one(workspace, tiny_encoder_dir):
     run_dir = workspace / "runs" / "manual"
-    result = invoke("prepare", workspace / "ads.csv", "--out", run_dir, "--label-col", "label", "--id-col", "id",
-                    "--labels", workspace / "labels.csv", "--labels-code-col", "code", "--rare-policy", "drop",
-                    "--min-class-count", "3", "--quiet")
+    result = invoke(
+        "prepare",
+        workspace / "ads.csv",
+        "--out",
+        run_dir,
+        "--label-col",
+        "label",
+        "--id-col",
+        "id",
+        "--labels",
+        workspace / "labels.csv",
+        "--labels-code-col",
+        "code",
+        "--rare-policy",
+        "drop",
+        "--min-class-count",
+        "3",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     card = json.loads((run_dir / "prepare" / "data_card.json").read_text())
     assert card  # the data card exists and is JSON
@@ -104,8 +141,15 @@ def test_stage_commands_one_by_one(workspace, tiny_encoder_dir):
 
 
 def test_classify_text_json_topk(finished_run):
-    result = invoke("classify", "Kierowca kat. C, transport międzynarodowy", "--bundle", finished_run / "bundle",
-                    "--json", "--top-k", 2)
+    result = invoke(
+        "classify",
+        "Kierowca kat. C, transport międzynarodowy",
+        "--bundle",
+        finished_run / "bundle",
+        "--json",
+        "--top-k",
+        2,
+    )
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.strip().splitlines()[-1])
     assert len(answer["top_k"]) == 2
@@ -114,15 +158,15 @@ def test_classify_text_json_topk(finished_run):
 
 
 def test_classify_min_confidence_answers_uncertain(finished_run):
-    result = invoke("classify", "zupełnie inny tekst", "--bundle", finished_run / "bundle", "--json",
-                    "--min-confidence", 1.0)
+    result = invoke(
+        "classify", "zupełnie inny tekst", "--bundle", finished_run / "bundle", "--json", "--min-confidence", 1.0
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["label"] == "uncertain"
 
 
 def test_classify_file_to_csv_with_default_bundle(finished_run, workspace):
-    pd.DataFrame({"text": ["Programista Python", "Pielęgniarka na oddział"]}).to_csv(workspace / "new.csv",
-                                                                                   index=False)
+    pd.DataFrame({"text": ["Programista Python", "Pielęgniarka na oddział"]}).to_csv(workspace / "new.csv", index=False)
     out = workspace / "pred.csv"
     result = invoke("classify", "--file", workspace / "new.csv", "--out", out, "--runs-dir", workspace / "runs")
     assert result.exit_code == 0, result.output
@@ -133,7 +177,9 @@ def test_classify_file_to_csv_with_default_bundle(finished_run, workspace):
 
 def one_red_line(result):
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    return result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+    return (
+        result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,6 +187,9 @@ def one_red_line(result):
     [
         (["prepare", "{ws}/missing.csv", "--out", "{ws}/runs/x"], "not found"),
         (["prepare", "{ws}/ads.csv", "--out", "{ws}/runs/x", "--text-col", "body"], "body"),
+        (["prepare", "{ws}/empty.csv", "--out", "{ws}/runs/x"], "no rows"),
+        (["prepare", "{ws}/cp1250.csv", "--out", "{ws}/runs/x"], "line 3"),
+        (["prepare", "{ws}/ads.csv", "--out", "{ws}/runs/x", "--labels", "{ws}/other_labels.csv"], "label set"),
         (["embed", "{ws}/runs/never"], "no prepared splits"),
         (["embed", "{ws}/runs/tiny", "--model", "builtin:nope"], "builtin"),
         (["classify", "text", "--bundle", "{ws}"], "not a jobembed bundle"),

@@ -7,8 +7,9 @@ from jobembed.embed import Embedder, VectorCache, cache_namespace
 
 def _cfg(model_dir, tmp_path, **kw):
     settings = {"max_seq_length": 64} | kw
-    return EmbedConfig(model=str(model_dir), text_prompt=None, label_prompt=None, cache_dir=tmp_path / "cache",
-                       **settings)
+    return EmbedConfig(
+        model=str(model_dir), text_prompt=None, label_prompt=None, cache_dir=tmp_path / "cache", **settings
+    )
 
 
 TEXTS = ["Kierowca kat. C", "Nurse for night shifts", "Programista Python", "Kierowca kat. C", "Księgowa"]
