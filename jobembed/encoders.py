@@ -191,11 +191,14 @@ def model_family(ref: str) -> str:
     """The prompt family of a reference: builtins by name, others by the ``match`` patterns in prompts.yaml.
 
     Families are tried in file order and the first with a pattern contained in the lowercased reference
-    wins, so more specific families (``e5-instruct``) come before general ones (``e5``).
+    wins, so more specific families (``e5-instruct``) come before general ones (``e5``). For a local
+    folder only its own name counts (``runs/e5-tests/mpnet-ft`` is mpnet), for a Hub id ``owner/name``.
     """
     low = ref.strip().lower()
     if low.startswith("builtin:"):
         return _BUILTINS.get(low.split(":", 1)[1].strip(), "other")
+    if _looks_like_path(ref.strip()) or Path(ref.strip()).expanduser().is_dir():
+        low = Path(low.rstrip("/\\")).name
     for family, spec in _prompt_presets().items():
         if any(str(p).lower() in low for p in spec.get("match") or []):
             return family

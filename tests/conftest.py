@@ -135,3 +135,20 @@ def _sandbox_env(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("JOBEMBED_CACHE", str(_session_cache))
+
+
+# The builtin e5 folder (~470 MB) is built once into a persistent cache, not per session: $JOBEMBED_TEST_E5_CACHE
+# if set, else the user's cache as it is before the autouse fixture below redirects JOBEMBED_CACHE.
+def _real_cache() -> Path:
+    from jobembed.config import default_cache_dir
+
+    return Path(os.environ.get("JOBEMBED_TEST_E5_CACHE") or default_cache_dir())
+
+
+REAL_CACHE = _real_cache()
+
+
+@pytest.fixture(scope="session")
+def real_cache() -> Path:
+    """Persistent cache folder for tests that need the builtin e5-small (``slow`` tests)."""
+    return REAL_CACHE

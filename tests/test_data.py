@@ -171,7 +171,7 @@ def test_missing_column_lists_found_columns_and_flag(tmp_path: Path, field: str,
 
 
 def test_missing_input_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--input"):
+    with pytest.raises(ConfigError, match="INPUT"):
         prepare(config=PrepareConfig(), out_dir=tmp_path / "out", progress=False)
 
 

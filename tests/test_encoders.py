@@ -9,7 +9,6 @@ the per-test sandbox, normally ``~/.cache/jobembed``); the fast tests never writ
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 
 from jobembed import encoders
-from jobembed.config import default_cache_dir
 from jobembed.encoders import (
     ResolvedModel,
     build_precompiled_charsmap,
@@ -31,9 +29,8 @@ from jobembed.encoders import (
     resolve_prompts,
 )
 from jobembed.errors import ModelError
+from tests.conftest import REAL_CACHE as E5_TEST_CACHE
 
-# Taken at import time, i.e. before the autouse fixture points JOBEMBED_CACHE at a tmp folder.
-E5_TEST_CACHE = Path(os.environ.get("JOBEMBED_TEST_E5_CACHE") or default_cache_dir())
 ADS_CSV = Path(__file__).resolve().parents[2] / "shared/data/pl-jobads/ads.csv"
 E5_REF = "builtin:multilingual-e5-small"
 
@@ -51,6 +48,10 @@ def test_local_folder_family_comes_from_its_name(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     assert resolve(str(folder)).family == "e5"
+    nested = tmp_path / "e5-experiments" / "mpnet-finetuned"
+    nested.mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    assert resolve(str(nested)).family == "mpnet"
 
 
 def test_builtin_names_and_minilm_resolves_to_the_package_folder():
