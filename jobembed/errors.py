@@ -57,3 +57,11 @@ class ModelError(JobembedError):
 
 class BundleError(JobembedError):
     """A bundle that is missing, corrupt or from another format version."""
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception message on one line, with its type (for wrapping library errors)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.split(". ", 1)[0]
+    text = f"{type(e).__name__}: {text}" if not text.startswith(type(e).__name__) else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."

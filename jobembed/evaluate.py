@@ -54,8 +54,9 @@ def fit_temperature(logits: np.ndarray, y_idx: np.ndarray, *, bounds: tuple[floa
         T within ``bounds``; 1.0 when no T lowers the NLL (bounded Brent can stop on a plateau, and a
         calibration must never make the fit worse).
     """
-    res = optimize.minimize_scalar(lambda t: nll(logits, y_idx, float(np.exp(t))), bounds=np.log(bounds),
-                                   method="bounded")
+    res = optimize.minimize_scalar(
+        lambda t: nll(logits, y_idx, float(np.exp(t))), bounds=np.log(bounds), method="bounded"
+    )
     return float(np.exp(res.x)) if res.fun < nll(logits, y_idx) else 1.0
 
 

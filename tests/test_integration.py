@@ -29,10 +29,20 @@ def test_pipeline_on_real_ads_with_builtin_e5(tmp_path, real_cache, monkeypatch)
         "name": "real",
         "runs_dir": str(tmp_path / "runs"),
         "prepare": {
-            "input": str(ADS), "text_col": "text", "label_col": "isco_major", "id_col": "id",
-            "labels": {"path": str(DATA / "pl-jobads" / "labels.csv"), "code_col": "code", "name_col": "name_en",
-                       "description_col": "description_en", "filter": {"level": "isco_major"}},
-            "max_rows": 600, "min_class_count": 5, "seed": 13,
+            "input": str(ADS),
+            "text_col": "text",
+            "label_col": "isco_major",
+            "id_col": "id",
+            "labels": {
+                "path": str(DATA / "pl-jobads" / "labels.csv"),
+                "code_col": "code",
+                "name_col": "name_en",
+                "description_col": "description_en",
+                "filter": {"level": "isco_major"},
+            },
+            "max_rows": 600,
+            "min_class_count": 5,
+            "seed": 13,
         },
         "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 128},
         "head": {"max_epochs": 100},
@@ -46,8 +56,16 @@ def test_pipeline_on_real_ads_with_builtin_e5(tmp_path, real_cache, monkeypatch)
     # A trained head on real ads must beat the zero-shot cosine to category descriptions by a margin.
     assert cv["mlp"] > cv["zeroshot"] + 0.1
     assert metrics["systems"][next(k for k in metrics["systems"] if k.startswith("mlp"))]["test"]["accuracy"] > 0.5
-    out = CliRunner().invoke(app, ["classify", "Kierowca kat. C+E w transporcie międzynarodowym, karta kierowcy.",
-                                   "--bundle", str(tmp_path / "runs" / "real" / "bundle"), "--json"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            "Kierowca kat. C+E w transporcie międzynarodowym, karta kierowcy.",
+            "--bundle",
+            str(tmp_path / "runs" / "real" / "bundle"),
+            "--json",
+        ],
+    )
     assert out.exit_code == 0, out.output
     answer = json.loads(out.output.strip().splitlines()[-1])
     assert answer["top_k"][0]["label"] == "8"  # ISCO 8: plant and machine operators and assemblers (drivers)
