@@ -197,6 +197,7 @@ def train_head(
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on training epochs.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience on validation macro-F1.")] = None,
     calibrate: Annotated[bool | None, typer.Option(help="Temperature-calibrate probabilities on validation.")] = None,
+    copy_encoder: Annotated[bool | None, typer.Option(help="Copy the encoder folder into the bundle.")] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
@@ -224,6 +225,7 @@ def train_head(
         "head.patience": patience,
         "head.calibrate": calibrate,
         "head.device": device,
+        "bundle.copy_encoder": copy_encoder,
     }
     cfg = pipeline.config_for_run(run_dir, config, overrides)
     result = pipeline.run_train_head(cfg, progress=not quiet)

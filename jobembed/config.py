@@ -125,6 +125,14 @@ class ReportConfig(_Strict):
     tfidf: TfidfConfig = Field(default_factory=TfidfConfig)
 
 
+class BundleConfig(_Strict):
+    """What goes into a bundle besides the head."""
+
+    # Copy a local/builtin encoder folder into the bundle so it runs where the cache is absent
+    # (a server); off by default because e5-small alone is ~470 MB.
+    copy_encoder: bool = False
+
+
 class ClassifyConfig(_Strict):
     top_k: int = Field(3, ge=1)
     min_confidence: float = Field(0.0, ge=0, le=1)
@@ -140,6 +148,7 @@ class PipelineConfig(_Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
 
     @field_validator("name")

@@ -127,6 +127,7 @@ def run_train_head(config: PipelineConfig, *, progress: bool = True) -> dict[str
         encoder=config.embed.model,
         config=config,
         labels=labels,
+        copy_encoder=config.bundle.copy_encoder,
         metrics={"test": test},
     )
     write_manifest(

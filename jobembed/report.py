@@ -288,6 +288,7 @@ def compare_report(
             encoder=system["encoder"],
             config=config,
             labels=labels,
+            copy_encoder=config.bundle.copy_encoder,
             metrics={"test": system["test"], "cv": system["cv"]["summary"]},
         )
     write_manifest(run_dir, stage="compare-report", config=config.model_dump(mode="json"), inputs={"winner": winner})
