@@ -74,7 +74,8 @@ def main() -> None:
     for pair in metrics["pairwise"]:
         print(
             f"{pair['a']} vs {pair['b']}: McNemar p={pair['mcnemar_test']['p_value']:.3g}, "
-            f"CV t-test p={pair['cv_macro_f1_ttest']['p_value']:.3g}, diff={pair['cv_macro_f1_ttest']['mean_diff']:+.3f}"
+            f"CV t-test p={pair['cv_macro_f1_ttest']['p_value']:.3g}, "
+            f"diff={pair['cv_macro_f1_ttest']['mean_diff']:+.3f}"
         )
     (ROOT / "experiments" / "out" / name / "summary.json").write_text(json.dumps({"seconds": took, **metrics["data"]}))
 
