@@ -335,7 +335,7 @@ def classify(
 def _classify_file(loaded: Any, file: Path, *, text_col: str, out: Path | None, cfg: Any, as_json: bool) -> None:
     import pandas as pd
 
-    from jobembed.data import read_table
+    from jobembed.tables import read_table
 
     frame = read_table(file)
     if text_col not in frame.columns:

@@ -15,11 +15,8 @@ Nothing here prints; the CLI prints ``data_card_table(card)``.
 
 from __future__ import annotations
 
-import codecs
 import io
-import json
 import re
-import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,12 +29,10 @@ from rich.table import Table
 
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json, write_manifest
 from jobembed.config import LabelSetConfig, PrepareConfig, write_resolved
+from jobembed.dedup import near_duplicate_groups, normalise_for_dedup
 from jobembed.errors import ConfigError, DataError
+from jobembed.tables import read_table
 
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-ACCEPTED_SUFFIXES = (*CSV_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
 SPLITS = ("train", "val", "test")
 CORE_COLUMNS = ("id", "text", "label", "group")
 # How many example row numbers a message or the data card lists.
@@ -51,156 +46,6 @@ class PrepareResult:
     out_dir: Path
     card: dict[str, Any]
     splits: dict[str, Path] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV/TSV, JSONL or Parquet file with every column as strings.
-
-    Args:
-        path: ``.csv``/``.tsv`` (UTF-8, header row), ``.jsonl``/``.ndjson`` (one JSON object per line) or
-            ``.parquet``/``.pq``; the suffix decides the format.
-
-    Returns:
-        A frame whose columns are all strings; missing values are ``""`` (the text ``"NA"`` stays
-        ``"NA"``). ``frame.attrs["source_rows"]`` holds each row's number as a user sees it in the file:
-        for CSV the header is row 1 and the first ad row 2 (as in a spreadsheet), for JSONL the line
-        number, for Parquet the 1-based row position.
-
-    Raises:
-        DataError: unknown suffix, missing file, no rows, bytes that are not UTF-8 (naming the line and
-            byte offset of the first bad byte), a JSONL line that is not a JSON object, an unparsable CSV.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ACCEPTED_SUFFIXES:
-        raise DataError(
-            f"cannot read '{suffix or '(no suffix)'}' files",
-            where=str(path),
-            expected="one of " + ", ".join(ACCEPTED_SUFFIXES),
-            fix="convert the file to CSV, JSONL or Parquet (the suffix picks the reader)",
-        )
-    if not path.is_file():
-        raise DataError(
-            "file not found" if not path.exists() else "not a file",
-            where=str(path),
-            fix="check the path (relative paths start at the current folder) or pass an existing INPUT file",
-        )
-    if suffix in PARQUET_SUFFIXES:
-        frame = _read_parquet(path)
-        rows = np.arange(1, len(frame) + 1)
-    else:
-        text = _decode_utf8(path, path.read_bytes())
-        if suffix in JSONL_SUFFIXES:
-            frame, rows = _read_jsonl(path, text)
-        else:
-            frame = _read_csv(path, text, CSV_SUFFIXES[suffix])
-            rows = np.arange(2, len(frame) + 2)
-    if len(frame) == 0:
-        raise DataError("no rows", where=str(path), found="an empty table", fix="pass an INPUT file that has ads")
-    frame.attrs["source_rows"] = rows
-    return frame
-
-
-def _decode_utf8(path: Path, data: bytes) -> str:
-    """Decode UTF-8 (with or without BOM) ourselves so the error can name the line of the first bad byte."""
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = start + e.start
-        line = data.count(b"\n", 0, offset) + 1
-        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
-        raise DataError(
-            f"not valid UTF-8: byte 0x{data[offset]:02x} on line {line}, column {column} (byte offset {offset})",
-            where=str(path),
-            fix="re-save the file as UTF-8, e.g. "
-            f"`iconv -f cp1250 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`"
-            " (cp1250 for Polish Windows files, cp1252/latin-1 for Danish)",
-        ) from None
-
-
-def _read_csv(path: Path, text: str, sep: str) -> pd.DataFrame:
-    if not text.strip():
-        raise DataError("no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads")
-    try:
-        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(
-            "no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads"
-        ) from None
-    except (pd.errors.ParserError, ValueError) as e:
-        raise DataError(
-            f"not a valid {'TSV' if sep == chr(9) else 'CSV'} file ({str(e).strip()})",
-            where=str(path),
-            fix="check quoting around texts with commas or line breaks (re-export with quoting of all fields)",
-        ) from None
-
-
-def _read_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
-    records: list[dict[str, Any]] = []
-    lines: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"line {number} is not valid JSON ({e.msg} at column {e.colno})",
-                where=str(path),
-                fix="write one JSON object per line (JSON Lines); a pretty-printed JSON array is not JSONL",
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"line {number} is a JSON {type(obj).__name__}, not an object",
-                where=str(path),
-                fix='write one object per line, e.g. {"text": "...", "label": "..."}',
-            )
-        records.append(obj)
-        lines.append(number)
-    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    return _all_strings(frame), np.asarray(lines, dtype=np.int64)
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(
-            f"cannot read Parquet ({type(e).__name__}: {e})", where=str(path), fix="re-export the file as Parquet"
-        ) from None
-    return _all_strings(frame.reset_index(drop=True))
-
-
-def _as_str(value: Any) -> str:
-    """One cell as text: missing -> "", JSON values as JSON would write them, numbers as Python prints them."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | np.bool_):
-        return "true" if value else "false"
-    if isinstance(value, dict | list | tuple | np.ndarray):
-        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value, ensure_ascii=False, default=str)
-    if isinstance(value, float | np.floating) and np.isnan(value):
-        return ""
-    if value is pd.NA or value is pd.NaT:
-        return ""
-    return str(value)
-
-
-def _all_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    out = {}
-    for col in frame.columns:
-        s = frame[col]
-        if isinstance(s.dtype, pd.StringDtype):
-            out[str(col)] = s.fillna("").astype(str)
-        else:
-            out[str(col)] = s.astype(object).map(_as_str).astype(str)
-    return pd.DataFrame(out, index=frame.index)
 
 
 # ------------------------------------------------------------------------------------------ label sets
@@ -294,89 +139,6 @@ def load_label_set(cfg: LabelSetConfig) -> pd.DataFrame:
     return pd.DataFrame(
         {"label": labels.to_numpy(), "name": names.to_numpy(), "description": descriptions.to_numpy()}
     ).astype(str)
-
-
-# ------------------------------------------------------------------------------------------------ dedup
-
-_PLACEHOLDER = re.compile(r"<<\s*[^<>\s]{1,40}\s*>>|<[A-Z][A-Z0-9_\-]{1,40}>|\[[A-Z][A-Z0-9_\-]{1,40}\]")
-_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
-# 8+ digits with at most two separators between them: phone numbers (also dates such as 01.02.2023).
-_PHONE = re.compile(r"\+?\d(?:[ \-./()]{0,2}\d){7,}")
-_PUNCT = re.compile(r"[^\w\s]+")
-_SPACE = re.compile(r"\s+")
-_TOKEN = " _ph_ "
-
-
-def normalise_for_dedup(text: str) -> str:
-    """A key under which reposts with cosmetic differences look the same.
-
-    Anonymisation placeholders (``<<PHONE>>``, ``<PHONE>``, ``<ORGANIZATION>``, ``[EMAIL]``), URLs, e-mail
-    addresses and phone-number-like digit runs (8+ digits; dates too) all become one token ``_ph_``;
-    then case is folded, punctuation runs become spaces and whitespace collapses. An anonymised copy and
-    the original of an ad therefore share a key.
-    """
-    text = unicodedata.normalize("NFKC", text)
-    text = _PLACEHOLDER.sub(_TOKEN, text)
-    text = _URL.sub(_TOKEN, text)
-    text = _EMAIL.sub(_TOKEN, text)
-    text = _PHONE.sub(_TOKEN, text)
-    text = _PUNCT.sub(" ", text.casefold())
-    return _SPACE.sub(" ", text).strip()
-
-
-def _near_duplicate_groups(norm: list[str], threshold: float, *, progress: bool) -> np.ndarray:
-    """Group ids (0..G-1, in order of first row) joining ads whose TF-IDF cosine is ≥ ``threshold``.
-
-    TF-IDF over word 1-2-grams (L2-normalised, float32); rows are compared in chunks of up to 2000
-    against all rows (``chunk @ X.T``, sparse), pairs above the threshold become edges and the
-    connected components (union-find) become the groups. Time is O(N² · overlap) in the worst case
-    (every pair that shares a term is scored, ~10 s for 8k ads on one core); memory is bounded by the
-    chunk: the chunk shrinks as N grows so that ``chunk * N`` stays under 16M scores (~200 MB).
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    n = len(norm)
-    if n < 2:
-        return np.zeros(n, dtype=np.int64)
-    try:
-        x = TfidfVectorizer(
-            ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", lowercase=False, dtype=np.float32
-        ).fit_transform(norm)
-    except ValueError:  # empty vocabulary: every text is empty after normalisation
-        return np.arange(n, dtype=np.int64)
-    xt = x.T.tocsr()
-    chunk = int(max(64, min(2000, 16_000_000 // n)))
-    starts = range(0, n, chunk)
-    src: list[np.ndarray] = []
-    dst: list[np.ndarray] = []
-    for start in _progress(starts, progress=progress, description="near-duplicates"):
-        scores = (x[start : start + chunk] @ xt).tocsr()
-        rows = np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr)) + start
-        keep = (scores.data >= threshold - 1e-6) & (scores.indices > rows)
-        src.append(rows[keep])
-        dst.append(scores.indices[keep])
-    a, b = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    return pd.factorize(comp)[0].astype(np.int64)
-
-
-def _progress(items: range, *, progress: bool, description: str):
-    if not progress:
-        yield from items
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
-    ) as bar:
-        task = bar.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -492,7 +254,7 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
         card["rows_dropped"]["label_conflict"] = dedup_card["label_conflict"]
 
     # 6. near-duplicate groups
-    work["group"] = _near_duplicate_groups(work["_norm"].tolist(), config.near_duplicate_threshold, progress=progress)
+    work["group"] = near_duplicate_groups(work["_norm"].tolist(), config.near_duplicate_threshold, progress=progress)
     sizes = work["group"].value_counts()
     card["near_duplicates"] = {
         "threshold": config.near_duplicate_threshold,

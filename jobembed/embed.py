@@ -219,7 +219,7 @@ def embed_splits(
     Returns:
         split name -> path of its ``.npy`` file.
     """
-    from jobembed.data import load_splits  # data imports nothing from here; keeps import order one-way
+    from jobembed.data import load_splits  # local: data is not needed to embed plain text lists
 
     splits = load_splits(prepare_dir)
     embedder, _ = make_embedders(config)
