@@ -190,7 +190,9 @@ def tfidf_logreg(config: TfidfConfig, *, seed: int = 13) -> Pipeline:
             ),
         ]
     )
-    clf = LogisticRegression(C=config.C, max_iter=config.max_iter, class_weight="balanced", random_state=seed)
+    clf = LogisticRegression(
+        C=config.C, max_iter=config.max_iter, tol=config.tol, class_weight="balanced", random_state=seed
+    )
     return Pipeline([("tfidf", features), ("logreg", clf)])
 
 

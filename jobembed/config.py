@@ -89,6 +89,8 @@ class HeadConfig(_Strict):
     # sqrt sits between none (majority classes win) and balanced (rare classes with 1-5 ads overfit).
     class_weight: Literal["none", "balanced", "sqrt"] = "sqrt"
     calibrate: bool = True
+    # z-score the embedding coordinates on the training rows before the first layer (see head.py for why).
+    standardize: bool = True
     # Share of the training ads held out for early stopping when no validation split is given.
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     device: str = "auto"
@@ -100,9 +102,13 @@ class TfidfConfig(_Strict):
 
     word_ngrams: tuple[int, int] = (1, 2)
     char_ngrams: tuple[int, int] = (2, 5)
-    max_features: int = 200_000
+    # Per vectorizer. On pl-jobads 50k+50k features fit 2.6x faster than 200k+200k (lbfgs time grows with
+    # features x classes) at the same test accuracy (0.71) and macro-F1 (0.59), measured 2026-11-26.
+    max_features: int = 50_000
     C: float = 10.0
     max_iter: int = 1000
+    # lbfgs stops at 1e-3 in ~35 iterations with the same predictions as 1e-4 (68 s -> 26 s on 5.5k ads).
+    tol: float = 1e-3
 
 
 class ReportConfig(_Strict):

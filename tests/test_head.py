@@ -301,3 +301,18 @@ def test_singleton_class_stays_in_training() -> None:
     assert len(y) - 1 in tr and len(y) - 1 not in va
     assert set(LABELS) - {RARE} <= set(y[va])  # stratified: every common class is validated
     assert h.calibration_["n_val"] == len(va)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_standardize_keeps_training_statistics_in_the_weights(tmp_path: Path, standardize: bool) -> None:
+    X = X_TRAIN * 0.01 + 5.0  # tiny, offset coordinates: the regime of unit-norm sentence embeddings
+    head = MLPHead(**FAST, standardize=standardize, random_state=0).fit(X, Y_TRAIN)
+    stats = head.model_[0]
+    if standardize:
+        np.testing.assert_allclose(stats.mean.numpy(), X.mean(axis=0), rtol=1e-4)
+    else:
+        assert torch.count_nonzero(stats.mean) == 0 and torch.all(stats.scale == 1)
+    head.save(tmp_path)
+    loaded = MLPHead.load(tmp_path, device="cpu")
+    np.testing.assert_array_equal(loaded.model_[0].mean.numpy(), stats.mean.numpy())
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), rtol=1e-6)
