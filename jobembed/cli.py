@@ -275,7 +275,10 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     k = metrics["data"]["cv_folds"]
     table = Table(title=f"compare-report ({k}-fold CV on train+val; test split held out)")
     for col in ("system", "CV macro-F1", "CV accuracy", "test accuracy", "test macro-F1", "test macro-F1 (≥min)"):
-        table.add_column(col, justify="left" if col == "system" else "right")
+        if col == "system":
+            table.add_column(col, overflow="fold", min_width=16)
+        else:
+            table.add_column(col, justify="right")
     for key in metrics["ranking"]:
         r = metrics["systems"][key]
         cv, t = r["cv"]["summary"], r["test"]
