@@ -347,8 +347,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
     lines = [
         "# jobembed compare-report",
         "",
-        f"Data: {data['train']} train, {data['val']} validation, {data['test']} test ads, {data['classes']} classes with ads "
-        f"({data.get('labels', data['classes'])} in the label set); "
+        f"Data: {data['train']} train, {data['val']} validation, {data['test']} test ads; "
+        f"{data['classes']} classes with ads ({data.get('labels', data['classes'])} in the label set); "
         f"text column `{data['text_column']}`. CV: {k}-fold stratified over train+validation, reposts kept in one "
         "fold. Test: fit on train (the MLP stops early on validation), scored once on the held-out test split.",
         "",
