@@ -200,10 +200,15 @@ def make_embedders(config: EmbedConfig) -> tuple[Embedder, Embedder]:
     return text, label
 
 
+def short_name(model_ref: str) -> str:
+    """The readable tail of a model reference: ``builtin:multilingual-e5-small`` -> ``multilingual-e5-small``."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", model_ref.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
+    return tail or "encoder"
+
+
 def encoder_slug(model_ref: str, fingerprint: str) -> str:
     """A folder name for one encoder's outputs inside a run: readable ref tail + fingerprint."""
-    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", model_ref.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
-    return f"{tail or 'encoder'}-{fingerprint[:8]}"
+    return f"{short_name(model_ref)}-{fingerprint[:8]}"
 
 
 def embed_splits(

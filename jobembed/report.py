@@ -23,7 +23,6 @@ bundle.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from jobembed.artifacts import write_json, write_manifest
 from jobembed.baselines import CentroidClassifier, CosineClassifier, embedding_logreg, label_texts, tfidf_logreg
 from jobembed.config import PipelineConfig, write_resolved
 from jobembed.data import load_labels, load_splits
-from jobembed.embed import make_embedders
+from jobembed.embed import make_embedders, short_name
 from jobembed.errors import DataError
 from jobembed.head import MLPHead
 
@@ -66,8 +65,7 @@ class System:
     def key(self) -> str:
         if self.encoder is None:
             return self.name
-        tail = re.sub(r"[^A-Za-z0-9._-]+", "-", self.encoder.rstrip("/").split("/")[-1].split(":")[-1])
-        return f"{self.name}@{tail}"
+        return f"{self.name}@{short_name(self.encoder)}"
 
 
 @dataclass
