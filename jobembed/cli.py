@@ -1,14 +1,28 @@
-"""The ``jobembed`` command line: parse flags, load the config, call the stage, print with rich.
+"""The ``jobembed`` command line: parse flags, load the config, run the stage graph, print with rich.
 
-Every command is thin: the work happens in the stage functions (``jobembed.pipeline``, ``data``,
-``report``, ``bundle``), which tests and experiments call directly. A ``JobembedError`` becomes one
-red line on stderr and exit code 1; Ctrl-C keeps finished stages and the embedding cache.
+Every command is thin: the work happens in the stages (``jobembed.pipeline``) and the bundle
+(``jobembed.bundle``), which tests and experiments call directly.
+
+One vocabulary for every command:
+
+- ``RUN`` (an argument): the run folder, ``runs/<name>``; stage commands run their stage and whatever it
+  needs that is out of date, and skip what is current (``--force`` re-runs the stage itself).
+- ``--config/-c FILE``: a pipeline YAML; default the run's own ``config.yaml``. Flags override it.
+- ``--input/-i FILE``: a table to read (CSV, JSONL, Parquet); ``--out/-o FILE``: a file to write.
+- ``--text-col``: the column holding the ad text in the table the command reads.
+- Options whose Python name holds ``__`` set the config field of that dotted path (``embed__model`` ->
+  ``embed.model``, ``pipeline__text_column`` -> ``text_column``), so no command builds an overrides dict by
+  hand, and an invalid value is reported against the flag the user typed.
+
+A ``JobembedError`` and every usage error (an unknown option, a value out of range) becomes one red line on
+stderr and exit code 1; Ctrl-C keeps finished stages and the caches and exits 130.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,22 +31,48 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from jobembed import __version__
+from jobembed import __version__, ui
+from jobembed.config import ClassWeight, ConflictPolicy, Precision, RarePolicy, SystemName
 from jobembed.errors import JobembedError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one red line and exit 1, like every other error, instead of a usage box and exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # typer's (vendored) click usage errors
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "jobembed"
+            message = " ".join(e.format_message().replace("Value error, ", "").split()).rstrip(".")
+            err_console.print(
+                f"[bold red]error:[/] {message}. Fix: see `{where} --help`", highlight=False, soft_wrap=True
+            )
+            if not standalone_mode:
+                raise
+            sys.exit(1)
+        except typer.Abort:
+            err_console.print("[yellow]aborted[/]")
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="jobembed",
+    cls=_OneLineErrors,
     help="Job-vacancy texts to job categories: frozen vs fine-tuned encoders, ANN heads, honest reports.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Pipeline YAML (see configs/).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,14 +80,15 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ui.set_progress(not kwargs.get("quiet", False))
         try:
             return fn(*args, **kwargs)
         except JobembedError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print(
-                "[yellow]interrupted[/]: finished stages and cached embeddings are kept; "
+                "[yellow]interrupted[/]: finished stages and cached results are kept; "
                 "re-run the same command to resume."
             )
             raise typer.Exit(130) from None
@@ -68,206 +109,312 @@ def main(
     """jobembed: turn noisy job-vacancy texts into reliable job-category predictions."""
 
 
-def _parse_filter(values: list[str] | None) -> dict[str, str]:
+# ------------------------------------------------------------------------------------------ option helpers
+
+
+def _device(value: str) -> str:
+    """auto | cpu | cuda | cuda:N | mps, checked before any work starts."""
+    text = str(value).strip().lower()
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return text
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 512,256") from None
+    if any(s < 1 for s in sizes):
+        raise typer.BadParameter(f"{value!r}: every size must be a positive integer")
+    return sizes
+
+
+def _systems(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    allowed = [s.value for s in SystemName]
+    bad = [s for s in names if s not in allowed]
+    if not names or bad:
+        found = repr(bad[0]) if bad else "nothing"
+        raise typer.BadParameter(f"{found} is not a system; give a comma list of {', '.join(allowed)}")
+    return names
+
+
+def _filters(value: list[str] | None) -> dict[str, str] | None:
+    if not value:
+        return None
     out = {}
-    for item in values or []:
+    for item in value:
         key, sep, val = item.partition("=")
-        if not sep:
-            raise JobembedError(
-                f"--labels-filter {item!r}", expected="COLUMN=VALUE", fix="e.g. --labels-filter level=isco_submajor"
-            )
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not COLUMN=VALUE, e.g. level=isco_submajor")
         out[key.strip()] = val.strip()
     return out
+
+
+def _overrides(params: dict[str, Any], ctx: typer.Context) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config overrides from the command's ``a__b`` parameters, and dotted field -> flag for error messages."""
+    overrides = {}
+    for name, value in params.items():
+        if "__" not in name or value is None or value == []:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif hasattr(value, "value") and isinstance(value.value, str):  # an Enum member
+            value = value.value
+        overrides[_dotted(name)] = value
+    flags = {_dotted(p.name): p.opts[0] for p in ctx.command.params if p.name and "__" in p.name}
+    return overrides, flags
+
+
+def _dotted(name: str) -> str:
+    """``embed__model`` -> ``embed.model``; ``pipeline__text_column`` -> ``text_column`` (a top-level field)."""
+    return name.replace("__", ".").removeprefix("pipeline.")
+
+
+RunArg = Annotated[Path, typer.Argument(help="Run folder, e.g. runs/demo.", metavar="RUN")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Pipeline YAML (see configs/); default: the run's config.yaml.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run this stage even when it is up to date.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Encoder: hub id (optionally id@revision), local folder or builtin:NAME.")
+]
+ExtraModelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--extra-model", help="Another encoder to embed and compare on the same splits (repeatable)."),
+]
+TextColOpt = Annotated[str | None, typer.Option("--text-col", help="Split column with the ad text (e.g. clean_text).")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", parser=_device, metavar="[auto|cpu|cuda|cuda:N|mps]", help="Where to run.")
+]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-seq-length", min=8, help="Truncate texts to this many tokens.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Encoding batch size.")]
+PrecisionOpt = Annotated[Precision | None, typer.Option("--precision", help="Encoder precision (auto: fp16 on CUDA).")]
+
+
+def _stage_command(stage: str, params: dict[str, Any]) -> Path:
+    """Load the run's config with the flags on top and run ``stage`` (and whatever it needs that is stale)."""
+    from jobembed import pipeline
+
+    overrides, flags = _overrides(params, params["ctx"])
+    cfg = pipeline.config_for_run(params["run_dir"], params["config"], overrides, flags=flags)
+    pipeline.run_stages(cfg, target=stage, force=params["force"], progress=not params["quiet"], on_stage=_print_stage)
+    return cfg.run_dir
+
+
+def _print_stage(stage: str, what: str) -> None:
+    hint = " (--force to re-run)" if what == "skip" else ""
+    console.print(f"[cyan]{stage}[/]: {'up to date, skipped' + hint if what == 'skip' else 'running'}")
+
+
+# ------------------------------------------------------------------------------------------ stage commands
 
 
 @app.command()
 @_friendly
 def prepare(
-    input: Annotated[Path, typer.Argument(help="Vacancies as CSV, JSONL or Parquet.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; splits go to OUT/prepare/.")],
-    text_col: Annotated[str | None, typer.Option(help="Column with the ad text.")] = None,
-    label_col: Annotated[str | None, typer.Option(help="Column with the category label.")] = None,
-    id_col: Annotated[str | None, typer.Option(help="Column with a unique id (generated when absent).")] = None,
-    labels: Annotated[Path | None, typer.Option(help="CSV of allowed labels with names/descriptions.")] = None,
-    labels_code_col: Annotated[str | None, typer.Option(help="Label column in --labels.")] = None,
-    labels_name_col: Annotated[str | None, typer.Option(help="Name column in --labels.")] = None,
-    labels_description_col: Annotated[str | None, typer.Option(help="Description column in --labels.")] = None,
-    labels_filter: Annotated[list[str] | None, typer.Option(help="Keep --labels rows where COLUMN=VALUE.")] = None,
-    min_class_count: Annotated[int | None, typer.Option(help="Classes with fewer ads are rare.")] = None,
-    rare_policy: Annotated[str | None, typer.Option(help="Rare classes: error | drop | merge (into 'other').")] = None,
-    conflict_policy: Annotated[
-        str | None, typer.Option(help="Duplicates with different labels: majority | drop.")
+    ctx: typer.Context,
+    run_dir: RunArg,
+    prepare__input: Annotated[
+        Path | None, typer.Option("--input", "-i", help="Vacancies as CSV, JSONL or Parquet.")
     ] = None,
-    near_duplicate_threshold: Annotated[
-        float | None, typer.Option(help="TF-IDF cosine above which two ads are one repost group.")
+    prepare__text_col: Annotated[str | None, typer.Option("--text-col", help="Column with the ad text.")] = None,
+    prepare__label_col: Annotated[str | None, typer.Option("--label-col", help="Column with the category.")] = None,
+    prepare__id_col: Annotated[
+        str | None, typer.Option("--id-col", help="Column with a unique id (row numbers when unset).")
     ] = None,
-    test_size: Annotated[float | None, typer.Option(help="Share of ads for the test split.")] = None,
-    val_size: Annotated[float | None, typer.Option(help="Share of ads for the validation split.")] = None,
-    max_rows: Annotated[int | None, typer.Option(help="Stratified subsample of this many ads.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling and splits.")] = None,
+    prepare__labels__path: Annotated[
+        Path | None, typer.Option("--labels", help="CSV of allowed labels with names/descriptions.")
+    ] = None,
+    prepare__labels__code_col: Annotated[str | None, typer.Option("--labels-code-col", help="Label column.")] = None,
+    prepare__labels__name_col: Annotated[str | None, typer.Option("--labels-name-col", help="Name column.")] = None,
+    prepare__labels__description_col: Annotated[
+        str | None, typer.Option("--labels-description-col", help="Description column in --labels.")
+    ] = None,
+    prepare__labels__filter: Annotated[
+        list[str] | None,
+        typer.Option("--labels-filter", callback=_filters, help="Keep --labels rows where COLUMN=VALUE (repeatable)."),
+    ] = None,
+    prepare__min_class_count: Annotated[
+        int | None, typer.Option("--min-class-count", min=1, help="Classes with fewer ads are rare.")
+    ] = None,
+    prepare__rare_policy: Annotated[
+        RarePolicy | None, typer.Option("--rare-policy", help="Rare classes: stop, drop them, or merge into 'other'.")
+    ] = None,
+    prepare__conflict_policy: Annotated[
+        ConflictPolicy | None, typer.Option("--conflict-policy", help="Duplicates with different labels.")
+    ] = None,
+    prepare__near_duplicate_threshold: Annotated[
+        float | None,
+        typer.Option("--near-duplicate-threshold", min=0.0, max=1.0, help="TF-IDF cosine of one repost group."),
+    ] = None,
+    prepare__test_size: Annotated[
+        float | None, typer.Option("--test-size", min=0.0, max=1.0, help="Share of ads for the test split.")
+    ] = None,
+    prepare__val_size: Annotated[
+        float | None, typer.Option("--val-size", min=0.0, max=1.0, help="Share of ads for the validation split.")
+    ] = None,
+    prepare__max_rows: Annotated[
+        int | None, typer.Option("--max-rows", min=10, help="Stratified subsample of this many ads.")
+    ] = None,
+    prepare__seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling and splits.")] = None,
     config: ConfigOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Read vacancies, validate, remove duplicates, and write stratified train/val/test splits + a data card."""
-    from jobembed import data, pipeline
+    """Read vacancies, validate, remove duplicates, group reposts, and write stratified train/val/test splits."""
+    from jobembed import data
+    from jobembed.artifacts import read_json
 
-    overrides: dict[str, Any] = {
-        "prepare.input": str(input),
-        "prepare.text_col": text_col,
-        "prepare.label_col": label_col,
-        "prepare.id_col": id_col,
-        "prepare.min_class_count": min_class_count,
-        "prepare.rare_policy": rare_policy,
-        "prepare.conflict_policy": conflict_policy,
-        "prepare.near_duplicate_threshold": near_duplicate_threshold,
-        "prepare.test_size": test_size,
-        "prepare.val_size": val_size,
-        "prepare.max_rows": max_rows,
-        "prepare.seed": seed,
-    }
-    if labels is not None:
-        overrides["prepare.labels"] = {
-            k: v
-            for k, v in {
-                "path": str(labels),
-                "code_col": labels_code_col,
-                "name_col": labels_name_col,
-                "description_col": labels_description_col,
-                "filter": _parse_filter(labels_filter),
-            }.items()
-            if v is not None
-        }
-    cfg = pipeline.config_for_run(out, config, overrides)
-    result = pipeline.run_prepare(cfg, progress=not quiet)
-    console.print(data.data_card_table(result.card))
-    console.print(f"[green]prepared[/] {out / 'prepare'}")
-
-
-def _run_overrides(
-    model: str | None, max_seq_length: int | None, batch_size: int | None, device: str | None, text_column: str | None
-) -> dict[str, Any]:
-    return {
-        "embed.model": model,
-        "embed.max_seq_length": max_seq_length,
-        "embed.batch_size": batch_size,
-        "embed.device": device,
-        "report.text_column": text_column,
-    }
-
-
-ModelOpt = Annotated[str | None, typer.Option(help="Encoder: hub id, local folder or builtin:NAME.")]
-MaxLenOpt = Annotated[int | None, typer.Option(help="Truncate texts to this many tokens.")]
-BatchOpt = Annotated[int | None, typer.Option(help="Encoding batch size.")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
-TextColOpt = Annotated[str | None, typer.Option(help="Split column with the text to embed (e.g. clean_text).")]
+    run = _stage_command("prepare", dict(locals()))
+    console.print(data.data_card_table(read_json(run / "prepare" / "data_card.json")))
+    console.print(f"[green]prepared[/] {run / 'prepare'}")
 
 
 @app.command()
 @_friendly
 def embed(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `jobembed prepare`.")],
-    model: ModelOpt = None,
-    max_seq_length: MaxLenOpt = None,
-    batch_size: BatchOpt = None,
-    device: DeviceOpt = None,
-    text_column: TextColOpt = None,
+    ctx: typer.Context,
+    run_dir: RunArg,
+    embed__model: ModelOpt = None,
+    embed__extra_models: ExtraModelOpt = None,
+    pipeline__text_column: TextColOpt = None,
+    embed__max_seq_length: MaxLenOpt = None,
+    embed__batch_size: BatchOpt = None,
+    embed__device: DeviceOpt = None,
+    embed__precision: PrecisionOpt = None,
     config: ConfigOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode every split of a run with a SentenceTransformer (cached: re-runs and shared texts cost nothing)."""
-    from jobembed import pipeline
+    """Encode every split and the category texts with each encoder (cached: re-runs and shared texts are free)."""
+    from jobembed.artifacts import read_json
 
-    cfg = pipeline.config_for_run(
-        run_dir, config, _run_overrides(model, max_seq_length, batch_size, device, text_column)
-    )
-    paths = pipeline.run_embed(cfg, progress=not quiet)
-    for split, path in paths.items():
-        console.print(f"[green]{split}[/] → {path}")
+    run = _stage_command("embed", dict(locals()))
+    for meta_path in sorted((run / "embed").glob("*/embeddings.json")):
+        meta = read_json(meta_path)
+        rows = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
+        console.print(f"[green]{meta['model']}[/] ({meta['fingerprint']}): {rows} → {meta_path.parent}")
 
 
 @app.command("train-head")
 @_friendly
 def train_head(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `jobembed prepare`.")],
-    model: ModelOpt = None,
-    hidden_sizes: Annotated[str | None, typer.Option(help="Comma-separated hidden layer sizes, e.g. 512,256.")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout after each hidden layer.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    class_weight: Annotated[str | None, typer.Option(help="none | balanced | sqrt.")] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on training epochs.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience on validation macro-F1.")] = None,
-    calibrate: Annotated[bool | None, typer.Option(help="Temperature-calibrate probabilities on validation.")] = None,
-    copy_encoder: Annotated[bool | None, typer.Option(help="Copy the encoder folder into the bundle.")] = None,
-    device: DeviceOpt = None,
+    ctx: typer.Context,
+    run_dir: RunArg,
+    embed__model: ModelOpt = None,
+    head__hidden_sizes: Annotated[
+        str | None, typer.Option("--hidden-sizes", callback=_int_list, help="Comma-separated sizes, e.g. 512,256.")
+    ] = None,
+    head__dropout: Annotated[
+        float | None, typer.Option("--dropout", min=0.0, max=0.99, help="Dropout after each hidden layer.")
+    ] = None,
+    head__weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="AdamW decay.")] = None,
+    head__learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="AdamW learning rate.")] = None,
+    head__class_weight: Annotated[
+        ClassWeight | None, typer.Option("--class-weight", help="Loss weights per class.")
+    ] = None,
+    head__max_epochs: Annotated[int | None, typer.Option("--max-epochs", min=1, help="Upper bound on epochs.")] = None,
+    head__patience: Annotated[
+        int | None, typer.Option("--patience", min=1, help="Early-stopping patience on validation macro-F1.")
+    ] = None,
+    head__calibrate: Annotated[
+        bool | None, typer.Option("--calibrate/--no-calibrate", help="Temperature-calibrate on validation.")
+    ] = None,
+    head__device: DeviceOpt = None,
     config: ConfigOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the MLP head on the run's embeddings and save it as a bundle in RUN_DIR/head."""
-    from jobembed import pipeline
+    """Train the MLP head on the run's embeddings; print validation metrics; save a bundle in RUN/head.
 
-    sizes = None
-    if hidden_sizes is not None:
-        try:
-            sizes = [int(x) for x in hidden_sizes.split(",") if x.strip()]
-        except ValueError:
-            raise JobembedError(
-                f"--hidden-sizes {hidden_sizes!r}",
-                expected="comma-separated integers",
-                fix="e.g. --hidden-sizes 512,256",
-            ) from None
-    overrides = {
-        "embed.model": model,
-        "head.hidden_sizes": sizes,
-        "head.dropout": dropout,
-        "head.weight_decay": weight_decay,
-        "head.class_weight": class_weight,
-        "head.max_epochs": max_epochs,
-        "head.patience": patience,
-        "head.calibrate": calibrate,
-        "head.device": device,
-        "bundle.copy_encoder": copy_encoder,
-    }
-    cfg = pipeline.config_for_run(run_dir, config, overrides)
-    result = pipeline.run_train_head(cfg, progress=not quiet)
-    test = result["test"]
-    if test:
+    The test split is not read: compare-report scores it, once.
+    """
+    from jobembed.bundle import read_bundle_meta
+
+    run = _stage_command("train-head", dict(locals()))
+    m = read_bundle_meta(run / "head").metrics
+    val = m.get("val", {})
+    if "accuracy" in val:
         console.print(
-            f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f} "
-            f"(best epoch {result['best_epoch']}, temperature {result['temperature']:.2f})"
+            f"validation accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f} "
+            f"(best epoch {m['best_epoch']}, temperature {m['temperature']:.2f})"
         )
-    console.print(f"[green]bundle[/] {result['bundle']}")
+    console.print(f"[green]bundle[/] {run / 'head'}")
 
 
 @app.command("compare-report")
 @_friendly
 def compare_report(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `jobembed prepare`.")],
-    model: ModelOpt = None,
-    encoder: Annotated[list[str] | None, typer.Option(help="Extra encoder to compare (repeatable).")] = None,
-    systems: Annotated[str | None, typer.Option(help="Comma list of zeroshot,centroid,tfidf,logreg,mlp.")] = None,
-    cv_folds: Annotated[int | None, typer.Option(help="Cross-validation folds.")] = None,
-    text_column: TextColOpt = None,
+    ctx: typer.Context,
+    run_dir: RunArg,
+    embed__model: ModelOpt = None,
+    embed__extra_models: ExtraModelOpt = None,
+    report__systems: Annotated[
+        str | None,
+        typer.Option("--systems", callback=_systems, help=f"Comma list of {','.join(s.value for s in SystemName)}."),
+    ] = None,
+    report__cv_folds: Annotated[int | None, typer.Option("--cv-folds", min=2, help="Cross-validation folds.")] = None,
+    pipeline__text_column: TextColOpt = None,
     config: ConfigOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Compare zero-shot cosine, centroid cosine, TF-IDF + LR, LR and the MLP head on the same splits.
 
-    Writes RUN_DIR/report/ (report.md, metrics.json, per-class CSVs, figures) and the best bundleable system
-    to RUN_DIR/bundle.
+    Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, the winner's head).
     """
-    from jobembed import pipeline
+    from jobembed.artifacts import read_json
 
-    overrides = {
-        "embed.model": model,
-        "report.encoders": encoder or None,
-        "report.cv_folds": cv_folds,
-        "report.text_column": text_column,
-        "report.systems": [s.strip() for s in systems.split(",")] if systems else None,
-    }
-    cfg = pipeline.config_for_run(run_dir, config, overrides)
-    metrics = pipeline.run_compare_report(cfg, progress=not quiet)
-    console.print(summary_table(metrics))
-    console.print(f"[green]report[/] {run_dir / 'report' / 'report.md'}")
+    run = _stage_command("compare-report", dict(locals()))
+    console.print(summary_table(read_json(run / "report" / "metrics.json")))
+    console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
+
+
+@app.command()
+@_friendly
+def bundle(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    bundle__copy_encoder: Annotated[
+        bool | None,
+        typer.Option("--copy-encoder/--no-copy-encoder", help="Copy the encoder into the bundle (self-contained)."),
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Package the report's best servable system (MLP head or cosine prototypes) as RUN/bundle."""
+    from jobembed.bundle import read_bundle_meta
+
+    run = _stage_command("bundle", dict(locals()))
+    meta = read_bundle_meta(run / "bundle")
+    console.print(f"[green]bundle[/] {run / 'bundle'}: {meta.system} on {meta.encoder.source_ref}")
+
+
+@app.command()
+@_friendly
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML, e.g. configs/demo.yaml.")],
+    name: Annotated[str | None, typer.Option("--name", help="Run name (folder under runs_dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even when up to date.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole pipeline from one config, skipping stages whose outputs are up to date."""
+    from jobembed import pipeline
+    from jobembed.artifacts import read_json
+    from jobembed.config import load_config
+
+    cfg = load_config(config, {"name": name}, flags={"name": "--name"})
+    pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
+    console.print(summary_table(read_json(cfg.run_dir / "report" / "metrics.json")))
+    console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
 
 
 def summary_table(metrics: dict[str, Any]) -> Table:
@@ -282,8 +429,9 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     for key in metrics["ranking"]:
         r = metrics["systems"][key]
         cv, t = r["cv"]["summary"], r["test"]
+        name = r.get("display", key)
         table.add_row(
-            f"[bold]{key}[/]" if key == metrics["winner"] else key,
+            f"[bold]{name}[/]" if key == metrics["winner"] else name,
             f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['std']:.3f}",
             f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['std']:.3f}",
             f"{t['accuracy']:.3f}",
@@ -293,31 +441,54 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+# ------------------------------------------------------------------------------------------ classify
+
+_OUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".pq")
+
+
 @app.command()
 @_friendly
 def classify(
-    text: Annotated[str | None, typer.Argument(help="A vacancy text (or use --file).")] = None,
-    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: the newest under --runs-dir).")] = None,
-    file: Annotated[Path | None, typer.Option(help="CSV/JSONL/Parquet of texts to classify.")] = None,
-    text_col: Annotated[str, typer.Option(help="Text column in --file.")] = "text",
-    out: Annotated[Path | None, typer.Option(help="Write predictions for --file here (CSV or JSONL).")] = None,
-    top_k: Annotated[int, typer.Option(help="How many labels to list.")] = 3,
-    min_confidence: Annotated[float, typer.Option(help="Below this, answer 'uncertain' instead of guessing.")] = 0.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest bundle.")] = Path("runs"),
+    text: Annotated[str | None, typer.Argument(help="A vacancy text (or use --input).")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Bundle folder (default: newest under --runs-dir).")
+    ] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="CSV/JSONL/Parquet of texts to classify.")] = None,
+    text_col: Annotated[str, typer.Option("--text-col", help="Text column in --input.")] = "text",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write --input's predictions here (.csv, .jsonl or .parquet).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="How many labels to list [bundle's: 3].")] = None,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option("--min-confidence", min=0.0, max=1.0, help="Below this, answer 'uncertain' [bundle's setting]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where to look for the newest bundle.")] = Path("runs"),
     device: DeviceOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Predict job categories for new texts with a saved bundle: top-k labels with probabilities."""
     from jobembed.bundle import find_latest_bundle, load_bundle
-    from jobembed.config import ClassifyConfig
 
-    if (text is None) == (file is None):
-        raise JobembedError("give exactly one of TEXT or --file", fix='jobembed classify "ad text" or --file ads.csv')
-    if not 0 <= min_confidence <= 1:
-        raise JobembedError(f"--min-confidence {min_confidence}", expected="a probability in [0, 1]")
-    cfg = ClassifyConfig(top_k=max(1, top_k), min_confidence=min_confidence)
+    if (text is None) == (input is None):
+        raise JobembedError(
+            "give exactly one of TEXT or --input", fix='jobembed classify "ad text", or --input ads.csv'
+        )
+    if out is not None:
+        if input is None:
+            raise JobembedError("--out needs --input", fix="classify a file with --input ads.csv --out predictions.csv")
+        if out.is_dir():
+            raise JobembedError(f"--out {out} is a folder", fix="pass a file name, e.g. --out predictions.csv")
+        if out.suffix.lower() not in _OUT_SUFFIXES:
+            raise JobembedError(f"--out {out}", expected="a name ending in " + ", ".join(_OUT_SUFFIXES))
+        if out.parent.exists() and not out.parent.is_dir():
+            raise JobembedError(f"--out {out}: {out.parent} is a file", fix="pass a path inside a folder")
     path = bundle or find_latest_bundle(runs_dir)
     loaded = load_bundle(path, device=device or "auto")
+    cfg = loaded.classify_defaults.model_copy(
+        update={k: v for k, v in {"top_k": top_k, "min_confidence": min_confidence}.items() if v is not None}
+    )
     if text is not None:
         if not text.strip():
             raise JobembedError("the text is empty", fix="pass the vacancy text in quotes")
@@ -332,33 +503,43 @@ def classify(
             table.add_row(str(i), row["label"], row["name"], f"{row['probability']:.3f}")
         console.print(table)
         return
-    _classify_file(loaded, file, text_col=text_col, out=out, cfg=cfg, as_json=as_json)
+    _classify_file(loaded, input, text_col=text_col, out=out, cfg=cfg, as_json=as_json, progress=not quiet)
 
 
-def _classify_file(loaded: Any, file: Path, *, text_col: str, out: Path | None, cfg: Any, as_json: bool) -> None:
+def _classify_file(
+    loaded: Any, file: Path, *, text_col: str, out: Path | None, cfg: Any, as_json: bool, progress: bool
+) -> None:
     import pandas as pd
 
     from jobembed.tables import read_table
 
-    frame = read_table(file)
+    frame = read_table(file, what="--input")
     if text_col not in frame.columns:
         raise JobembedError(
             f"{file}: no column {text_col!r}",
-            found=", ".join(frame.columns),
+            found="columns " + ", ".join(frame.columns),
             fix="pass --text-col with the text column",
         )
-    texts = frame[text_col].fillna("").astype(str).tolist()
-    empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
+    if text_col in frame.attrs.get("non_string", {}):
+        raise JobembedError(
+            f"{file}: column {text_col!r} holds values that are not text (row {frame.attrs['non_string'][text_col]})",
+            fix="pass --text-col with the column that holds the ad texts",
+        )
+    texts = frame[text_col].tolist()
+    rows = frame.attrs["source_rows"]
+    empty = [rows[i] for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise JobembedError(
             f"{file}: empty text in row {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else ""),
             fix="remove or fill those rows",
         )
-    preds = loaded.predict(texts, config=cfg)
+    preds = loaded.predict(texts, config=cfg, progress=progress)
     result = frame.copy()
+    result.attrs = {}  # reading metadata, not results (and Parquet writes attrs into its own metadata)
     result["label"] = [p.label for p in preds]
     result["name"] = [p.name for p in preds]
     result["confidence"] = [round(p.confidence, 4) for p in preds]
+    result["uncertain"] = [p.uncertain for p in preds]
     result["top_k"] = [json.dumps(p.top_k, ensure_ascii=False) for p in preds]
     if out is None:
         if as_json:
@@ -368,38 +549,20 @@ def _classify_file(loaded: Any, file: Path, *, text_col: str, out: Path | None, 
             console.print(result[["label", "name", "confidence"]].to_string())
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix in {".jsonl", ".ndjson"}:
-        result.to_json(out, orient="records", lines=True, force_ascii=False)
-    elif out.suffix in {".parquet", ".pq"}:
-        result.to_parquet(out, index=False)
-    else:
-        result.to_csv(out, index=False)
-    counts = pd.Series([p.label for p in preds]).value_counts()
-    console.print(f"[green]classified[/] {len(preds)} texts → {out} ({counts.get(cfg.uncertain_label, 0)} uncertain)")
-
-
-@app.command()
-@_friendly
-def run(
-    config: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. configs/demo.yaml.")],
-    force: Annotated[bool, typer.Option(help="Re-run every stage, even when up to date.")] = False,
-    name: Annotated[str | None, typer.Option(help="Run name (folder under runs_dir).")] = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Run the pipeline end to end from one config, skipping stages whose outputs are up to date."""
-    from jobembed import pipeline
-    from jobembed.config import load_config
-
-    cfg = load_config(config, {"name": name})
-
-    def on_stage(stage: str, what: str) -> None:
-        console.print(f"[cyan]{stage}[/]: {'up to date, skipped' if what == 'skip' else 'running'}")
-
-    pipeline.run_pipeline(cfg, force=force, progress=not quiet, on_stage=on_stage)
-    metrics_path = cfg.run_dir / "report" / "metrics.json"
-    if metrics_path.is_file():
-        console.print(summary_table(json.loads(metrics_path.read_text(encoding="utf-8"))))
-    console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.suffix.lower() in {".jsonl", ".ndjson"}:
+            result.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif out.suffix.lower() in {".parquet", ".pq"}:
+            result.to_parquet(tmp, index=False)
+        else:
+            result.to_csv(tmp, index=False)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise JobembedError(f"cannot write --out {out} ({e.strerror or e})", fix="pass a writable path") from None
+    counts = pd.Series([p.uncertain for p in preds]).sum()
+    console.print(f"[green]classified[/] {len(preds)} texts → {out} ({int(counts)} uncertain)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,25 +1,68 @@
 """Pydantic configs, one per stage, plus the pipeline config that holds them all.
 
-YAML files in ``configs/`` fill these models; CLI flags override single fields (``apply_overrides``);
-the resolved config is written next to every output (``write_resolved``). Unknown keys are errors, so
-a typo in a YAML file fails loudly instead of being ignored.
+YAML files in ``configs/`` fill these models; CLI flags override single fields (``load_config``'s
+``overrides``); the resolved config is written next to every output (``write_resolved``). Unknown keys
+are errors, so a typo in a YAML file fails loudly instead of being ignored. Choices are ``StrEnum``s, so
+the CLI's ``--help`` lists their values and YAML keeps plain strings.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobembed.artifacts import atomic_write_text
 from jobembed.errors import ConfigError
 
 
+class RarePolicy(StrEnum):
+    error = "error"
+    drop = "drop"
+    merge = "merge"
+
+
+class ConflictPolicy(StrEnum):
+    majority = "majority"
+    drop = "drop"
+
+
+class ClassWeight(StrEnum):
+    none = "none"
+    balanced = "balanced"
+    sqrt = "sqrt"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LabelText(StrEnum):
+    name = "name"
+    description = "description"
+    name_description = "name_description"
+
+
+class SystemName(StrEnum):
+    zeroshot = "zeroshot"
+    centroid = "centroid"
+    tfidf = "tfidf"
+    logreg = "logreg"
+    mlp = "mlp"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # Fields that change how fast a stage runs, not what it computes: left out of stage keys.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 class LabelSetConfig(_Strict):
@@ -43,11 +86,11 @@ class PrepareConfig(_Strict):
     labels: LabelSetConfig | None = None
     # 2, not 1: a class needs at least one ad on each side of a split to be learnable and testable.
     min_class_count: int = Field(2, ge=1)
-    rare_policy: Literal["error", "drop", "merge"] = "merge"
+    rare_policy: RarePolicy = RarePolicy.merge
     other_label: str = "other"
     # Reposts with conflicting labels (real: 34 in pl-jobads) keep the majority label; ties keep the first.
-    conflict_policy: Literal["majority", "drop"] = "majority"
-    # Cosine of TF-IDF word-bigram vectors above which two ads count as the same repost (edited copies).
+    conflict_policy: ConflictPolicy = ConflictPolicy.majority
+    # Cosine of TF-IDF word 1-2-gram vectors above which two ads count as the same repost (edited copies).
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
     test_size: float = Field(0.2, gt=0, lt=1)
     val_size: float = Field(0.1, ge=0, lt=1)
@@ -55,32 +98,53 @@ class PrepareConfig(_Strict):
     # Stratified subsample before splitting; for demos and quick looks. None keeps everything.
     max_rows: int | None = Field(None, ge=10)
 
+    @model_validator(mode="after")
+    def _shares_leave_training_data(self) -> PrepareConfig:
+        if self.test_size + self.val_size >= 0.95:
+            raise ValueError(
+                f"test_size {self.test_size} + val_size {self.val_size} leave no training share "
+                "(they must add up to less than 0.95)"
+            )
+        return self
+
 
 class EmbedConfig(_Strict):
-    """``embed``: encoder, prompts and batching."""
+    """``embed``: encoders, prompts and batching."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "checkpoint_every", "cache_dir"})
 
     model: str = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
+    # More encoders to embed and compare on the same splits (e.g. a fine-tuned folder); train-head uses `model`.
+    extra_models: list[str] = Field(default_factory=list)
     # "auto" takes the model family's prefix from jobembed/presets/prompts.yaml (e5: "query: ").
     text_prompt: str | None = "auto"
     label_prompt: str | None = "auto"
+    # What is embedded for each category (the zero-shot baseline's prototypes).
+    label_text: LabelText = LabelText.name_description
     # 256 covers the head of most ads (the median Polish ad is ~310 XLM-R tokens) at a quarter of the
     # attention cost of 512; see docs/truncation.md for what the cut costs in accuracy.
     max_seq_length: int = Field(256, ge=8, le=8192)
     batch_size: int = Field(32, ge=1)
     device: str = "auto"
     # fp16 only applies on CUDA; CPUs stay at fp32 where half precision is slower.
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Precision = Precision.auto
     # Vectors are written to the cache every this many texts, so an interrupted run loses at most this much.
     checkpoint_every: int = Field(2048, ge=1)
     cache_dir: Path | None = None
+
+    def models(self) -> list[str]:
+        """``model`` then ``extra_models``, without repeats."""
+        return list(dict.fromkeys([self.model, *self.extra_models]))
 
 
 class HeadConfig(_Strict):
     """``train-head``: the MLP on embeddings (scikit-learn style, PyTorch inside)."""
 
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device"})
+
     hidden_sizes: list[int] = Field(default_factory=lambda: [512])
-    # dropout 0.5 and lr 3e-4 beat 0.2 and 1e-3 in 5-fold CV on pl-jobads sub-major groups with e5-small
-    # (macro-F1 0.589 vs 0.580, accuracy 0.686 vs 0.681; 2026-11-26): the head overfits 5k ads within ~10 epochs.
+    # dropout 0.5 and lr 3e-4 beat 0.2 and 1e-3 in 5-fold CV on the dev pool of pl-jobads sub-major groups with
+    # e5-small (docs/results.md, experiments/head_ablation.py): the head overfits ~6k ads within ~10 epochs.
     dropout: float = Field(0.5, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     learning_rate: float = Field(3e-4, gt=0)
@@ -89,11 +153,12 @@ class HeadConfig(_Strict):
     # Epochs without a better validation macro-F1 before stopping.
     patience: int = Field(20, ge=1)
     # sqrt sits between none (majority classes win) and balanced (rare classes with 1-5 ads overfit).
-    class_weight: Literal["none", "balanced", "sqrt"] = "sqrt"
+    class_weight: ClassWeight = ClassWeight.sqrt
     calibrate: bool = True
-    # z-score the embedding coordinates on the training rows before the first layer (see head.py for why).
+    # z-score the embedding coordinates on the training rows before the first layer (CV: head_ablation.py).
     standardize: bool = True
-    # Share of the training ads held out for early stopping when no validation split is given.
+    # Share of the training ads held out (stratified, reposts kept together) for early stopping when no
+    # validation split is given, as inside cross-validation.
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     device: str = "auto"
     seed: int = 13
@@ -104,37 +169,33 @@ class TfidfConfig(_Strict):
 
     word_ngrams: tuple[int, int] = (1, 2)
     char_ngrams: tuple[int, int] = (2, 5)
-    # Per vectorizer. On pl-jobads 50k+50k features fit 2.6x faster than 200k+200k (lbfgs time grows with
-    # features x classes) at the same test accuracy (0.71) and macro-F1 (0.59), measured 2026-11-26.
-    max_features: int = 50_000
-    C: float = 10.0
-    max_iter: int = 1000
+    # Per vectorizer. lbfgs time grows with features x classes; see experiments/head_ablation.py --tfidf for the
+    # 5-fold CV on the dev pool that compared 50k with 200k features.
+    max_features: int = Field(50_000, ge=100)
+    C: float = Field(10.0, gt=0)
+    max_iter: int = Field(1000, ge=1)
     # lbfgs stops at 1e-3 in ~35 iterations with the same predictions as 1e-4 (68 s -> 26 s on 5.5k ads).
-    tol: float = 1e-3
+    tol: float = Field(1e-3, gt=0)
 
 
 class ReportConfig(_Strict):
-    """``compare-report``: which systems, which encoders, how to evaluate."""
+    """``compare-report``: which systems, how to evaluate. Encoders come from ``embed.model`` + ``extra_models``."""
 
-    # Extra encoders to compare beside embed.model (e.g. a fine-tuned folder); same splits, same systems.
-    encoders: list[str] = Field(default_factory=list)
-    systems: list[Literal["zeroshot", "centroid", "tfidf", "logreg", "mlp"]] = Field(
-        default_factory=lambda: ["zeroshot", "centroid", "tfidf", "logreg", "mlp"]
-    )
-    # The split column to read texts from; a cleaning stage adds e.g. "clean_text".
-    text_column: str = "text"
-    # What the zero-shot baseline embeds for each category.
-    label_text: Literal["name", "description", "name_description"] = "name_description"
+    systems: list[SystemName] = Field(default_factory=lambda: list(SystemName), min_length=1)
     cv_folds: int = Field(5, ge=2)
     # Macro-F1 over classes with at least this many test ads (rare classes swing macro-F1 on 1-2 ads).
     min_support: int = Field(5, ge=1)
     bootstrap: int = Field(1000, ge=0)
-    top_k: int = Field(3, ge=1)
     tfidf: TfidfConfig = Field(default_factory=TfidfConfig)
+
+    @field_validator("systems")
+    @classmethod
+    def _unique(cls, v: list[SystemName]) -> list[SystemName]:
+        return list(dict.fromkeys(v))
 
 
 class BundleConfig(_Strict):
-    """What goes into a bundle besides the head."""
+    """``bundle``: what goes into the deployable bundle besides the head."""
 
     # Copy a local/builtin encoder folder into the bundle so it runs where the cache is absent
     # (a server); off by default because e5-small alone is ~470 MB.
@@ -142,7 +203,10 @@ class BundleConfig(_Strict):
 
 
 class ClassifyConfig(_Strict):
+    """``classify`` defaults; a bundle carries the section of the run that made it, flags override it."""
+
     top_k: int = Field(3, ge=1)
+    # Below this top probability the answer is `uncertain_label`; 0 always answers.
     min_confidence: float = Field(0.0, ge=0, le=1)
     uncertain_label: str = "uncertain"
 
@@ -152,6 +216,8 @@ class PipelineConfig(_Strict):
 
     name: str = "default"
     runs_dir: Path = Path("runs")
+    # The split column every stage after prepare reads as the ad text (a cleaning stage adds its own column).
+    text_column: str = "text"
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
@@ -171,39 +237,60 @@ class PipelineConfig(_Strict):
         return self.runs_dir / self.name
 
 
-def _expand(value: Any, base: Path) -> Any:
-    """Expand ``${VAR:-default}``/``~`` in strings; relative paths stay relative to the caller's cwd."""
+def section_for_key(section: BaseModel) -> dict[str, Any]:
+    """A config section as JSON without its runtime-only fields: what a stage key hashes."""
+    return section.model_dump(mode="json", exclude=set(getattr(section, "RUNTIME_FIELDS", ())))
+
+
+_VAR = re.compile(r"\$\{([^}]+)\}")
+
+
+def _expand(value: Any, where: str, source: str) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in strings; an unset variable without a default is an error."""
     if isinstance(value, dict):
-        return {k: _expand(v, base) for k, v in value.items()}
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), source) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, base) for v in value]
+        return [_expand(v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
-        import re
 
         def sub(m: re.Match[str]) -> str:
-            name, _, default = m.group(1).partition(":-")
-            return os.environ.get(name) or default
+            name, sep, default = m.group(1).partition(":-")
+            found = os.environ.get(name.strip())
+            if found:
+                return found
+            if sep:
+                return default
+            raise ConfigError(
+                f"{source}: '{where}' uses ${{{name}}}, but {name} is not set",
+                fix=f"export {name}=..., or write ${{{name}:-default}} in the YAML",
+            )
 
-        return re.sub(r"\$\{([^}]+)\}", sub, value)
+        return _VAR.sub(sub, value)
     return value
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: Path | None, overrides: dict[str, Any] | None = None, *, flags: dict[str, str] | None = None
+) -> PipelineConfig:
     """Read a pipeline YAML (or defaults when ``path`` is None) and apply dotted overrides.
 
     Args:
         path: YAML file with any subset of ``PipelineConfig`` fields.
         overrides: ``{"embed.model": "builtin:...", ...}``; ``None`` values are ignored so unset CLI
             flags do not clobber the file.
+        flags: dotted field -> the CLI flag that set it, so an invalid value is reported against the flag
+            the user typed rather than the YAML.
     """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found", fix="pass an existing YAML file, e.g. configs/demo.yaml")
+            raise ConfigError(
+                f"config file {path} not found", fix="pass an existing YAML file with --config, e.g. configs/demo.yaml"
+            )
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(
@@ -211,25 +298,54 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
             ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level, found {type(data).__name__}")
-        data = _expand(data, path.parent)
+        data = _expand(data, "", str(path))
+    set_by_flag: set[str] = set()
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = node[p] = {}
+            node = child
         node[leaf] = value
+        set_by_flag.add(dotted)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
+        loc = [str(x) for x in first["loc"]]
+        where = ".".join(loc)
+        msg = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
+        named = [k for k in sorted(set_by_flag & set(flags or {})) if _covers(k, loc)]
+        # A section-level check names its fields in the message: keep the flags of those fields.
+        named = [flags[k] for k in ([k for k in named if k.rsplit(".", 1)[-1] in msg] or named)]
+        if named:
+            which = " / ".join(dict.fromkeys(named))
+            raise ConfigError(
+                f"{which}: {msg}{shown}", fix=f"correct {which} (see --help for the allowed values)"
+            ) from None
         src = f"{path}: " if path else ""
         raise ConfigError(
-            f"{src}config field '{where}': {first['msg']} (got {first.get('input')!r})",
+            f"{src}config field '{where}': {msg}{shown}",
             fix="correct that field in the YAML or the matching CLI flag",
         ) from None
+
+
+def _covers(dotted: str, loc: list[str]) -> bool:
+    """True when the override ``dotted`` set the field at ``loc``, a field inside it, or a field of the section
+    a model-level check at ``loc`` complained about (``prepare``: test_size + val_size)."""
+    parts = dotted.split(".")
+    return loc[: len(parts)] == parts or parts[: len(loc)] == loc
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value.value if isinstance(value, StrEnum) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dump_config(model: BaseModel) -> str:

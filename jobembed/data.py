@@ -86,7 +86,7 @@ def load_label_set(cfg: LabelSetConfig) -> pd.DataFrame:
     Raises:
         DataError: a missing column, a filter that keeps no rows, an empty or duplicate code.
     """
-    table = read_table(cfg.path)
+    table = read_table(cfg.path, what="--labels (prepare.labels.path)")
     where = str(cfg.path)
     found = "columns " + ", ".join(table.columns)
     wanted = {"filter": list(cfg.filter), "code_col": [cfg.code_col]}
@@ -205,10 +205,17 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
     if config.input is None:
         raise ConfigError("prepare needs an input file", fix="pass INPUT (CSV, JSONL or Parquet) or set prepare.input")
     path = Path(config.input)
-    raw = read_table(path)
+    raw = read_table(path, what="--input (prepare.input)")
     sha256 = file_sha256(path)
     _check_columns(raw, config, path)
     source_rows = np.asarray(raw.attrs["source_rows"], dtype=np.int64)
+    if config.text_col in raw.attrs.get("non_string", {}):
+        raise DataError(
+            f"column '{config.text_col}' holds values that are not text "
+            f"(row {raw.attrs['non_string'][config.text_col]})",
+            where=str(path),
+            fix="pass --text-col with the column that holds the ad texts (numbers are not ads)",
+        )
 
     work = pd.DataFrame(
         {
@@ -222,6 +229,7 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
     card: dict[str, Any] = {
         "input": str(path),
         "input_sha256": sha256,
+        "delimiter": raw.attrs.get("delimiter"),
         "columns": {"text": config.text_col, "label": config.label_col, "id": config.id_col},
         "rows_read": len(raw),
         "rows_dropped": {},
@@ -269,6 +277,14 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
     card["rare_classes"] = rare_card
     if rare_card["policy"] == "drop" and rare_card["classes"]:
         card["rows_dropped"]["rare_class"] = {"count": rare_card["rows"], "rows": rare_card["example_rows"]}
+
+    n_classes = work["label"].nunique()
+    if n_classes < 2:
+        raise DataError(
+            f"only one class ({work['label'].iloc[0]!r}) is left after cleaning; a classifier needs at least two",
+            where=str(path),
+            fix="check --label-col, or lower --min-class-count / use --rare-policy merge if rare classes were dropped",
+        )
 
     # 8. subsample
     card["subsample"] = None
@@ -619,6 +635,23 @@ def load_labels(prepare_dir: Path) -> pd.DataFrame:
         raise DataError(f"{path} not found", fix=f"run `jobembed prepare` with the output folder {prepare_dir}")
     frame = pd.DataFrame(read_json(path), columns=["label", "name", "description"])
     return frame.fillna("").astype(str)
+
+
+def label_texts(labels: pd.DataFrame, mode: str) -> list[str]:
+    """The text embedded for each category in zero-shot: its name, description, or both.
+
+    Args:
+        labels: frame with columns ``label``, ``name``, ``description`` (from ``prepare``'s labels.json).
+        mode: ``name`` | ``description`` | ``name_description``. A missing description falls back to
+            the name, so the mode never silently embeds empty strings.
+    """
+    names = labels["name"].fillna("").astype(str).where(lambda s: s.str.strip() != "", labels["label"].astype(str))
+    desc = labels["description"].fillna("").astype(str)
+    if mode == "name":
+        return names.tolist()
+    if mode == "description":
+        return [d if d.strip() else n for n, d in zip(names, desc, strict=True)]
+    return [f"{n}. {d}" if d.strip() else n for n, d in zip(names, desc, strict=True)]
 
 
 def data_card_table(card: dict[str, Any]) -> Table:

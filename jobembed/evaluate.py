@@ -1,179 +1,321 @@
-"""Metrics, spread and significance, on top of scikit-learn and SciPy.
+"""``evaluate_systems``: every system on the same splits, with spread and significance. Pure: no files.
 
-Everything here is pure: arrays in, dicts/frames out. ``report.py`` decides what to compare.
+Systems (``report.systems``), each run once per encoder whose vectors are given, except TF-IDF, which
+reads the text and needs no encoder:
 
-- ``classification_metrics``: accuracy, macro/weighted precision/recall/F1, and macro-F1 over classes
-  with at least ``min_support`` true examples (rare classes with 1-5 ads swing plain macro-F1).
-- ``bootstrap_ci``: percentile interval of a metric over resampled test ads.
-- ``mcnemar``: exact paired test of two systems on the same test ads.
-- ``corrected_paired_ttest``: Nadeau & Bengio's corrected resampled t-test over CV folds; the plain
-  paired t-test is too optimistic because folds share training data.
+==========  ===============================================================================
+zeroshot    argmax cosine to the embedded category names/descriptions (no labelled ads used)
+centroid    argmax cosine to the class centroids of the training embeddings
+logreg      scikit-learn logistic regression on the embeddings
+mlp         jobembed's MLP head (early stopping + temperature calibration on validation)
+tfidf       word + char n-gram TF-IDF + logistic regression on the text column
+==========  ===============================================================================
+
+Protocol: (1) fit on ``train`` (the MLP stops early on ``val``), score once on the held-out ``test``
+split, with bootstrap intervals that resample repost groups; (2) stratified, repost-grouped k-fold
+cross-validation over ``train + val``, mean ± std per metric (inside a fold the MLP holds out its own
+stratified, grouped early-stopping rows); (3) the winner by CV macro-F1 against every other system: exact
+McNemar on test and the Nadeau-Bengio corrected t-test on the folds.
+
+``report.write_report`` turns the result into files; ``finetune`` can call this on its own encoder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, special, stats
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.model_selection import StratifiedGroupKFold
 
-METRICS = (
-    "accuracy",
-    "macro_precision",
-    "macro_recall",
-    "macro_f1",
-    "weighted_precision",
-    "weighted_recall",
-    "weighted_f1",
-    "macro_f1_min_support",
-)
+from jobembed import metrics, ui
+from jobembed.baselines import CentroidClassifier, CosineClassifier, embedding_logreg, tfidf_logreg
+from jobembed.config import PipelineConfig
+from jobembed.embed import RunVectors, encoder_slug, short_name
+from jobembed.errors import DataError
+from jobembed.head import MLPHead
 
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+REPORT_FORMAT = "jobembed-report/2"
+BUNDLEABLE = ("mlp", "centroid", "zeroshot")
+SYSTEM_TITLES = {
+    "zeroshot": "zero-shot cosine (category texts)",
+    "centroid": "centroid cosine",
+    "logreg": "logistic regression on embeddings",
+    "mlp": "MLP head",
+    "tfidf": "TF-IDF + logistic regression",
+}
 
 
-def nll(logits: np.ndarray, y_idx: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``softmax(logits / T)``; ``logits`` (n, k), ``y_idx`` (n,) ints."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return float(-special.log_softmax(z, axis=1)[np.arange(len(y_idx)), np.asarray(y_idx)].mean())
+@dataclass(frozen=True)
+class System:
+    """One system: a method, and the encoder whose vectors it reads (None for TF-IDF).
+
+    ``key`` is unique (short name + fingerprint: two folders both called ``encoder`` never collide) and
+    names files; ``display`` is what tables show.
+    """
+
+    name: str
+    vectors: RunVectors | None = field(default=None, compare=False, hash=False)
+    slug: str | None = None
+    display_encoder: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.slug is None else f"{self.name}@{self.slug}"
+
+    @property
+    def display(self) -> str:
+        return self.name if self.display_encoder is None else f"{self.name}@{self.display_encoder}"
 
 
-def fit_temperature(logits: np.ndarray, y_idx: np.ndarray, *, bounds: tuple[float, float] = (1e-3, 100.0)) -> float:
-    """The scalar T minimising the NLL of ``softmax(logits / T)`` on held-out data (Guo et al., 2017).
+@dataclass
+class Evaluation:
+    """What ``evaluate_systems`` found.
 
-    Args:
-        logits: (n, k) scores; y_idx: (n,) integer column of the true class.
+    Attributes:
+        metrics: JSON-able summary (``metrics.json``): data sizes, every system's test and CV metrics with
+            intervals, the ranking, the winner, pairwise tests, the best bundleable system.
+        models: system key -> the model fitted on ``train`` (the one scored on test).
+        test_predictions: system key -> ``(n_test,)`` predicted labels.
+        per_class: system key -> per-class precision/recall/F1 on test.
+        label_order: every label (label set and test labels), in the order of tables and figures.
+        y_test: ``(n_test,)`` true labels.
+    """
+
+    metrics: dict[str, Any]
+    models: dict[str, Any]
+    test_predictions: dict[str, np.ndarray]
+    per_class: dict[str, pd.DataFrame]
+    label_order: list[str]
+    y_test: np.ndarray
+
+
+def build_systems(config: PipelineConfig, vectors: Mapping[str, RunVectors]) -> list[System]:
+    """The systems to run: TF-IDF once, every other system once per encoder, in config order."""
+    slugs = {ref: encoder_slug(v.model, v.fingerprint) for ref, v in vectors.items()}
+    shorts = {ref: short_name(v.model) for ref, v in vectors.items()}
+    clash = {s for s in shorts.values() if list(shorts.values()).count(s) > 1}
+    names = [str(s) for s in config.report.systems]
+    systems = [System("tfidf")] if "tfidf" in names else []
+    for ref, vec in vectors.items():
+        display = slugs[ref] if shorts[ref] in clash else shorts[ref]
+        systems += [System(s, vec, slugs[ref], display) for s in names if s != "tfidf"]
+    return systems
+
+
+def _fit_predict(
+    system: System,
+    *,
+    config: PipelineConfig,
+    labels: pd.DataFrame,
+    dev: pd.DataFrame,
+    X_dev: np.ndarray | None,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    X_eval: np.ndarray | None,
+    texts_eval: list[str],
+) -> tuple[np.ndarray, Any]:
+    """Fit one system on dev rows ``train_idx`` (``val_idx`` for early stopping) and predict the eval rows.
 
     Returns:
-        T within ``bounds``; 1.0 when no T lowers the NLL (bounded Brent can stop on a plateau, and a
-        calibration must never make the fit worse).
+        (predicted labels for the eval rows, the fitted model)
     """
-    res = optimize.minimize_scalar(
-        lambda t: nll(logits, y_idx, float(np.exp(t))), bounds=np.log(bounds), method="bounded"
-    )
-    return float(np.exp(res.x)) if res.fun < nll(logits, y_idx) else 1.0
+    y = dev["label"].to_numpy(dtype=str)
+    if system.name == "tfidf":
+        model = tfidf_logreg(config.report.tfidf, seed=config.prepare.seed)
+        model.fit(dev[config.text_column].iloc[train_idx].tolist(), y[train_idx])
+        return np.asarray(model.predict(texts_eval), dtype=str), model
+    assert system.vectors is not None and X_dev is not None and X_eval is not None
+    X_tr, y_tr = X_dev[train_idx], y[train_idx]
+    X_val = X_dev[val_idx] if val_idx is not None and len(val_idx) else None
+    y_val = y[val_idx] if X_val is not None else None
+    if system.name == "zeroshot":
+        model = CosineClassifier().fit_prototypes(system.vectors.labels, labels["label"].astype(str).tolist())
+    elif system.name == "centroid":
+        model = CentroidClassifier().fit(X_tr, y_tr)
+    elif system.name == "logreg":
+        model = embedding_logreg(seed=config.prepare.seed).fit(X_tr, y_tr)
+    elif system.name == "mlp":
+        groups = dev["group"].to_numpy()[train_idx] if X_val is None else None
+        model = MLPHead.from_config(config.head).fit(X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups)
+    else:  # pragma: no cover - guarded by the config's enum
+        raise ValueError(system.name)
+    if isinstance(model, CosineClassifier) and X_val is not None:
+        model.calibrate(X_val, y_val)
+    return np.asarray(model.predict(X_eval), dtype=str), model
 
 
-def expected_calibration_error(proba: np.ndarray, y_idx: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of the top-class confidence over ``n_bins`` equal-width bins in (0, 1].
+def cv_folds(dev: pd.DataFrame, *, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold over the dev pool with every repost group inside one fold.
 
-    Args:
-        proba: ``(n, k)`` probabilities; y_idx: ``(n,)`` true class indices into its columns.
+    Raises:
+        DataError: fewer repost groups than folds.
     """
-    if len(y_idx) == 0:
-        return float("nan")
-    conf = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y_idx
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
+    n_groups = dev["group"].nunique()
+    if n_groups < n_folds:
+        raise DataError(
+            f"--cv-folds {n_folds} needs at least {n_folds} groups of ads in train+val, found {n_groups}",
+            fix=f"use --cv-folds {max(2, min(n_groups, 5))} or fewer, or prepare more data",
+        )
+    y = dev["label"].to_numpy(dtype=str)
+    with warnings.catch_warnings():  # classes rarer than k folds are expected (and reported per class)
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(dev)), y, groups=dev["group"].to_numpy()))
 
 
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], *, min_support: int = 5) -> dict[str, float]:
-    """Accuracy, macro/weighted P/R/F1 and macro-F1 over classes with ≥ ``min_support`` true examples.
+def cross_validate(
+    system: System,
+    *,
+    config: PipelineConfig,
+    labels: pd.DataFrame,
+    dev: pd.DataFrame,
+    X_dev: np.ndarray | None,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    on_fold: Callable[[], None] | None = None,
+) -> list[dict[str, float]]:
+    """Per-fold metrics of one system over the dev pool (train + val); the test split is not involved.
 
-    Classes only predicted, never true, count in macro scores with zero (scikit-learn's zero_division=0),
-    so a system is not rewarded for inventing classes.
+    Inside a fold the MLP holds out its own stratified, repost-grouped early-stopping rows.
     """
-    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
-    out: dict[str, float] = {"accuracy": float(accuracy_score(y_true, y_pred))}
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
-        out |= {f"{avg}_precision": float(p), f"{avg}_recall": float(r), f"{avg}_f1": float(f)}
-    labels, counts = np.unique(y_true, return_counts=True)
-    frequent = labels[counts >= min_support]
-    out["macro_f1_min_support"] = (
-        float(f1_score(y_true, y_pred, labels=frequent, average="macro", zero_division=0)) if len(frequent) else np.nan
-    )
+    y_dev = dev["label"].to_numpy(dtype=str)
+    out = []
+    for tr, te in folds:
+        pred, _ = _fit_predict(
+            system,
+            config=config,
+            labels=labels,
+            dev=dev,
+            X_dev=X_dev,
+            train_idx=tr,
+            val_idx=None,
+            X_eval=X_dev[te] if X_dev is not None else None,
+            texts_eval=dev[config.text_column].iloc[te].tolist(),
+        )
+        out.append(metrics.classification_metrics(y_dev[te], pred, min_support=config.report.min_support))
+        if on_fold:
+            on_fold()
     return out
 
 
-def per_class_table(y_true: Sequence[str], y_pred: Sequence[str], *, labels: Sequence[str]) -> pd.DataFrame:
-    """One row per label: precision, recall, F1, support (true count), predicted count."""
-    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
-    labels = list(labels)
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    predicted = pd.Series(y_pred).value_counts().reindex(labels, fill_value=0).to_numpy()
-    return pd.DataFrame({"label": labels, "precision": p, "recall": r, "f1": f, "support": s, "predicted": predicted})
-
-
-def confusion(y_true: Sequence[str], y_pred: Sequence[str], *, labels: Sequence[str]) -> np.ndarray:
-    return confusion_matrix(np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str), labels=list(labels))
-
-
-def bootstrap_ci(
-    y_true: Sequence[str],
-    y_pred: Sequence[str],
-    metric: Callable[[np.ndarray, np.ndarray], float],
+def evaluate_systems(
     *,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 13,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric(y_true, y_pred)`` over resampled ads."""
-    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
-    if n_resamples <= 0 or len(y_true) == 0:
-        return (np.nan, np.nan)
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    values = [metric(y_true[idx], y_pred[idx]) for idx in (rng.integers(0, n, n) for _ in range(n_resamples))]
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    config: PipelineConfig,
+    splits: Mapping[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    vectors: Mapping[str, RunVectors],
+    progress: bool = True,
+) -> Evaluation:
+    """Fit, test and cross-validate every configured system on the same splits.
 
+    Args:
+        config: the resolved pipeline config (``report``, ``head``, ``text_column`` and ``prepare.seed``).
+        splits: ``{"train", "val", "test"}`` with columns ``id``, ``label``, ``group`` and the text column.
+        labels: ``labels.json`` as a frame (``label``, ``name``, ``description``).
+        vectors: encoder reference -> its vectors for these splits (``embed.load_vectors``), in report order.
+        progress: a bar over the fits.
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(y_true == y_pred))
-
-
-def mcnemar(y_true: Sequence[str], pred_a: Sequence[str], pred_b: Sequence[str]) -> dict[str, float]:
-    """Exact McNemar test: do A and B err on different ads more often than chance allows?
-
-    Returns:
-        ``a_only`` (ads A gets right and B wrong), ``b_only``, and the two-sided exact ``p_value``.
+    Raises:
+        DataError: an empty test split, fewer than two classes, fewer repost groups than CV folds.
     """
-    y, a, b = (np.asarray(v, dtype=str) for v in (y_true, pred_a, pred_b))
-    a_only = int(np.sum((a == y) & (b != y)))
-    b_only = int(np.sum((a != y) & (b == y)))
-    n = a_only + b_only
-    p = 1.0 if n == 0 else float(stats.binomtest(a_only, n, 0.5).pvalue)
-    return {"a_only": a_only, "b_only": b_only, "p_value": p}
+    col = config.text_column
+    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    test = splits["test"]
+    if len(test) == 0:
+        raise DataError("the test split is empty", fix="re-run prepare with a larger --test-size or more data")
+    y_dev, y_test = dev["label"].to_numpy(dtype=str), test["label"].to_numpy(dtype=str)
+    if len(np.unique(splits["train"]["label"])) < 2:
+        raise DataError(
+            f"the train split has a single class ({y_dev[0]!r}): nothing to compare",
+            fix="prepare data with at least two labels (check --label-col)",
+        )
+    folds = cv_folds(dev, n_folds=config.report.cv_folds, seed=config.prepare.seed)
+    n_train = len(splits["train"])
+    train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(dev))
+    systems = build_systems(config, vectors)
 
+    results: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, Any] = {}
+    test_preds: dict[str, np.ndarray] = {}
+    with ui.bar(enabled=progress) as bar:
+        task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
+        for system in systems:
+            v = system.vectors
+            X_dev = np.concatenate([v.train, v.val]) if v is not None else None
+            pred, model = _fit_predict(
+                system,
+                config=config,
+                labels=labels,
+                dev=dev,
+                X_dev=X_dev,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                X_eval=v.test if v is not None else None,
+                texts_eval=test[col].tolist(),
+            )
+            bar.advance(task)
+            fitted[system.key], test_preds[system.key] = model, pred
+            fold_metrics = cross_validate(
+                system,
+                config=config,
+                labels=labels,
+                dev=dev,
+                X_dev=X_dev,
+                folds=folds,
+                on_fold=lambda: bar.advance(task),
+            )
+            n_boot, groups = config.report.bootstrap, test["group"].to_numpy()
+            results[system.key] = {
+                "system": system.name,
+                "display": system.display,
+                "encoder": v.model if v is not None else None,
+                "encoder_fingerprint": v.fingerprint if v is not None else None,
+                "title": SYSTEM_TITLES[system.name],
+                "test": metrics.classification_metrics(y_test, pred, min_support=config.report.min_support),
+                "test_ci95": {
+                    name: metrics.bootstrap_ci(y_test, pred, fn, groups=groups, n_resamples=n_boot)
+                    for name, fn in (("accuracy", metrics.accuracy), ("macro_f1", metrics.macro_f1))
+                },
+                "cv": {"summary": metrics.summarize_folds(fold_metrics), "folds": fold_metrics},
+            }
 
-def corrected_paired_ttest(
-    scores_a: Sequence[float], scores_b: Sequence[float], *, n_train: int, n_test: int
-) -> dict[str, float]:
-    """Nadeau & Bengio (2003) corrected resampled t-test on per-fold scores of two systems.
-
-    The variance of the fold differences is inflated by ``1/k + n_test/n_train`` because CV folds
-    overlap in training data; without the correction the test rejects far too often.
-    """
-    d = np.asarray(scores_a, dtype=float) - np.asarray(scores_b, dtype=float)
-    k = len(d)
-    if k < 2:
-        return {"mean_diff": float(d.mean()) if k else np.nan, "t": np.nan, "p_value": np.nan}
-    var = d.var(ddof=1)
-    if var == 0:
-        return {"mean_diff": float(d.mean()), "t": np.nan, "p_value": 1.0 if d.mean() == 0 else 0.0}
-    t = d.mean() / np.sqrt((1 / k + n_test / n_train) * var)
-    p = 2 * stats.t.sf(abs(t), df=k - 1)
-    return {"mean_diff": float(d.mean()), "t": float(t), "p_value": float(p)}
-
-
-def summarize_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """metric -> {mean, std} over folds (std with ddof=1, the spread a new split would show)."""
-    frame = pd.DataFrame(list(fold_metrics))
-    return {m: {"mean": float(frame[m].mean()), "std": float(frame[m].std(ddof=1))} for m in frame.columns}
+    ranking = sorted(results, key=lambda k: results[k]["cv"]["summary"]["macro_f1"]["mean"], reverse=True)
+    winner = ranking[0]
+    fold_size = len(dev) / len(folds)
+    pairwise = [
+        {
+            "a": winner,
+            "b": key,
+            "mcnemar_test": metrics.mcnemar(y_test, test_preds[winner], test_preds[key]),
+            "cv_macro_f1_ttest": metrics.corrected_paired_ttest(
+                [f["macro_f1"] for f in results[winner]["cv"]["folds"]],
+                [f["macro_f1"] for f in results[key]["cv"]["folds"]],
+                n_train=int(len(dev) - fold_size),
+                n_test=int(fold_size),
+            ),
+        }
+        for key in ranking[1:]
+    ]
+    label_order = sorted(set(labels["label"].astype(str)) | set(y_test))
+    per_class = {key: metrics.per_class_table(y_test, test_preds[key], labels=label_order) for key in ranking}
+    summary = {
+        "format": REPORT_FORMAT,
+        "data": {
+            "train": n_train,
+            "val": len(splits["val"]),
+            "test": len(test),
+            "classes": len(set(y_dev) | set(y_test)),
+            "labels": len(label_order),
+            "cv_folds": len(folds),
+            "text_column": col,
+        },
+        "systems": results,
+        "ranking": ranking,
+        "winner": winner,
+        "bundled": next((k for k in ranking if results[k]["system"] in BUNDLEABLE), None),
+        "pairwise": pairwise,
+    }
+    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test)

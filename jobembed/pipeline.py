@@ -1,206 +1,449 @@
-"""Stage functions over a run folder, and ``run``: the whole pipeline from one config.
+"""The stage graph: every stage declared once, and the one runner that ``run``, the stamps and the CLI use.
 
-Run folder layout (``runs/<name>/``)::
+A ``Stage`` names its config sections, the stages whose outputs it reads, the one folder of the run it
+writes, and what else its result depends on (input files, model fingerprints). Its key hashes all of
+that plus its inputs' keys, so a change anywhere upstream (a config field, an edited input file, an encoder
+folder rebuilt in place with other weights) changes every key downstream. ``run_stages`` runs a target
+stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
+work, one ``register(Stage(...))`` below, and one config section.
 
-    config.yaml        the resolved pipeline config, read back by later commands on the same run
-    manifest.json      per stage: resolved config, input hashes, package versions, git commit
-    prepare/           splits (Parquet), labels.json, data_card.json
-    embed/<encoder>/   {train,val,test}.npy + embeddings.json
-    head/              bundle with the MLP head (``train-head``)
-    report/            report.md, metrics.json, per_class/, figures/ (``compare-report``)
-    bundle/            bundle of the best bundleable system (``compare-report``)
+The graph today (later issues add clean, make-triplets, finetune and an embed of the fine-tuned encoder)::
 
-Each stage stamps ``stage.json`` with a key hashed from its config section and its inputs' keys;
-``run`` skips a stage whose stamp matches, so a re-run after an interruption resumes at the first
-unfinished stage, and the embedding cache makes even a re-run stage cheap.
+    prepare ──▶ embed ──▶ train-head
+                   └────▶ compare-report ──▶ bundle
+
+Run folder (``runs/<name>/``), each stage writing only under its own folder::
+
+    config.yaml        the resolved pipeline config; later commands on the run start from it
+    manifest.json      per stage: resolved config, input keys, package versions, git commit
+    prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
+    embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
+    head/              bundle of the MLP head on embed.model (train-head); stage.json
+    report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
+    bundle/            the deployable bundle of the report's winner (bundle); stage.json
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobembed import data, embed, evaluate
-from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, stage_is_current, write_manifest
-from jobembed.bundle import save_bundle
-from jobembed.config import PipelineConfig, load_config, write_resolved
+from jobembed import data, embed, encoders, metrics
+from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
+from jobembed.baselines import CosineClassifier
+from jobembed.bundle import EncoderInfo, save_bundle
+from jobembed.config import PipelineConfig, load_config, section_for_key, write_resolved
 from jobembed.errors import ConfigError, DataError
+from jobembed.evaluate import evaluate_systems
 from jobembed.head import MLPHead
-
-STAGES = ("prepare", "embed", "train-head", "compare-report")
-
-
-def save_run_config(config: PipelineConfig) -> None:
-    """Write the resolved config to the run folder so later commands on this run start from it."""
-    write_resolved(config, config.run_dir)
+from jobembed.report import WINNER_DIR, write_report
 
 
-def config_for_run(run_dir: Path, config_path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
-    """The config of an existing run (its config.yaml), or ``config_path``, with CLI overrides on top."""
-    base = config_path or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
-    overrides = {"name": run_dir.name, "runs_dir": str(run_dir.parent), **overrides}
-    return load_config(base, overrides)
+class _KeepStamp(Exception):
+    """Raised by an identity function that cannot look at its inputs now (e.g. the input file moved): the
+    stage's stamp, if any, stands in; without one the stage cannot run and the message says why."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
-def _embed_key(config: PipelineConfig, prepare_key: str) -> str:
-    e = config.embed
-    return hash_obj(
-        [prepare_key, e.model, e.text_prompt, e.label_prompt, e.max_seq_length, e.precision, config.report.text_column]
-    )
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    Attributes:
+        name: the command name (``jobembed <name> RUN``) and the manifest/stamp name.
+        folder: the only folder of the run the stage writes (its ``stage.json`` stamp goes there too).
+        sections: config sections it reads; their fields (minus runtime-only ones) are in its key.
+        inputs: stages whose outputs it reads; their keys are in its key.
+        run: ``(config, progress) -> summary``; does the work and writes ``folder``.
+        identity: what else the result depends on (input file hashes, model fingerprints), JSON-able.
+        shared: pipeline-level fields it reads (``text_column``).
+        help: one line for ``--help`` and the README.
+    """
+
+    name: str
+    folder: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...]
+    run: Callable[[PipelineConfig, bool], dict[str, Any]]
+    identity: Callable[[PipelineConfig], Any] = lambda config: None
+    shared: tuple[str, ...] = ()
+    help: str = ""
 
 
-def stage_keys(config: PipelineConfig) -> dict[str, str]:
-    """Each stage's input key; a change upstream changes every key downstream."""
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to the graph; its inputs must already be registered (registration order is run order)."""
+    missing = [i for i in stage.inputs if i not in STAGES]
+    assert not missing and stage.name not in STAGES, (stage.name, missing)
+    STAGES[stage.name] = stage
+    return stage
+
+
+def ancestors(name: str) -> list[str]:
+    """``name`` and every stage it needs, in run order."""
+    needed: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(STAGES[current].inputs)
+    return [s for s in STAGES if s in needed]
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+class Plan:
+    """Stage keys for one config: ``hash(stage, its sections, shared fields, identity, input keys)``."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self._keys: dict[str, str] = {}
+        self.identities: dict[str, Any] = {}
+
+    def key(self, name: str) -> str:
+        if name not in self._keys:
+            stage = STAGES[name]
+            try:
+                identity = stage.identity(self.config)
+            except _KeepStamp as reason:
+                stamp = read_stamp(self.config.run_dir / stage.folder)
+                if stamp is None or "identity" not in stamp:
+                    raise DataError(str(reason), fix=reason.fix) from None
+                identity = stamp["identity"]
+            self.identities[name] = identity
+            payload = {
+                "stage": name,
+                "sections": {s: section_for_key(getattr(self.config, s)) for s in stage.sections},
+                "shared": {f: getattr(self.config, f) for f in stage.shared},
+                "identity": identity,
+                "inputs": {i: self.key(i) for i in stage.inputs},
+            }
+            self._keys[name] = hash_obj(payload)
+        return self._keys[name]
+
+
+def _prepare_identity(config: PipelineConfig) -> dict[str, str]:
     p = config.prepare
     if p.input is None:
-        raise ConfigError("prepare.input is not set", fix="set prepare.input in the YAML or pass INPUT to prepare")
+        raise _KeepStamp(
+            f"{config.run_dir} has no prepared splits, and no input file is set (prepare.input)",
+            fix=f"run `jobembed prepare {config.run_dir} --input ADS.csv` first",
+        )
     if not Path(p.input).is_file():
-        raise DataError(f"input file {p.input} not found", fix="check the path, or set $JOBEMBED_DATA for the demo")
-    inputs = [file_sha256(Path(p.input))]
+        raise _KeepStamp(
+            f"the --input file {p.input} (prepare.input) is not found",
+            fix=f"check the path (relative paths start at {Path.cwd()})",
+        )
+    out = {"input": file_sha256(Path(p.input))}
     if p.labels is not None and Path(p.labels.path).is_file():
-        inputs.append(file_sha256(Path(p.labels.path)))
-    prepare_key = hash_obj([p.model_dump(mode="json", exclude={"input"}), inputs])
-    embed_key = _embed_key(config, prepare_key)
-    head_key = hash_obj([embed_key, config.head.model_dump(mode="json", exclude={"device"})])
-    report_key = hash_obj([embed_key, head_key, config.report.model_dump(mode="json")])
-    return {"prepare": prepare_key, "embed": embed_key, "train-head": head_key, "compare-report": report_key}
+        out["labels"] = file_sha256(Path(p.labels.path))
+    return out
 
 
-def run_prepare(config: PipelineConfig, *, progress: bool = True) -> data.PrepareResult:
+def _embed_identity(config: PipelineConfig) -> dict[str, str]:
+    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model."""
+    return {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
+
+
+def _head_identity(config: PipelineConfig) -> dict[str, str]:
+    return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
+
+
+# ------------------------------------------------------------------------------------------- runners
+
+
+def _prepared(config: PipelineConfig):
+    prepare_dir = config.run_dir / "prepare"
+    return data.load_splits(prepare_dir), data.load_labels(prepare_dir)
+
+
+def _run_prepare(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    if config.prepare.input is None:
+        raise ConfigError(
+            "prepare needs an input file", fix="pass --input (CSV, JSONL or Parquet) or set prepare.input"
+        )
     result = data.prepare(config=config.prepare, out_dir=config.run_dir / "prepare", progress=progress)
-    save_run_config(config)
-    return result
+    return {"card": result.card}
 
 
-def run_embed(config: PipelineConfig, *, progress: bool = True) -> dict[str, Path]:
-    """Encode every split of the run with ``embed.model``; vectors go to ``embed/<encoder>/``."""
-    _require_prepared(config.run_dir)
-    embedder, _ = embed.make_embedders(config.embed)
-    out = config.run_dir / "embed" / embed.encoder_slug(config.embed.model, embedder.fingerprint)
-    paths = embed.embed_splits(
-        prepare_dir=config.run_dir / "prepare",
-        out_dir=out,
+def _run_embed(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    splits, labels = _prepared(config)
+    out_dir = config.run_dir / "embed"
+    folders = embed.embed_splits(
+        splits=splits,
+        labels=labels,
+        out_dir=out_dir,
         config=config.embed,
-        text_column=config.report.text_column,
+        text_column=config.text_column,
         progress=progress,
     )
-    write_manifest(
-        config.run_dir,
-        stage="embed",
-        config=config.embed.model_dump(mode="json"),
-        inputs={"fingerprint": embedder.fingerprint},
+    keep = {f.name for f in folders.values()}
+    for stale in out_dir.iterdir():  # encoders no longer in the run
+        if stale.is_dir() and stale.name not in keep:
+            shutil.rmtree(stale, ignore_errors=True)
+    write_resolved(config.embed, out_dir)
+    return {"folders": {k: str(v) for k, v in folders.items()}}
+
+
+def _vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:
+    return embed.load_vectors(
+        config.run_dir / "embed",
+        model=model,
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
     )
-    save_run_config(config)
-    return paths
 
 
-def run_train_head(config: PipelineConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Fit the MLP head on the train split (early stopping on val), score test, save a bundle in ``head/``.
+def _encoder_info(config: PipelineConfig, vectors: embed.RunVectors) -> EncoderInfo:
+    return EncoderInfo(
+        model=vectors.model,
+        fingerprint=vectors.fingerprint,
+        precision=vectors.precision,
+        text_prompt=vectors.text_prompt,
+        max_seq_length=config.embed.max_seq_length,
+    )
 
-    Returns:
-        ``{"bundle": path, "test": metrics, "best_epoch": int, "temperature": float}``
+
+def _run_train_head(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Fit the MLP head on train (early stopping on val), report validation metrics, save a bundle in ``head/``.
+
+    The test split is not read here: it is scored once, by compare-report.
     """
-    _require_prepared(config.run_dir)
-    splits = data.load_splits(config.run_dir / "prepare")
-    labels = data.load_labels(config.run_dir / "prepare")
-    embedder, _ = embed.make_embedders(config.embed)
-    col = config.report.text_column
-    vectors = {
-        name: embedder.encode(frame[col].tolist(), progress=progress, description=f"embed {name}")
-        for name, frame in splits.items()
-    }
+    splits, labels = _prepared(config)
+    vectors = _vectors(config, config.embed.model, splits, labels)
     y = {name: frame["label"].to_numpy(dtype=str) for name, frame in splits.items()}
     has_val = len(splits["val"]) > 0
-    head = MLPHead.from_config(config.head).fit(
-        vectors["train"], y["train"], X_val=vectors["val"] if has_val else None, y_val=y["val"] if has_val else None
+    head = MLPHead.from_config(config.head).set_params(verbose=1 if progress else 0)
+    head.fit(
+        vectors.train,
+        y["train"],
+        X_val=vectors.val if has_val else None,
+        y_val=y["val"] if has_val else None,
+        groups=None if has_val else splits["train"]["group"].to_numpy(),
     )
-    test = (
-        evaluate.classification_metrics(y["test"], head.predict(vectors["test"]), min_support=config.report.min_support)
-        if len(y["test"])
-        else {}
+    val = (
+        metrics.classification_metrics(y["val"], head.predict(vectors.val), min_support=config.report.min_support)
+        if has_val
+        else {"held_out_macro_f1": head.best_val_score_}
     )
-    bundle = save_bundle(
+    save_bundle(
         config.run_dir / "head",
         model=head,
         system="mlp",
-        encoder=config.embed.model,
+        encoder=_encoder_info(config, vectors),
         config=config,
         labels=labels,
-        copy_encoder=config.bundle.copy_encoder,
-        metrics={"test": test},
+        metrics={"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_},
     )
-    write_manifest(
-        config.run_dir,
-        stage="train-head",
-        config=config.head.model_dump(mode="json"),
-        inputs={"fingerprint": embedder.fingerprint},
-    )
-    save_run_config(config)
-    return {
-        "bundle": bundle,
-        "test": test,
-        "best_epoch": int(head.best_epoch_),
-        "temperature": head.temperature_,
-        "calibration": getattr(head, "calibration_", {}),
-    }
+    return {"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_}
 
 
-def run_compare_report(config: PipelineConfig, *, progress: bool = True) -> dict[str, Any]:
-    from jobembed.report import compare_report
+def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    splits, labels = _prepared(config)
+    vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
+    evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=progress)
+    write_report(evaluation, out_dir=config.run_dir / "report", config=config, labels=labels)
+    return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
 
-    _require_prepared(config.run_dir)
-    metrics = compare_report(run_dir=config.run_dir, config=config, progress=progress)
-    save_run_config(config)
-    return metrics
 
-
-def _require_prepared(run_dir: Path) -> None:
-    if not (run_dir / "prepare" / "train.parquet").is_file():
+def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    winner_dir = config.run_dir / "report" / WINNER_DIR
+    if not (winner_dir / "winner.json").is_file():
         raise DataError(
-            f"{run_dir} has no prepared splits",
-            fix=f"run `jobembed prepare INPUT --out {run_dir}` (or `jobembed run CONFIG`) first",
+            f"compare-report found no system a bundle can serve ({', '.join(map(str, config.report.systems))})",
+            fix="add mlp, centroid or zeroshot to report.systems (--systems) and re-run compare-report",
         )
+    winner = read_json(winner_dir / "winner.json")
+    head_dir = winner_dir / "head"
+    head = MLPHead.load(head_dir) if winner["head_kind"] == "mlp" else CosineClassifier.load(head_dir)
+    splits, labels = _prepared(config)
+    vectors = _vectors(config, winner["encoder"], splits, labels)
+    if vectors.fingerprint != winner["encoder_fingerprint"]:  # pragma: no cover - keys make this unreachable
+        raise DataError("the report's winner was made with other vectors", fix="re-run compare-report")
+    path = save_bundle(
+        config.run_dir / "bundle",
+        model=head,
+        system=winner["system"],
+        encoder=_encoder_info(config, vectors),
+        config=config,
+        labels=labels,
+        metrics=winner["metrics"],
+        copy_encoder=config.bundle.copy_encoder,
+    )
+    return {"bundle": str(path), "system": winner["key"]}
 
 
-def run_pipeline(
+register(
+    Stage(
+        "prepare",
+        folder="prepare",
+        sections=("prepare",),
+        inputs=(),
+        run=_run_prepare,
+        identity=_prepare_identity,
+        help="read, validate, dedupe, group reposts, split",
+    )
+)
+register(
+    Stage(
+        "embed",
+        folder="embed",
+        sections=("embed",),
+        inputs=("prepare",),
+        run=_run_embed,
+        identity=_embed_identity,
+        shared=("text_column",),
+        help="encode every split and the category texts with every encoder (cached)",
+    )
+)
+register(
+    Stage(
+        "train-head",
+        folder="head",
+        sections=("head", "classify"),
+        inputs=("embed",),
+        run=_run_train_head,
+        identity=_head_identity,
+        help="MLP head on embed.model's vectors, early stopping on validation; a bundle in head/",
+    )
+)
+register(
+    Stage(
+        "compare-report",
+        folder="report",
+        sections=("report", "head"),
+        inputs=("prepare", "embed"),
+        run=_run_compare_report,
+        shared=("text_column",),
+        help="every system on the same splits: test, k-fold CV, intervals, significance",
+    )
+)
+register(
+    Stage(
+        "bundle",
+        folder="bundle",
+        sections=("bundle", "classify"),
+        inputs=("compare-report",),
+        run=_run_bundle,
+        help="the report's best servable system as a deployable bundle",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def pin_models(config: PipelineConfig) -> PipelineConfig:
+    """The config with canonical model references: builtins in lower case, Hub ids pinned to a commit.
+
+    Done once, before anything is encoded, and written to the run's config.yaml, so every later stage (and
+    the bundle) uses the same weights even if the Hub's ``main`` moves on.
+    """
+    e = config.embed
+
+    def canon(ref: str) -> str:
+        resolved = encoders.resolve(ref, cache_dir=e.cache_dir, build=False)
+        return ref if resolved.kind == "local" else resolved.ref
+
+    pinned = e.model_copy(update={"model": canon(e.model), "extra_models": [canon(r) for r in e.extra_models]})
+    return config.model_copy(update={"embed": pinned})
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Fail early, with one line, when the run folder cannot be a folder we write into."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "run folder" if parent == run_dir else f"parent {parent} of the run folder"
+                raise ConfigError(
+                    f"the {what} is a file, not a folder", fix="pass another run folder (or runs_dir / name)"
+                )
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".jobembed-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write into the run folder {run_dir} ({e.strerror or e})",
+            fix="pass a folder you can write to",
+        ) from None
+
+
+def config_for_run(
+    run_dir: Path, config_path: Path | None, overrides: dict[str, Any], *, flags: dict[str, str] | None = None
+) -> PipelineConfig:
+    """The config of an existing run (its config.yaml), or ``config_path``, with CLI overrides on top."""
+    run_dir = Path(run_dir)
+    own = run_dir / "config.yaml"
+    base = config_path or (own if own.is_file() else None)
+    overrides = {"name": run_dir.name, "runs_dir": str(run_dir.parent), **overrides}
+    return load_config(base, overrides, flags=flags)
+
+
+def run_stages(
     config: PipelineConfig,
     *,
+    target: str | None = None,
     force: bool = False,
     progress: bool = True,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> dict[str, str]:
-    """Run prepare → embed → train-head → compare-report, skipping stages that are up to date.
+    """Run ``target`` (default: every stage) and whatever it needs that is not current.
+
+    A stage is current when its stamp holds its key and no stage it reads from ran in this call. The run's
+    config.yaml is written after each stage that succeeds, so a bad flag never sticks to the run.
 
     Args:
-        force: re-run every stage even when its stamp matches.
+        force: re-run ``target`` (every stage when ``target`` is None) even when current.
         on_stage: callback ``(stage, "run" | "skip")`` for the CLI to print progress.
 
     Returns:
-        stage -> "ran" | "skipped".
+        stage -> "ran" | "skipped", in run order.
     """
-    keys = stage_keys(config)
-    save_run_config(config)
-    runners = {
-        "prepare": run_prepare,
-        "embed": run_embed,
-        "train-head": run_train_head,
-        "compare-report": run_compare_report,
-    }
-    outputs = {"prepare": "prepare", "embed": "embed", "train-head": "head", "compare-report": "report"}
+    check_run_dir(config.run_dir)
+    names = ancestors(target) if target else list(STAGES)
+    plan = Plan(config)
     status: dict[str, str] = {}
-    upstream_ran = False
-    for stage in STAGES:
-        stage_dir = config.run_dir / outputs[stage]
-        if not force and not upstream_ran and stage_is_current(stage_dir, keys[stage]):
-            status[stage] = "skipped"
+    for name in names:
+        stage = STAGES[name]
+        if "embed" in stage.sections and plan.config is config:
+            # Pinned when the first stage that uses a model comes up: prepare alone needs no model nor the Hub,
+            # and an unprepared run says so before any model lookup.
+            config = plan.config = pin_models(config)
+        key = plan.key(name)
+        stage_dir = config.run_dir / stage.folder
+        stamp = read_stamp(stage_dir)
+        upstream_ran = any(status.get(i) == "ran" for i in stage.inputs)
+        forced = force and (target is None or name == target)
+        if stamp is not None and stamp.get("key") == key and not upstream_ran and not forced:
+            status[name] = "skipped"
             if on_stage:
-                on_stage(stage, "skip")
+                on_stage(name, "skip")
             continue
         if on_stage:
-            on_stage(stage, "run")
-        runners[stage](config, progress=progress)
-        mark_stage_done(stage_dir, keys[stage])
-        status[stage] = "ran"
-        upstream_ran = True
+            on_stage(name, "run")
+        stage.run(config, progress)
+        mark_stage_done(stage_dir, key, identity=plan.identities.get(name))
+        write_manifest(
+            config.run_dir,
+            stage=name,
+            config={s: getattr(config, s).model_dump(mode="json") for s in stage.sections},
+            inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in stage.inputs}},
+        )
+        write_resolved(config, config.run_dir)
+        status[name] = "ran"
     return status

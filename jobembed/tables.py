@@ -1,13 +1,20 @@
 """Read job-ad tables (CSV/TSV, JSONL, Parquet) with every column as strings, and clear errors.
 
 ``read_table(path)`` returns a DataFrame whose cells are all ``str`` (missing values ``""``, the text "NA"
-stays "NA") and whose ``attrs["source_rows"]`` holds the row number a user sees in the file (CSV: the
-header is row 1; JSONL: the line; Parquet: 1-based), so every later message can name the row.
+stays "NA"), plus what later checks need, as plain Python values in ``attrs`` (``DataFrame.attrs`` travels
+into Parquet metadata, so no arrays there):
+
+- ``attrs["source_rows"]``: the row number a user sees in the file for each row (CSV: the header is row 1;
+  JSONL: the line; Parquet: 1-based), so every later message can name the row;
+- ``attrs["non_string"]``: column -> first row number whose value was not text (a number, a list) in a
+  typed format (JSONL, Parquet), so ``prepare`` can refuse to embed ``0`` and ``1`` as ads;
+- ``attrs["delimiter"]``: the separator a CSV file was read with (``,``; ``;`` or tab when detected).
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import io
 import json
 from pathlib import Path
@@ -24,12 +31,14 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 ACCEPTED_SUFFIXES = (*CSV_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, *, what: str = "INPUT") -> pd.DataFrame:
     """Read a CSV/TSV, JSONL or Parquet file with every column as strings.
 
     Args:
         path: ``.csv``/``.tsv`` (UTF-8, header row), ``.jsonl``/``.ndjson`` (one JSON object per line) or
-            ``.parquet``/``.pq``; the suffix decides the format.
+            ``.parquet``/``.pq``; the suffix decides the format. A ``.csv`` whose header has no comma but
+            semicolons or tabs is read with that separator (spreadsheet exports in Danish/Polish locales).
+        what: how messages name the file (``INPUT``, ``--labels file``, ``--input``).
 
     Returns:
         A frame whose columns are all strings; missing values are ``""`` (the text ``"NA"`` stays
@@ -39,7 +48,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
     Raises:
         DataError: unknown suffix, missing file, no rows, bytes that are not UTF-8 (naming the line and
-            byte offset of the first bad byte), a JSONL line that is not a JSON object, an unparsable CSV.
+            byte offset of the first bad byte), a JSONL line that is not a JSON object, an unparsable CSV,
+            two columns with the same name.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -52,24 +62,52 @@ def read_table(path: Path) -> pd.DataFrame:
         )
     if not path.is_file():
         raise DataError(
-            "file not found" if not path.exists() else "not a file",
+            f"{what} file not found" if not path.exists() else f"{what} is not a file",
             where=str(path),
-            fix="check the path (relative paths start at the current folder) or pass an existing INPUT file",
+            fix=f"check the path (relative paths start at {Path.cwd()}) and pass an existing {what} file",
         )
+    non_string: dict[str, int] = {}
+    delimiter = None
     if suffix in PARQUET_SUFFIXES:
-        frame = _read_parquet(path)
+        frame, non_string = _read_parquet(path)
         rows = np.arange(1, len(frame) + 1)
     else:
         text = _decode_utf8(path, path.read_bytes())
         if suffix in JSONL_SUFFIXES:
-            frame, rows = _read_jsonl(path, text)
+            frame, rows, non_string = _read_jsonl(path, text)
         else:
-            frame = _read_csv(path, text, CSV_SUFFIXES[suffix])
+            delimiter = _delimiter(text, CSV_SUFFIXES[suffix])
+            frame = _read_csv(path, text, delimiter)
             rows = np.arange(2, len(frame) + 2)
     if len(frame) == 0:
-        raise DataError("no rows", where=str(path), found="an empty table", fix="pass an INPUT file that has ads")
-    frame.attrs["source_rows"] = rows
+        raise DataError("no rows", where=str(path), found="an empty table", fix=f"pass an {what} file that has ads")
+    frame.attrs["source_rows"] = [int(r) for r in rows]
+    frame.attrs["non_string"] = non_string
+    frame.attrs["delimiter"] = delimiter
     return frame
+
+
+def _delimiter(text: str, default: str) -> str:
+    """The separator of a delimited file: ``default`` unless the header has none of it but ``;`` or tab."""
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    if default in header:
+        return default
+    for candidate in (";", "\t", "|"):
+        if candidate in header:
+            return candidate
+    return default
+
+
+def _check_unique_columns(path: Path, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names, start=1):
+        if name in seen:
+            raise DataError(
+                f"column name {name!r} appears twice in the header (column {i} repeats it)",
+                where=str(path),
+                fix="rename one of the two columns so every column name is unique",
+            )
+        seen.add(name)
 
 
 def _decode_utf8(path: Path, data: bytes) -> str:
@@ -93,28 +131,32 @@ def _decode_utf8(path: Path, data: bytes) -> str:
 def _read_csv(path: Path, text: str, sep: str) -> pd.DataFrame:
     if not text.strip():
         raise DataError("no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads")
+    kind = {",": "CSV", "\t": "tab-separated", ";": "semicolon-separated"}.get(sep, f"{sep!r}-separated")
     try:
+        header = next(csv.reader(io.StringIO(text.lstrip("\ufeff")), delimiter=sep), [])
+        _check_unique_columns(path, [h.strip() for h in header])
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
     except pd.errors.EmptyDataError:
         raise DataError(
             "no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads"
         ) from None
-    except (pd.errors.ParserError, ValueError) as e:
+    except (pd.errors.ParserError, ValueError, csv.Error) as e:
         raise DataError(
-            f"not a valid {'TSV' if sep == chr(9) else 'CSV'} file ({str(e).strip()})",
+            f"not a valid {kind} file ({' '.join(str(e).split())})",
             where=str(path),
-            fix="check quoting around texts with commas or line breaks (re-export with quoting of all fields)",
+            fix=f"the file was read as {kind}: check the separator and the quoting around texts with "
+            f"{sep!r} or line breaks (re-export with every field quoted)",
         ) from None
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
+def _read_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
     records: list[dict[str, Any]] = []
     lines: list[int] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=lambda pairs, n=number: _unique_keys(path, pairs, n))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"line {number} is not valid JSON ({e.msg} at column {e.colno})",
@@ -130,17 +172,54 @@ def _read_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
         records.append(obj)
         lines.append(number)
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    return _all_strings(frame), np.asarray(lines, dtype=np.int64)
+    rows = np.asarray(lines, dtype=np.int64)
+    return _all_strings(frame), rows, _non_string(frame, rows)
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]], line: int) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise DataError(
+            f"line {line} has the key {dup!r} twice", where=str(path), fix="give every field of an object its own name"
+        )
+    return dict(pairs)
+
+
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    try:
+        import pyarrow.parquet as pq
+
+        names = list(pq.read_schema(path).names)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(
+            f"cannot read Parquet ({type(e).__name__}: {e})", where=str(path), fix="re-export the file as Parquet"
+        ) from None
+    _check_unique_columns(path, [n for n in names if not n.startswith("__index_level_")])
     try:
         frame = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(
             f"cannot read Parquet ({type(e).__name__}: {e})", where=str(path), fix="re-export the file as Parquet"
         ) from None
-    return _all_strings(frame.reset_index(drop=True))
+    frame = frame.reset_index(drop=True)
+    return _all_strings(frame), _non_string(frame, np.arange(1, len(frame) + 1))
+
+
+def _non_string(frame: pd.DataFrame, rows: np.ndarray) -> dict[str, int]:
+    """column -> row number of its first value that is present but not text (numbers, lists, booleans)."""
+    out: dict[str, int] = {}
+    for col in frame.columns:
+        s = frame[col]
+        if isinstance(s.dtype, pd.StringDtype):
+            continue
+        values = s.astype(object).to_numpy()
+        for i, v in enumerate(values):
+            if isinstance(v, str) or v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+                continue
+            out[str(col)] = int(rows[i])
+            break
+    return out
 
 
 def _as_str(value: Any) -> str:

@@ -6,10 +6,10 @@ from jobembed.baselines import (
     CentroidClassifier,
     CosineClassifier,
     embedding_logreg,
-    label_texts,
     tfidf_logreg,
 )
 from jobembed.config import TfidfConfig
+from jobembed.data import label_texts
 from jobembed.errors import BundleError, DataError
 from tests.synthetic import make_ads
 

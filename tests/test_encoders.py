@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobembed import builtin_e5
+from jobembed import builtin_e5, encoders
 from jobembed.builtin_e5 import build_precompiled_charsmap, dequantize_q4
 from jobembed.encoders import (
     ResolvedModel,
@@ -90,21 +90,97 @@ def test_file_or_non_model_folder_is_an_error(tmp_path):
         resolve(str(tmp_path))
 
 
-def test_hub_id_resolves_without_network():
-    ref = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
-    r = resolve(ref)
-    assert (r.kind, r.location, r.family) == ("hub", ref, "mpnet")
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+MPNET = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
 
 
-def test_hub_id_offline_is_one_line_model_error():
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fake Hugging Face Hub: ``answers`` maps repo id -> commit or exception; a local Hub cache in tmp."""
+    from huggingface_hub import HfApi, constants
+
+    answers: dict[str, object] = {}
+    calls: list[str] = []
+
+    def model_info(self, repo_id, revision=None, timeout=None, **kw):
+        calls.append(repo_id)
+        answer = answers.get(repo_id, ConnectionError("Name or service not known"))
+        if isinstance(answer, Exception):
+            raise answer
+        return type("Info", (), {"sha": answer})()
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    encoders.hub_commit.cache_clear()
+    yield answers, calls
+    encoders.hub_commit.cache_clear()
+
+
+def _cache_refs(tmp_path, repo_id: str, commit: str) -> None:
+    refs = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+
+
+def test_hub_id_without_pinning_touches_no_network():
+    r = resolve(MPNET, pin=False)
+    assert (r.kind, r.location, r.family, r.revision) == ("hub", MPNET, "mpnet", None)
+
+
+def test_hub_id_is_pinned_to_its_commit_once_per_process(hub):
+    answers, calls = hub
+    answers[MPNET] = COMMIT
+    r = resolve(MPNET)
+    assert (r.ref, r.revision, r.location) == (f"{MPNET}@{COMMIT}", COMMIT, MPNET)
+    resolve(MPNET)
+    assert calls == [MPNET]  # looked up once
+    assert resolve(f"{MPNET}@{COMMIT}").revision == COMMIT  # an explicit commit needs no lookup
+    assert calls == [MPNET]
+
+
+def test_hub_fingerprint_is_the_same_before_and_after_the_download(hub, tmp_path, monkeypatch):
+    answers, _ = hub
+    answers[MPNET] = COMMIT
+    before = model_fingerprint(MPNET)  # online, nothing downloaded: the Hub says which commit main is
+    encoders.hub_commit.cache_clear()
+    _cache_refs(tmp_path, MPNET, COMMIT)  # "downloaded": the local cache knows the commit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_fingerprint(MPNET) == before
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    assert model_fingerprint(f"{MPNET}@{other}") != before
+
+
+@pytest.mark.parametrize(
+    ("answer", "offline", "needle"),
+    [
+        (None, True, "HF_HUB_OFFLINE"),
+        ("notfound", False, "has no such model"),
+        (None, False, "could not be looked up"),
+    ],
+)
+def test_hub_problems_fail_at_once_with_one_line(hub, monkeypatch, answer, offline, needle):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    answers, calls = hub
     ref = "sentence-transformers/no-such-model-for-jobembed-tests"
+    if answer == "notfound":
+        answers[ref] = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # what HfApi raises on a 404
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError) as err:
         load_encoder(ref, device="cpu")
     msg = str(err.value)
-    assert ref in msg and "neither a builtin nor an existing folder" in msg
-    assert "builtin:multilingual-e5-small" in msg and "HF_HUB_OFFLINE" in msg
-    assert "\n" not in msg and "Traceback" not in msg
-    assert err.value.__cause__ is None
+    assert ref in msg and needle in msg and "builtin:multilingual-e5-small" in msg
+    assert "\n" not in msg and err.value.__cause__ is None
+    assert len(calls) == (0 if offline else 1)  # one lookup, no retries
+
+
+def test_offline_hub_uses_the_local_cache(hub, tmp_path, monkeypatch):
+    _cache_refs(tmp_path, MPNET, COMMIT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve(MPNET).revision == COMMIT
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -174,12 +250,54 @@ def test_fingerprint_of_two_tiny_models_differ(tiny_encoder_dir, tmp_path):
     assert model_fingerprint(str(other)) != model_fingerprint(str(tiny_encoder_dir))
 
 
-def test_fingerprint_hub_and_builtin_without_building(tmp_path):
-    a = model_fingerprint("sentence-transformers/paraphrase-multilingual-mpnet-base-v2")
-    b = model_fingerprint("intfloat/multilingual-e5-large-instruct")
-    assert len(a) == len(b) == 16 and a != b
-    e5 = model_fingerprint(E5_REF, cache_dir=tmp_path)
-    assert len(e5) == 16 and e5 == model_fingerprint(E5_REF, cache_dir=tmp_path / "elsewhere")
+def test_fingerprint_sees_one_byte_in_the_middle_of_a_large_weight_file(tiny_encoder_dir, tmp_path):
+    """Reproduces the old flaw: only the first and last MiB of weight files over 2 MiB were hashed."""
+    copy = tmp_path / "big"
+    shutil.copytree(tiny_encoder_dir, copy)
+    weights = copy / "extra.safetensors"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 4 * (1 << 20), dtype=np.uint8).tobytes())
+    weights.write_bytes(bytes(data))
+    before = model_fingerprint(str(copy))
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(copy)) != before
+
+
+def test_fingerprint_hashes_once_and_reverifies_by_size_and_mtime(tiny_encoder_dir, tmp_path, monkeypatch):
+    import os
+
+    from jobembed import fingerprint
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_encoder_dir, copy)
+    first = model_fingerprint(str(copy))
+    sidecar = copy / fingerprint.SIDECAR
+    assert sidecar.is_file()
+    fingerprint._fingerprint.cache_clear()  # a new process: only the sidecar remembers
+    hashed = []
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda p, **kw: hashed.append(p) or real(p))
+    assert model_fingerprint(str(copy)) == first and hashed == []
+    config = copy / "config_sentence_transformers.json"
+    config.write_text(config.read_text() + " ")
+    st = config.stat()
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert model_fingerprint(str(copy)) != first
+    assert [p.name for p in hashed] == [config.name]  # only the changed file was re-hashed
+
+
+def test_fingerprint_ignores_model_cards_and_hidden_files(tiny_encoder_dir, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_encoder_dir, copy)
+    fp = model_fingerprint(str(copy))
+    (copy / "README.md").write_text("# trained on 5,000 ads")
+    (copy / ".DS_Store").write_text("x")
+    assert model_fingerprint(str(copy)) == fp
+
+
+def test_builtin_names_are_canonical(tmp_path):
+    r = resolve("builtin:Multilingual-E5-Small", cache_dir=tmp_path, build=False)
+    assert r.ref == "builtin:multilingual-e5-small"
     assert not (tmp_path / "models").exists()
 
 
@@ -284,7 +402,7 @@ def test_e5_tokenizer_counts_match_the_engine(e5_tokenizer):
 def test_e5_build_is_atomic_and_built_once(tmp_path, monkeypatch):
     calls = []
 
-    def fake_build(bin_path, out_dir, *, work_dir):
+    def fake_build(bin_path, out_dir, *, work_dir, on_step=None):
         calls.append(out_dir)
         out_dir.mkdir(parents=True)
         (out_dir / "modules.json").write_text("[]")
@@ -301,7 +419,7 @@ def test_e5_build_is_atomic_and_built_once(tmp_path, monkeypatch):
 
 
 def test_e5_interrupted_build_leaves_no_folder(tmp_path, monkeypatch):
-    def failing_build(bin_path, out_dir, *, work_dir):
+    def failing_build(bin_path, out_dir, *, work_dir, on_step=None):
         out_dir.mkdir(parents=True)
         (out_dir / "modules.json").write_text("[]")
         raise KeyboardInterrupt

@@ -1,71 +1,99 @@
+"""evaluate_systems: the pure comparison, on synthetic vectors (no encoder, no files)."""
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from jobembed import evaluate
+from jobembed.config import PipelineConfig
+from jobembed.embed import RunVectors
+from jobembed.errors import DataError
+from jobembed.evaluate import evaluate_systems
+
+CLASSES = ["a", "b", "c"]
 
 
-def test_metrics_known_values():
-    y = ["a", "a", "b", "b", "c"]
-    p = ["a", "b", "b", "b", "a"]
-    m = evaluate.classification_metrics(y, p, min_support=2)
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    # per class F1: a = 0.5, b = 0.8, c = 0 -> macro 0.433; classes with >= 2 true ads: a, b -> 0.65
-    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0) / 3)
-    assert m["macro_f1_min_support"] == pytest.approx((0.5 + 0.8) / 2)
-    assert set(evaluate.METRICS) <= set(m)
+def _splits(n_per_class=30, seed=0, single_class=False):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["a"] if single_class else CLASSES, n_per_class)
+    rng.shuffle(labels)
+    words = {"a": "kierowca ciężarówki", "b": "pielęgniarka szpital", "c": "programista python"}
+    frame = pd.DataFrame(
+        {
+            "id": [f"ad{i}" for i in range(len(labels))],
+            "text": [f"{words[y]} oferta {rng.integers(1000)}" for y in labels],
+            "label": labels,
+            "group": np.arange(len(labels)) // 2,  # pairs of reposts
+        }
+    )
+    n = len(frame)
+    parts = {"train": frame.iloc[: n // 2], "val": frame.iloc[n // 2 : 2 * n // 3], "test": frame.iloc[2 * n // 3 :]}
+    return {k: v.reset_index(drop=True) for k, v in parts.items()}
 
 
-def test_per_class_table_counts_predictions():
-    table = evaluate.per_class_table(["a", "a", "b"], ["a", "b", "b"], labels=["a", "b", "c"])
-    assert table.set_index("label").loc["b", "predicted"] == 2
-    assert table.set_index("label").loc["c", "support"] == 0
+def _vectors(splits, name, fingerprint, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, 16)) * 2
+
+    def enc(frame):
+        idx = np.searchsorted(CLASSES, frame["label"].to_numpy())
+        return (centers[idx] + rng.normal(size=(len(frame), 16))).astype(np.float32)
+
+    return RunVectors(
+        name, fingerprint, "fp32", None, enc(splits["train"]), enc(splits["val"]), enc(splits["test"]), centers[:3]
+    )
 
 
-def test_mcnemar_counts_and_p():
-    y = ["a"] * 20
-    a = ["a"] * 20
-    b = ["a"] * 5 + ["x"] * 15
-    r = evaluate.mcnemar(y, a, b)
-    assert (r["a_only"], r["b_only"]) == (15, 0)
-    assert r["p_value"] < 0.001
-    assert evaluate.mcnemar(y, a, a)["p_value"] == 1.0
+LABELS = pd.DataFrame({"label": CLASSES, "name": CLASSES, "description": ["", "", ""]})
 
 
-def test_corrected_ttest_is_more_conservative_than_plain():
-    a = np.array([0.80, 0.82, 0.79, 0.81, 0.83])
-    b = a - np.array([0.02, 0.01, 0.03, 0.02, 0.01])
-    r = evaluate.corrected_paired_ttest(a, b, n_train=800, n_test=200)
-    from scipy import stats
-
-    plain = stats.ttest_rel(a, b).pvalue
-    assert r["mean_diff"] == pytest.approx(0.018)
-    assert plain < r["p_value"] < 1
+def _config(**report):
+    return PipelineConfig.model_validate(
+        {
+            "report": {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 500}, **report},
+            "head": {"max_epochs": 20},
+        }
+    )
 
 
-def test_bootstrap_ci_brackets_the_estimate():
-    rng = np.random.default_rng(0)
-    y = rng.choice(list("abc"), 300)
-    p = np.where(rng.random(300) < 0.7, y, "a")
-    lo, hi = evaluate.bootstrap_ci(y, p, evaluate.accuracy, n_resamples=300)
-    assert lo < evaluate.accuracy(y, p) < hi
-    assert hi - lo < 0.2
+def test_every_system_with_unique_keys_and_readable_names():
+    splits = _splits()
+    vectors = {
+        "runs/a/encoder": _vectors(splits, "runs/a/encoder", "1" * 16),
+        "runs/b/encoder": _vectors(splits, "runs/b/encoder", "2" * 16, 1),
+    }
+    result = evaluate_systems(config=_config(), splits=splits, labels=LABELS, vectors=vectors, progress=False)
+    systems = result.metrics["systems"]
+    assert len(systems) == 1 + 4 * 2  # tfidf once, the others per encoder
+    assert "mlp@encoder-11111111" in systems and "mlp@encoder-22222222" in systems
+    assert systems["mlp@encoder-11111111"]["display"] == "mlp@encoder-11111111"  # same short name: slug shown
+    assert result.metrics["winner"] == result.metrics["ranking"][0]
+    assert set(result.models) == set(systems) and set(result.per_class) == set(systems)
+    for r in systems.values():
+        lo, hi = r["test_ci95"]["accuracy"]
+        assert lo <= r["test"]["accuracy"] <= hi
 
 
-def test_fit_temperature_recovers_scale():
-    rng = np.random.default_rng(0)
-    true_t = 0.5
-    logits = rng.normal(size=(4000, 5))
-    proba = evaluate.softmax(logits / true_t)
-    y = np.array([rng.choice(5, p=row / row.sum()) for row in proba.astype(float)])
-    assert evaluate.fit_temperature(logits, y) == pytest.approx(true_t, rel=0.15)
+def test_single_class_is_a_clear_error():
+    splits = _splits(single_class=True)
+    with pytest.raises(DataError, match="single class"):
+        evaluate_systems(config=_config(), splits=splits, labels=LABELS, vectors={}, progress=False)
 
 
-def test_ece_perfect_is_zero():
-    proba = np.eye(3)[[0, 1, 2, 0]]
-    assert evaluate.expected_calibration_error(proba, np.array([0, 1, 2, 0])) == 0
+def test_more_folds_than_groups_is_a_clear_error():
+    splits = _splits(n_per_class=4)
+    with pytest.raises(DataError, match="--cv-folds 50"):
+        evaluate_systems(config=_config(cv_folds=50), splits=splits, labels=LABELS, vectors={}, progress=False)
 
 
-def test_summarize_folds_mean_std():
-    s = evaluate.summarize_folds([{"accuracy": 0.5}, {"accuracy": 0.7}])
-    assert s["accuracy"]["mean"] == pytest.approx(0.6)
-    assert s["accuracy"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+def test_cv_folds_larger_than_the_smallest_class_still_runs():
+    """Reproduces: --cv-folds larger than the smallest class crashed (the MLP's own holdout inside a fold)."""
+    splits = _splits(n_per_class=12)
+    vectors = {"m": _vectors(splits, "m", "3" * 16)}
+    result = evaluate_systems(
+        config=_config(cv_folds=8, systems=["mlp", "centroid"]),
+        splits=splits,
+        labels=LABELS,
+        vectors=vectors,
+        progress=False,
+    )
+    assert len(result.metrics["systems"]["mlp@m-33333333"]["cv"]["folds"]) == 8

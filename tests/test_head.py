@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from jobembed.config import HeadConfig
 from jobembed.errors import BundleError, ConfigError, DataError
-from jobembed.evaluate import expected_calibration_error
+from jobembed.metrics import expected_calibration_error
 from jobembed.head import HEAD_FORMAT, HeadInputError, MLPHead, class_weights
 
 DIM = 24
@@ -297,10 +297,28 @@ def test_singleton_class_stays_in_training() -> None:
     y = np.concatenate([Y_TRAIN, ["ogrodnik"]])
     h = MLPHead(**FAST).fit(X, y)
     assert "ogrodnik" in h.classes_
-    tr, va = h._holdout(np.searchsorted(h.classes_, y), seed=0)
+    tr, va = h._holdout(np.searchsorted(h.classes_, y), h.random_state, None)
     assert len(y) - 1 in tr and len(y) - 1 not in va
     assert set(LABELS) - {RARE} <= set(y[va])  # stratified: every common class is validated
     assert h.calibration_["n_val"] == len(va)
+
+
+def test_early_stopping_holdout_keeps_reposts_together() -> None:
+    """Reproduces: the MLP's own holdout (inside CV) was stratified but not grouped, so a repost in training and
+    its copy in the early-stopping rows made validation look better than it is."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(len(Y_TRAIN) // 3 + 1), 3)[: len(Y_TRAIN)]
+    y = Y_TRAIN[np.searchsorted(groups, groups, side="left")]  # one label per group
+    X = X_TRAIN + rng.normal(scale=0.01, size=X_TRAIN.shape).astype(np.float32)
+    head = MLPHead(**FAST)
+    tr, va = head._holdout(np.unique(y, return_inverse=True)[1], 0, groups)
+    assert not set(groups[tr]) & set(groups[va])
+    assert len(set(y[va])) >= len(set(y)) - 1  # still stratified
+    fitted = MLPHead(**FAST).fit(X, y, groups=groups)
+    _, va_fit = fitted._holdout(np.unique(y, return_inverse=True)[1], fitted.random_state, groups)
+    assert fitted.calibration_["n_val"] == len(va_fit)
+    with pytest.raises(HeadInputError, match="groups"):
+        MLPHead(**FAST).fit(X, y, groups=groups[:-1])
 
 
 @pytest.mark.parametrize("standardize", [True, False])

@@ -49,7 +49,7 @@ def test_pipeline_on_real_ads_with_builtin_e5(tmp_path, real_cache, monkeypatch)
         "report": {"cv_folds": 3, "bootstrap": 200, "tfidf": {"max_features": 20000}},
     }
     (tmp_path / "real.yaml").write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "real.yaml"), "--quiet"])
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "real.yaml"), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "runs" / "real" / "report" / "metrics.json").read_text())
     cv = {r["system"]: r["cv"]["summary"]["macro_f1"]["mean"] for r in metrics["systems"].values()}

@@ -1,0 +1,49 @@
+"""Configs: every shipped YAML loads, ${VAR} expansion, errors that name the flag the user typed."""
+
+from pathlib import Path
+
+import pytest
+
+from jobembed.config import PipelineConfig, load_config, section_for_key
+from jobembed.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path, monkeypatch):
+    monkeypatch.setenv("JOBEMBED_DATA", "/data")
+    assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_unset_variable_without_default_is_named(tmp_path, monkeypatch):
+    """Reproduces: an unset ${VAR} silently became an empty string."""
+    monkeypatch.delenv("NO_SUCH_VAR_FOR_TESTS", raising=False)
+    (tmp_path / "c.yaml").write_text("prepare:\n  input: ${NO_SUCH_VAR_FOR_TESTS}/ads.csv\n")
+    with pytest.raises(ConfigError, match=r"'prepare.input' uses \$\{NO_SUCH_VAR_FOR_TESTS\}"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("prepare:\n  input: ${NO_SUCH_VAR_FOR_TESTS:-/fallback}/ads.csv\n")
+    assert str(load_config(tmp_path / "d.yaml").prepare.input) == "/fallback/ads.csv"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flags", "needle"),
+    [
+        ({"report.systems": ["mlp", "svm"]}, {"report.systems": "--systems"}, "--systems"),
+        ({"head.class_weight": "heavy"}, {"head.class_weight": "--class-weight"}, "--class-weight"),
+        ({"prepare.test_size": 0.9, "prepare.val_size": 0.9}, {"prepare.test_size": "--test-size"}, "--test-size"),
+        ({"report.systems": ["mlp", "svm"]}, None, "config field 'report.systems.1'"),
+    ],
+)
+def test_invalid_override_names_the_flag(tmp_path, overrides, flags, needle):
+    """Reproduces: a bad --systems value was reported against config.yaml instead of the flag."""
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / "c.yaml", overrides, flags=flags)
+
+
+def test_runtime_fields_stay_out_of_stage_keys():
+    a = PipelineConfig.model_validate({"embed": {"batch_size": 8, "device": "cpu"}})
+    b = PipelineConfig.model_validate({"embed": {"batch_size": 64, "device": "auto"}})
+    c = PipelineConfig.model_validate({"embed": {"max_seq_length": 128}})
+    assert section_for_key(a.embed) == section_for_key(b.embed) != section_for_key(c.embed)
