@@ -15,8 +15,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from jobembed.config import HeadConfig
 from jobembed.errors import BundleError, ConfigError, DataError
-from jobembed.metrics import expected_calibration_error
 from jobembed.head import HEAD_FORMAT, HeadInputError, MLPHead, class_weights
+from jobembed.metrics import expected_calibration_error
 
 DIM = 24
 # Deliberately not sorted: classes_ must come out sorted whatever order the labels arrive in.
