@@ -72,7 +72,10 @@ def test_four_writer_processes_on_one_store(tmp_path):
 def test_killed_writer_leaves_a_consistent_store(tmp_path):
     """SIGKILL in the middle of writing: reopen, nothing corrupt, every transaction all-or-nothing."""
     root, folder = str(Path(__file__).resolve().parents[1]), str(tmp_path)
-    code = f"import sys; sys.path.insert(0, {root!r})\nfrom tests.test_store import _writer\n_writer({folder!r}, 0, 10**7, 50)\n"
+    code = (
+        f"import sys; sys.path.insert(0, {root!r})\n"
+        f"from tests.test_store import _writer\n_writer({folder!r}, 0, 10**7, 50)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
     store = Store(tmp_path)
