@@ -2,6 +2,7 @@
 first, exact all-pairs version, on synthetic portals made from pl-jobads.
 
     .venv/bin/python experiments/bench_prepare.py [--sizes 8000,50000,500000] [--old-up-to 50000]
+    .venv/bin/python experiments/bench_prepare.py --jaccard     # why 32 bands of 4 rows (jobembed/dedup.py)
 
 Synthetic ads: each original is a real pl-jobads title followed by 6-14 sentences drawn from real ads of the
 same ISCO major group (so every original is new text in real Polish vacancy language); then 20% of the ads
@@ -14,6 +15,7 @@ repost groups are compared (same partition of the ads; adjusted Rand index; pair
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import subprocess
@@ -120,12 +122,52 @@ def agreement(a: Path, b: Path) -> dict:
     }
 
 
+def jaccard_of_exact_pairs() -> None:
+    """Word-bigram Jaccard of the pairs the exact search joins on pl-jobads vs random pairs, and the chance
+    that 32 bands of 4 MinHash rows make each a candidate: the numbers behind jobembed.dedup's LSH setting."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from jobembed.dedup import LSH_BANDS, LSH_ROWS, normalise_for_dedup
+
+    texts = pd.read_csv(DATA / "pl-jobads" / "ads.csv", dtype=str, keep_default_na=False)["text"]
+    norm = texts.map(normalise_for_dedup).drop_duplicates().tolist()
+    x = TfidfVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", lowercase=False).fit_transform(norm)
+    sims = (x @ x.T).tocoo()
+    keep = (sims.row < sims.col) & (sims.data >= 0.9 - 1e-6)
+    token = re.compile(r"(?u)\b\w+\b")
+    bigrams = [set(itertools.pairwise(t)) for t in (token.findall(s) for s in norm)]
+
+    def jaccard(i: int, j: int) -> float:
+        return len(bigrams[i] & bigrams[j]) / max(1, len(bigrams[i] | bigrams[j]))
+
+    joined = np.array([jaccard(i, j) for i, j in zip(sims.row[keep], sims.col[keep], strict=True)])
+    rng = np.random.default_rng(0)
+    rand = np.array([jaccard(i, j) for i, j in rng.integers(0, len(norm), (20_000, 2)) if i != j])
+
+    def p_candidate(j: np.ndarray) -> np.ndarray:
+        return 1 - (1 - j**LSH_ROWS) ** LSH_BANDS
+
+    q = [0, 0.001, 0.01, 0.05, 0.5]
+    print(f"{len(norm)} distinct normalised ads; {keep.sum()} pairs with TF-IDF cosine >= 0.9")
+    print("bigram Jaccard of those pairs, quantiles", dict(zip(q, np.quantile(joined, q).round(3), strict=True)))
+    print(
+        "bigram Jaccard of random pairs, quantiles",
+        dict(zip([0.5, 0.99, 0.999], np.quantile(rand, [0.5, 0.99, 0.999]).round(4), strict=True)),
+    )
+    print(f"expected share of joined pairs that become candidates: {p_candidate(joined).mean():.4f}")
+    print(f"expected candidates per random pair: {p_candidate(rand).mean():.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8000,50000,500000")
     ap.add_argument("--old-up-to", type=int, default=50_000, help="run the exact version only up to this size")
+    ap.add_argument("--jaccard", action="store_true", help="print the Jaccard numbers behind the LSH setting")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.jaccard:
+        jaccard_of_exact_pairs()
+        return
     if args.child:
         csv, out, variant = args.child
         print(json.dumps(run_prepare(Path(csv), Path(out), variant)))

@@ -38,7 +38,7 @@ def main() -> None:
     }
     config = load_config(None, overrides)
     t0 = time.perf_counter()
-    run_stages(config, target="compare-report", progress=True)
+    run_stages(config, target="compare-report", progress=False)
     took = time.perf_counter() - t0
     metrics = json.loads((config.run_dir / "report" / "metrics.json").read_text())
     card = json.loads((config.run_dir / "prepare" / "data_card.json").read_text())

@@ -49,7 +49,7 @@ def main() -> None:
         "report": {"cv_folds": 5},
     }
     config = load_config(None, base)
-    run_stages(config, target="embed", progress=True)
+    run_stages(config, target="embed", progress=False)
     splits = data.load_splits(config.run_dir / "prepare")
     labels = data.load_labels(config.run_dir / "prepare")
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)

@@ -484,6 +484,7 @@ def classify(
             raise JobembedError(f"--out {out}", expected="a name ending in " + ", ".join(_OUT_SUFFIXES))
         if out.parent.exists() and not out.parent.is_dir():
             raise JobembedError(f"--out {out}: {out.parent} is a file", fix="pass a path inside a folder")
+        _check_writable(out)
     path = bundle or find_latest_bundle(runs_dir)
     loaded = load_bundle(path, device=device or "auto")
     cfg = loaded.classify_defaults.model_copy(
@@ -504,6 +505,17 @@ def classify(
         console.print(table)
         return
     _classify_file(loaded, input, text_col=text_col, out=out, cfg=cfg, as_json=as_json, progress=not quiet)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any text is encoded when ``--out`` cannot be written."""
+    probe = out.with_name(f".{out.name}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise JobembedError(f"cannot write --out {out} ({e.strerror or e})", fix="pass a writable path") from None
 
 
 def _classify_file(

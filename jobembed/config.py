@@ -61,7 +61,8 @@ class SystemName(StrEnum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
-    # Fields that change how fast a stage runs, not what it computes: left out of stage keys.
+    # Fields that change how fast a stage runs (or where it reads from), not what it computes: left out of
+    # stage keys.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
@@ -78,6 +79,9 @@ class LabelSetConfig(_Strict):
 
 class PrepareConfig(_Strict):
     """``prepare``: read, validate, dedupe, split."""
+
+    # The input file's content hash is in prepare's key, so moving or renaming the file re-runs nothing.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"input"})
 
     input: Path | None = None
     text_col: str = "text"

@@ -162,3 +162,15 @@ def test_copied_builtin_e5_bundle_loads_and_predicts(tmp_path, real_cache, monke
     bundle = load_bundle(tmp_path / "elsewhere")
     assert bundle.meta.encoder.fingerprint == model_fingerprint(ref)
     np.testing.assert_allclose(bundle.predict_proba(texts), bundle.head.predict_proba(X), atol=1e-5)
+
+
+def test_bundle_records_the_pinned_hub_revision(setup, tmp_path):
+    """A bundle made from a Hub encoder records the commit its vectors came from, and loads that commit."""
+    config, _ads, X, y, _info = setup
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    ref = f"sentence-transformers/paraphrase-multilingual-mpnet-base-v2@{commit}"  # an explicit commit: no lookup
+    info = EncoderInfo(ref, model_fingerprint(ref), "fp16", None, 256)
+    path = _save(tmp_path / "b", config, info, CentroidClassifier().fit(X, y))
+    meta = json.loads((path / "bundle.json").read_text())["encoder"]
+    assert (meta["revision"], meta["source_ref"], meta["ref"], meta["precision"]) == (commit, ref, ref, "fp16")
+    assert load_bundle(path).encoder_ref == ref  # what the embedder resolves: that exact commit

@@ -346,6 +346,8 @@ BAD_INPUTS = [
     # run folders and configs
     (["prepare", "{ws}/afile", "--input", "{ws}/ads.csv"], "is a file"),
     (["prepare", "{ws}/afile/run", "--input", "{ws}/ads.csv"], "is a file"),
+    (["prepare", "/proc/jobembed-run", "--input", "{ws}/ads.csv"], "cannot write"),  # unwritable, even for root
+    (["classify", "--input", "{ws}/new.csv", "--bundle", "{ws}/runs/tiny/bundle", "--out", "/proc/p.csv"], "--out"),
     (["run", "--config", "{ws}/nope.yaml"], "not found"),
     (["run", "--config", "{ws}/bad.yaml"], "not valid YAML"),
     (["run", "--config", "{ws}/unset.yaml"], "JOBEMBED_TEST_UNSET_VAR"),

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from jobembed.cli import app
 
-DATA = Path(os.environ.get("JOBEMBED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("JOBEMBED_DATA", ROOT.parent / "shared" / "data"))
 ADS = DATA / "pl-jobads" / "ads.csv"
 
 pytestmark = [
@@ -25,30 +26,14 @@ pytestmark = [
 
 def test_pipeline_on_real_ads_with_builtin_e5(tmp_path, real_cache, monkeypatch):
     monkeypatch.setenv("JOBEMBED_CACHE", str(real_cache))
-    cfg = {
-        "name": "real",
-        "runs_dir": str(tmp_path / "runs"),
-        "prepare": {
-            "input": str(ADS),
-            "text_col": "text",
-            "label_col": "isco_major",
-            "id_col": "id",
-            "labels": {
-                "path": str(DATA / "pl-jobads" / "labels.csv"),
-                "code_col": "code",
-                "name_col": "name_en",
-                "description_col": "description_en",
-                "filter": {"level": "isco_major"},
-            },
-            "max_rows": 600,
-            "min_class_count": 5,
-            "seed": 13,
-        },
-        "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 128},
-        "head": {"max_epochs": 100},
-        "report": {"cv_folds": 3, "bootstrap": 200, "tfidf": {"max_features": 20000}},
-    }
-    (tmp_path / "real.yaml").write_text(yaml.safe_dump(cfg))
+    # The demo config (configs/demo.yaml), at the 9 ISCO major groups and on 600 ads, with quick settings.
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo["prepare"].update(input=str(ADS), label_col="isco_major", max_rows=600, min_class_count=5)
+    demo["prepare"]["labels"].update(path=str(DATA / "pl-jobads" / "labels.csv"), filter={"level": "isco_major"})
+    demo.update(name="real", runs_dir=str(tmp_path / "runs"))
+    demo["head"]["max_epochs"] = 100
+    demo["report"].update(cv_folds=3, bootstrap=200, tfidf={"max_features": 20000})
+    (tmp_path / "real.yaml").write_text(yaml.safe_dump(demo))
     result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "real.yaml"), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "runs" / "real" / "report" / "metrics.json").read_text())
