@@ -15,6 +15,8 @@ Nothing here prints; the CLI prints ``data_card_table(card)``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import re
 import warnings
@@ -104,6 +106,7 @@ def load_label_set(cfg: LabelSetConfig) -> pd.DataFrame:
                     fix=f"set labels.{setting} to one of the columns above",
                 )
     rows = np.asarray(table.attrs["source_rows"])
+    table.attrs = {}
     keep = np.ones(len(table), dtype=bool)
     for col, value in cfg.filter.items():
         keep &= (table[col].str.strip() == str(value).strip()).to_numpy()
@@ -206,13 +209,15 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
         raise ConfigError("prepare needs an input file", fix="pass INPUT (CSV, JSONL or Parquet) or set prepare.input")
     path = Path(config.input)
     raw = read_table(path, what="--input (prepare.input)")
+    _release_freed_memory()
     sha256 = file_sha256(path)
     _check_columns(raw, config, path)
-    source_rows = np.asarray(raw.attrs["source_rows"], dtype=np.int64)
-    if config.text_col in raw.attrs.get("non_string", {}):
+    read_info, raw.attrs = dict(raw.attrs), {}  # pandas would copy attrs into every frame derived from raw
+    source_rows = np.asarray(read_info["source_rows"], dtype=np.int64)
+    if config.text_col in read_info.get("non_string", {}):
         raise DataError(
             f"column '{config.text_col}' holds values that are not text "
-            f"(row {raw.attrs['non_string'][config.text_col]})",
+            f"(row {read_info['non_string'][config.text_col]})",
             where=str(path),
             fix="pass --text-col with the column that holds the ad texts (numbers are not ads)",
         )
@@ -229,7 +234,7 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
     card: dict[str, Any] = {
         "input": str(path),
         "input_sha256": sha256,
-        "delimiter": raw.attrs.get("delimiter"),
+        "delimiter": read_info.get("delimiter"),
         "columns": {"text": config.text_col, "label": config.label_col, "id": config.id_col},
         "rows_read": len(raw),
         "rows_dropped": {},
@@ -257,12 +262,13 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
 
     # 5. duplicates and label conflicts
     work, dedup_card = _dedup(work, config)
+    _release_freed_memory()
     card.update(dedup_card.pop("card"))
     if "label_conflict" in dedup_card:
         card["rows_dropped"]["label_conflict"] = dedup_card["label_conflict"]
 
     # 6. near-duplicate groups
-    work["group"] = near_duplicate_groups(work["_norm"].tolist(), config.near_duplicate_threshold, progress=progress)
+    work["group"] = near_duplicate_groups(work["_norm"], config.near_duplicate_threshold, progress=progress)
     sizes = work["group"].value_counts()
     card["near_duplicates"] = {
         "threshold": config.near_duplicate_threshold,
@@ -344,6 +350,19 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
 _FLAGS = {"text_col": "--text-col", "label_col": "--label-col", "id_col": "--id-col"}
 
 
+def _release_freed_memory() -> None:
+    """Give the memory of freed Python strings back to the OS (glibc keeps it otherwise).
+
+    Parsing and normalising ads make millions of short-lived strings; glibc keeps their pages, and the large
+    arrays that come next are mapped anew beside them, so at 500k ads the kept pages alone were ~5 GB of the
+    peak. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _check_columns(raw: pd.DataFrame, config: PrepareConfig, path: Path) -> None:
     for setting, flag in _FLAGS.items():
         col = getattr(config, setting)
@@ -408,10 +427,8 @@ def _check_against_label_set(work: pd.DataFrame, label_set: pd.DataFrame, cfg: L
 
 def _dedup(work: pd.DataFrame, config: PrepareConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Keep one row per normalised text; resolve label conflicts inside a group by ``conflict_policy``."""
-    norm = work["text"].map(normalise_for_dedup).astype(str)
-    # A text that normalises to nothing (only punctuation) keys on itself, not on every other such text.
-    norm = norm.where(norm != "", "\x00" + work["text"].str.casefold())
-    work = work.assign(_norm=norm, _key=pd.factorize(norm)[0])
+    norm, key, text_key = _normalised_keys(work["text"])
+    work = work.assign(_norm=norm, _key=key, _text_key=text_key)
     n_labels = work.groupby("_key")["label"].nunique()
     conflict_keys = n_labels.index[n_labels > 1]
     conflicts = work[work["_key"].isin(conflict_keys)]
@@ -450,7 +467,7 @@ def _dedup(work: pd.DataFrame, config: PrepareConfig) -> tuple[pd.DataFrame, dic
         in_conflict = work["_key"].isin(conflict_keys).to_numpy()
         keep &= ~in_conflict
         keep |= work.index.isin(chosen)
-    n_texts = work["text"].nunique()
+    n_texts = int(work["_text_key"].nunique())
     dup_examples = []
     for _, sub in work[work["_key"].duplicated(keep=False)].groupby("_key", sort=False):
         kept = sub.index[keep[work.index.get_indexer(sub.index)]]
@@ -465,7 +482,33 @@ def _dedup(work: pd.DataFrame, config: PrepareConfig) -> tuple[pd.DataFrame, dic
         "duplicate_examples": dup_examples,
         "label_conflicts": conflict_card,
     }
-    return work[keep].copy(), out
+    # A boolean take is already a new frame (pandas copy-on-write); with nothing to drop, keep the frame itself.
+    return (work if keep.all() else work[keep]), out
+
+
+def _normalised_keys(texts: pd.Series, step: int = 50_000) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(normalised texts, duplicate-group key per row, exact-text key per row), computed in chunks.
+
+    A row's key is the factorised 64-bit BLAKE2 hash of its normalised text (exact text: of the text), so
+    the Python strings the normalisation makes exist for one chunk of ads at a time, never for all 500k: a
+    collision needs ~4 billion distinct ads. A text that normalises to nothing (only punctuation) keys on itself,
+    not on every other such text.
+    """
+    parts, keys, text_keys = [], [], []
+    for start in range(0, len(texts), step):
+        chunk = texts.iloc[start : start + step].tolist()
+        normed = [normalise_for_dedup(t) or "\x00" + t.casefold() for t in chunk]
+        parts.append(pd.Series(normed, index=texts.index[start : start + step], dtype=str))
+        keys.append(np.fromiter((_hash64(t) for t in normed), dtype=np.uint64, count=len(chunk)))
+        text_keys.append(np.fromiter((_hash64(t) for t in chunk), dtype=np.uint64, count=len(chunk)))
+    norm = pd.concat(parts) if parts else pd.Series([], dtype=str)
+    empty = np.zeros(0, dtype=np.uint64)
+    key = pd.factorize(np.concatenate(keys) if keys else empty)[0]
+    return norm, key, np.concatenate(text_keys) if text_keys else empty
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def _handle_rare(work: pd.DataFrame, config: PrepareConfig, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -7,8 +7,11 @@ by size and modification time and re-hash only files whose size or mtime changed
 costs one full read in its lifetime, not one per process.
 
 The sidecar lives inside the folder when jobembed may write there; for read-only folders and folders
-inside installed packages it lives in ``<cache>/fingerprints/``. Files that do not change what a model
-computes are left out: hidden files (the sidecar itself, editors' and git's) and Markdown model cards.
+inside installed packages it lives in ``<cache>/fingerprints/``. What does not change what a model computes is
+left out: hidden files (the sidecar itself, editors' and git's), Markdown model cards, and the bookkeeping keys
+that libraries write into their ``*config*.json`` files (library versions, ``local_files_only``): two builds of
+``builtin:multilingual-e5-small``, one with ``HF_HUB_OFFLINE`` set and one without, differ only there, and a
+bundle made on one machine must load on the other.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from typing import Any
 from jobembed.artifacts import file_sha256, write_json
 
 SIDECAR = ".jobembed-fingerprint.json"
-SIDECAR_FORMAT = "jobembed-fingerprint/1"
+SIDECAR_FORMAT = "jobembed-fingerprint/2"
+# Keys of *config*.json files that record how or where a folder was written, not what the model computes.
+VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "local_files_only", "is_local", "__version__", "_name_or_path", "_commit_hash"}
+)
 
 
 def model_files(folder: Path) -> list[tuple[str, int, int]]:
@@ -61,7 +68,7 @@ def _fingerprint(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
         if isinstance(seen, dict) and seen.get("size") == size and seen.get("mtime_ns") == mtime and seen.get("sha256"):
             digest = seen["sha256"]
         else:
-            digest = file_sha256(path / rel)
+            digest = content_digest(path / rel)
         entries[rel] = {"size": size, "mtime_ns": mtime, "sha256": digest}
     if entries != known:
         # A read-only place: the digests are simply recomputed by the next process.
@@ -71,6 +78,19 @@ def _fingerprint(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
     for rel in sorted(entries):
         h.update(f"{rel}\0{entries[rel]['sha256']}\0".encode())
     return h.hexdigest()[:16]
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes; for a ``*config*.json`` file, of its canonical JSON without volatile keys."""
+    if path.suffix == ".json" and "config" in path.name and path.stat().st_size < (1 << 20):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return file_sha256(path)
+        if isinstance(data, dict):
+            kept = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
+            return hashlib.sha256(json.dumps(kept, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return file_sha256(path)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

@@ -414,8 +414,32 @@ def run_stages(
     Returns:
         stage -> "ran" | "skipped", in run order.
     """
+    created = not config.run_dir.exists()
     check_run_dir(config.run_dir)
-    names = ancestors(target) if target else list(STAGES)
+    try:
+        return _run(
+            config,
+            names=ancestors(target) if target else list(STAGES),
+            target=target,
+            force=force,
+            progress=progress,
+            on_stage=on_stage,
+        )
+    except BaseException:
+        if created and config.run_dir.is_dir() and not any(config.run_dir.iterdir()):
+            config.run_dir.rmdir()  # a command that failed before writing anything leaves no empty run folder
+        raise
+
+
+def _run(
+    config: PipelineConfig,
+    *,
+    names: list[str],
+    target: str | None,
+    force: bool,
+    progress: bool,
+    on_stage: Callable[[str, str], None] | None,
+) -> dict[str, str]:
     plan = Plan(config)
     status: dict[str, str] = {}
     for name in names:

@@ -1,11 +1,11 @@
 """Read job-ad tables (CSV/TSV, JSONL, Parquet) with every column as strings, and clear errors.
 
 ``read_table(path)`` returns a DataFrame whose cells are all ``str`` (missing values ``""``, the text "NA"
-stays "NA"), plus what later checks need, as plain Python values in ``attrs`` (``DataFrame.attrs`` travels
-into Parquet metadata, so no arrays there):
+stays "NA"), plus what later checks need in ``attrs`` (pandas copies ``attrs`` into derived frames and Parquet
+writes them into its metadata, so callers take what they need and clear them before deriving or writing):
 
-- ``attrs["source_rows"]``: the row number a user sees in the file for each row (CSV: the header is row 1;
-  JSONL: the line; Parquet: 1-based), so every later message can name the row;
+- ``attrs["source_rows"]``: int64 array, the row number a user sees in the file for each row (CSV: the header
+  is row 1; JSONL: the line; Parquet: 1-based), so every later message can name the row;
 - ``attrs["non_string"]``: column -> first row number whose value was not text (a number, a list) in a
   typed format (JSONL, Parquet), so ``prepare`` can refuse to embed ``0`` and ``1`` as ads;
 - ``attrs["delimiter"]``: the separator a CSV file was read with (``,``; ``;`` or tab when detected).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ACCEPTED_SUFFIXES = (*CSV_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
+_CSV_CHUNK = 50_000  # rows parsed at a time
 
 
 def read_table(path: Path, *, what: str = "INPUT") -> pd.DataFrame:
@@ -71,25 +71,27 @@ def read_table(path: Path, *, what: str = "INPUT") -> pd.DataFrame:
     if suffix in PARQUET_SUFFIXES:
         frame, non_string = _read_parquet(path)
         rows = np.arange(1, len(frame) + 1)
+    elif suffix in JSONL_SUFFIXES:
+        frame, rows, non_string = _read_jsonl(path, _decode_utf8(path, path.read_bytes()))
     else:
-        text = _decode_utf8(path, path.read_bytes())
-        if suffix in JSONL_SUFFIXES:
-            frame, rows, non_string = _read_jsonl(path, text)
-        else:
-            delimiter = _delimiter(text, CSV_SUFFIXES[suffix])
-            frame = _read_csv(path, text, delimiter)
-            rows = np.arange(2, len(frame) + 2)
+        # CSV: check the bytes in chunks and let pandas read the file itself, so a 1 GB export never sits in
+        # memory as one Python string (nor as a StringIO copy of it).
+        _check_utf8(path)
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = f.readline()
+        delimiter = _delimiter(header, CSV_SUFFIXES[suffix])
+        frame = _read_csv(path, header, delimiter)
+        rows = np.arange(2, len(frame) + 2)
     if len(frame) == 0:
         raise DataError("no rows", where=str(path), found="an empty table", fix=f"pass an {what} file that has ads")
-    frame.attrs["source_rows"] = [int(r) for r in rows]
+    frame.attrs["source_rows"] = np.asarray(rows, dtype=np.int64)
     frame.attrs["non_string"] = non_string
     frame.attrs["delimiter"] = delimiter
     return frame
 
 
-def _delimiter(text: str, default: str) -> str:
+def _delimiter(header: str, default: str) -> str:
     """The separator of a delimited file: ``default`` unless the header has none of it but ``;`` or tab."""
-    header = text.lstrip("\ufeff").split("\n", 1)[0]
     if default in header:
         return default
     for candidate in (";", "\t", "|"):
@@ -110,32 +112,66 @@ def _check_unique_columns(path: Path, names: list[str]) -> None:
         seen.add(name)
 
 
+def _check_utf8(path: Path, chunk: int = 1 << 22) -> None:
+    """Raise ``_utf8_error`` at the first byte that is not UTF-8, reading the file in chunks."""
+    pos, carry = 0, b""  # pos: file offset of carry[0]
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                pos, carry = pos + len(data), b""
+            except UnicodeDecodeError as e:
+                if e.reason != "unexpected end of data":
+                    _utf8_error(path, pos + e.start)
+                pos, carry = pos + e.start, data[e.start :]  # a character cut by the chunk boundary
+    if carry:
+        _utf8_error(path, pos)
+
+
+def _utf8_error(path: Path, offset: int) -> None:
+    with open(path, "rb") as f:
+        data = f.read(offset + 1)
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    raise DataError(
+        f"not valid UTF-8: byte 0x{data[offset]:02x} on line {line}, column {column} (byte offset {offset})",
+        where=str(path),
+        fix="re-save the file as UTF-8, e.g. "
+        f"`iconv -f cp1250 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`"
+        " (cp1250 for Polish Windows files, cp1252/latin-1 for Danish)",
+    )
+
+
 def _decode_utf8(path: Path, data: bytes) -> str:
     """Decode UTF-8 (with or without BOM) ourselves so the error can name the line of the first bad byte."""
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        offset = start + e.start
-        line = data.count(b"\n", 0, offset) + 1
-        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
-        raise DataError(
-            f"not valid UTF-8: byte 0x{data[offset]:02x} on line {line}, column {column} (byte offset {offset})",
-            where=str(path),
-            fix="re-save the file as UTF-8, e.g. "
-            f"`iconv -f cp1250 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`"
-            " (cp1250 for Polish Windows files, cp1252/latin-1 for Danish)",
-        ) from None
+        _utf8_error(path, start + e.start)
+        raise  # unreachable: _utf8_error raises
 
 
-def _read_csv(path: Path, text: str, sep: str) -> pd.DataFrame:
-    if not text.strip():
+def _read_csv(path: Path, header: str, sep: str) -> pd.DataFrame:
+    if path.stat().st_size == 0 or not header.strip():
         raise DataError("no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads")
     kind = {",": "CSV", "\t": "tab-separated", ";": "semicolon-separated"}.get(sep, f"{sep!r}-separated")
     try:
-        header = next(csv.reader(io.StringIO(text.lstrip("\ufeff")), delimiter=sep), [])
-        _check_unique_columns(path, [h.strip() for h in header])
-        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
+        names = next(csv.reader([header.rstrip("\r\n")], delimiter=sep), [])
+        _check_unique_columns(path, [h.strip() for h in names])
+        # In chunks: the parser makes Python strings before they become compact string arrays, and a whole
+        # portal's export at once would hold every ad twice over (a 550 MB file peaked at 3.1 GB, chunked 1.3 GB).
+        chunks = pd.read_csv(
+            path,
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+            chunksize=_CSV_CHUNK,
+        )
+        return pd.concat(list(chunks), ignore_index=True)
     except pd.errors.EmptyDataError:
         raise DataError(
             "no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads"

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -359,10 +360,13 @@ BAD_INPUTS = [
 def test_bad_input_gives_one_clear_line_and_loses_nothing(finished_run, workspace, args, needle):
     watched = [finished_run / p for p in ("report/metrics.json", "bundle/bundle.json", "head/bundle.json")]
     before = {p: p.stat().st_mtime_ns for p in watched}
-    result = invoke(*[a.format(ws=workspace) for a in args])
+    args = [a.format(ws=workspace) for a in args]
+    new_run = Path(args[1]) if args[0] in STAGES and not Path(args[1]).exists() else None
+    result = invoke(*args)
     assert one_red_line(result), result.output
     assert needle in result.output, result.output
     assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing finished was touched
+    assert new_run is None or not new_run.exists()  # and no empty run folder is left behind
 
 
 def test_runs_dir_that_is_a_file(workspace):

@@ -621,3 +621,43 @@ def test_read_table_parquet_missing_values_and_types_become_strings(tmp_path: Pa
         "flag": ["true", "false", "true"],
         "n": ["1", "2", "3"],
     }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "WWW.Example.com/x <<EMAIL>> a@b.pl tel 123 456 789",
+        "Http://x.y  \u00a0 z\u2003w\n\n[PHONE] <ORG> x",
+        "Kierowca kat. C+E – 5 000 zł; kontakt: <<PHONE>>, jan.kowalski@firma.pl, https://firma.pl/praca?id=1",
+        "no markers at all, just words and 12 digits 1234567890",
+    ],
+)
+def test_fast_normalisation_equals_the_plain_one(text: str) -> None:
+    from jobembed.dedup import _normalise_reference
+
+    assert normalise_for_dedup(text) == _normalise_reference(text)
+
+
+@pytest.mark.slow
+def test_fast_normalisation_equals_the_plain_one_on_every_real_ad() -> None:
+    if not REAL_ADS.is_file():
+        pytest.skip(f"real data not found at {REAL_ADS} (the shared data folder beside the project)")
+    from jobembed.dedup import _normalise_reference
+
+    texts = pd.read_csv(REAL_ADS, dtype=str, keep_default_na=False)["text"]
+    assert [normalise_for_dedup(t) for t in texts] == [_normalise_reference(t) for t in texts]
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 64])
+def test_utf8_check_in_chunks_finds_the_first_bad_byte(tmp_path: Path, chunk: int) -> None:
+    from jobembed.tables import _check_utf8
+
+    good = "id,text\n1,Księgowa źdźbło\n".encode()
+    (tmp_path / "ok.csv").write_bytes(good)
+    _check_utf8(tmp_path / "ok.csv", chunk=chunk)  # multi-byte characters cut by chunk boundaries are fine
+    (tmp_path / "bad.csv").write_bytes(good + b"2,Ksi\xea\n")
+    with pytest.raises(DataError, match=r"byte 0xea on line 3, column 6"):
+        _check_utf8(tmp_path / "bad.csv", chunk=chunk)
+    (tmp_path / "cut.csv").write_bytes(good + "ą".encode()[:1])
+    with pytest.raises(DataError, match="line 3"):
+        _check_utf8(tmp_path / "cut.csv", chunk=chunk)

@@ -275,15 +275,34 @@ def test_fingerprint_hashes_once_and_reverifies_by_size_and_mtime(tiny_encoder_d
     assert sidecar.is_file()
     fingerprint._fingerprint.cache_clear()  # a new process: only the sidecar remembers
     hashed = []
-    real = fingerprint.file_sha256
-    monkeypatch.setattr(fingerprint, "file_sha256", lambda p, **kw: hashed.append(p) or real(p))
+    real = fingerprint.content_digest
+    monkeypatch.setattr(fingerprint, "content_digest", lambda p: hashed.append(p) or real(p))
     assert model_fingerprint(str(copy)) == first and hashed == []
-    config = copy / "config_sentence_transformers.json"
-    config.write_text(config.read_text() + " ")
-    st = config.stat()
-    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    modules = copy / "modules.json"
+    modules.write_text(modules.read_text() + " ")
+    st = modules.stat()
+    os.utime(modules, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert model_fingerprint(str(copy)) != first
-    assert [p.name for p in hashed] == [config.name]  # only the changed file was re-hashed
+    assert [p.name for p in hashed] == [modules.name]  # only the changed file was re-hashed
+
+
+def test_fingerprint_ignores_library_bookkeeping_in_config_files(tiny_encoder_dir, tmp_path):
+    """Reproduces: two builds of the builtin e5 differed only in tokenizer_config.json's local_files_only (set by
+    HF_HUB_OFFLINE), so a bundle made on one machine was refused on another."""
+    import json
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_encoder_dir, copy)
+    fp = model_fingerprint(str(copy))
+    path = copy / "config_sentence_transformers.json"
+    data = json.loads(path.read_text())
+    data["__version__"] = {"sentence_transformers": "99.0", "transformers": "99.0"}
+    data["local_files_only"] = True
+    path.write_text(json.dumps(data, indent=4))
+    assert model_fingerprint(str(copy)) == fp
+    data["similarity_fn_name"] = "dot"  # a setting that changes what the model computes
+    path.write_text(json.dumps(data))
+    assert model_fingerprint(str(copy)) != fp
 
 
 def test_fingerprint_ignores_model_cards_and_hidden_files(tiny_encoder_dir, tmp_path):
@@ -478,3 +497,13 @@ def test_builtin_minilm_loads_and_encodes():
     model = load_encoder("builtin:all-minilm-l6-v2", device="cpu", max_seq_length=128)
     vectors = model.encode(["warehouse worker", "truck driver"], convert_to_numpy=True)
     assert vectors.shape == (2, 384)
+
+
+@pytest.mark.slow
+def test_builtin_e5_builds_to_the_same_fingerprint_anywhere(tmp_path, monkeypatch):
+    """A bundle names builtin:multilingual-e5-small by content: a server that builds it anew must match."""
+    from jobembed.fingerprint import folder_fingerprint
+
+    first = folder_fingerprint(builtin_e5.ensure_builtin_e5(cache_dir=E5_TEST_CACHE))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the build once wrote local_files_only from it
+    assert folder_fingerprint(builtin_e5.ensure_builtin_e5(cache_dir=tmp_path)) == first
