@@ -8,7 +8,12 @@ bundle/
   labels.json      label, name, description for every class
   config.yaml      the resolved pipeline config that produced it
   encoder/         optional copy of the encoder (``bundle.copy_encoder``)
+  extractor/       with copy_encoder, a local GLiNER2 cleaner's model too
 ```
+A head trained on cleaned text (``text_column: clean_text``) carries its cleaner in ``bundle.json``
+(the ``clean`` section and the fingerprints of its pattern files and model): ``predict`` puts every text
+through it, so such a head never sees raw text.
+
 Loading validates ``bundle.json`` against its schema, checks the format version and the hash of every file
 in the folder (a file that is not listed is refused too), and, on first use, that the encoder still has
 the fingerprint the head was trained on: a head on vectors from another encoder would answer confidently
@@ -31,7 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from jobembed import __version__, encoders
 from jobembed.artifacts import atomic_dir, file_sha256, read_json, write_json
 from jobembed.baselines import CosineClassifier
-from jobembed.config import ClassifyConfig, EmbedConfig, PipelineConfig, write_resolved
+from jobembed.clean.core import Cleaner
+from jobembed.config import (
+    ClassifyConfig,
+    CleanBackend,
+    CleanConfig,
+    EmbedConfig,
+    PipelineConfig,
+    TextColumn,
+    write_resolved,
+)
 from jobembed.errors import BundleError, JobembedError
 from jobembed.fingerprint import folder_fingerprint
 from jobembed.head import MLPHead
@@ -59,6 +73,13 @@ class BundleEncoder(_Meta):
     precision: Literal["fp32", "fp16", "bf16"]
 
 
+class BundleCleaner(_Meta):
+    """The cleaner the head's training texts went through; ``classify`` applies it to every new text."""
+
+    config: dict[str, Any]  # the run's ``clean`` section (model -> "./extractor" when copied)
+    info: dict[str, Any]  # Cleaner.info() at training time: backend, pattern and model fingerprints, schema
+
+
 class BundleHead(_Meta):
     kind: Literal["mlp", "cosine"]
     path: str
@@ -74,6 +95,7 @@ class BundleMeta(_Meta):
     text_column: str
     head: BundleHead
     encoder: BundleEncoder
+    cleaner: BundleCleaner | None = None
     classes: list[str] = Field(min_length=2)
     classify: ClassifyConfig
     files: dict[str, str] = Field(min_length=1)
@@ -120,6 +142,9 @@ def save_bundle(
         if copy_encoder:
             _copy_encoder(resolved, tmp / "encoder", config=config)
             ref, copy_fp = "./encoder", folder_fingerprint(tmp / "encoder")
+        cleaner = None
+        if config.text_column == TextColumn.clean_text:
+            cleaner = _bundle_cleaner(config, tmp, copy=copy_encoder)
         files = {rel: file_sha256(tmp / rel) for rel in _bundle_files(tmp)}
         meta = BundleMeta(
             format=BUNDLE_FORMAT,
@@ -138,6 +163,7 @@ def save_bundle(
                 max_seq_length=encoder.max_seq_length,
                 precision=encoder.precision,
             ),
+            cleaner=cleaner,
             classes=[str(c) for c in model.classes_],
             classify=config.classify,
             files=files,
@@ -145,6 +171,18 @@ def save_bundle(
         )
         write_json(tmp / "bundle.json", meta.model_dump(mode="json"))
     return Path(out_dir)
+
+
+def _bundle_cleaner(config: PipelineConfig, tmp: Path, *, copy: bool) -> BundleCleaner:
+    """The run's cleaner for the bundle; a local GLiNER2 folder is copied along with the encoder."""
+    clean = Cleaner(config.clean)
+    section = config.clean.model_dump(mode="json", exclude={"cache_dir", "device"})
+    if copy and clean.backend is CleanBackend.gliner2:
+        resolved = encoders.resolve(config.clean.model, cache_dir=config.clean.cache_dir)
+        if resolved.kind == "local":
+            shutil.copytree(resolved.location, tmp / "extractor")
+            section["model"] = "./extractor"
+    return BundleCleaner(config=section, info=clean.info())
 
 
 def _bundle_files(folder: Path) -> list[str]:
@@ -206,6 +244,35 @@ class Bundle:
         self.path, self.meta, self.head, self.labels, self.device = path, meta, head, labels, device
         self.names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
         self._embedder = None
+        self._cleaner: Cleaner | None = None
+
+    @property
+    def cleaner(self) -> Cleaner | None:
+        """The cleaner the head was trained behind (None for raw text); checked against the bundle on first use."""
+        if self.meta.cleaner is None or self.meta.text_column != TextColumn.clean_text:
+            return None
+        if self._cleaner is None:
+            section = dict(self.meta.cleaner.config)
+            if str(section.get("model", "")).startswith("./"):
+                section["model"] = str(self.path / section["model"])
+            cleaner = Cleaner(CleanConfig.model_validate({**section, "device": self.device}))
+            now, then = cleaner.info(), dict(self.meta.cleaner.info)
+            if then.get("model") and section["model"] != then["model"]:
+                now["model"] = then["model"]  # a copy inside the bundle: same content, other path
+            if now != then:
+                changed = sorted(k for k in then.keys() | now.keys() if now.get(k) != then.get(k))
+                raise BundleError(
+                    f"{self.path}: the cleaner differs from the one the head was trained behind ({', '.join(changed)})",
+                    fix="install the jobembed version that made the bundle, use the same extractor files, "
+                    "or re-create the bundle",
+                )
+            self._cleaner = cleaner
+        return self._cleaner
+
+    def prepare_texts(self, texts: list[str], *, progress: bool = False) -> list[str]:
+        """What the head sees: the texts through the bundle's cleaner, or as they are."""
+        cleaner = self.cleaner
+        return texts if cleaner is None else cleaner.clean(texts, progress=progress).texts
 
     @property
     def encoder_ref(self) -> str:
@@ -251,6 +318,7 @@ class Bundle:
 
     def predict_proba(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, n_classes) probabilities, columns in ``self.head.classes_`` order."""
+        texts = self.prepare_texts(list(texts), progress=progress)
         return self.head.predict_proba(self.embedder.encode(texts, progress=progress, description="classify"))
 
     def predict(

@@ -34,7 +34,17 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from jobembed import __version__, ui
-from jobembed.config import ClassWeight, ConflictPolicy, Precision, RarePolicy, SystemName
+from jobembed.config import (
+    ClassWeight,
+    CleanBackend,
+    CleanFallback,
+    CleanLanguage,
+    ConflictPolicy,
+    Precision,
+    RarePolicy,
+    SystemName,
+    TextColumn,
+)
 from jobembed.errors import JobembedError
 
 console = Console()
@@ -156,6 +166,17 @@ def _filters(value: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``["a=b", ...]`` -> ``{"a": "b"}``; one line naming the flag for anything else."""
+    out = {}
+    for item in values or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise JobembedError(f"{flag} {item!r} is not FROM=TO", fix=f"write e.g. {flag} skill=kompetence")
+        out[key.strip()] = val.strip()
+    return out
+
+
 def _overrides(params: dict[str, Any], ctx: typer.Context) -> tuple[dict[str, Any], dict[str, str]]:
     """Config overrides from the command's ``a__b`` parameters, and dotted field -> flag for error messages."""
     overrides = {}
@@ -189,7 +210,9 @@ ExtraModelOpt = Annotated[
     list[str] | None,
     typer.Option("--extra-model", help="Another encoder to embed and compare on the same splits (repeatable)."),
 ]
-TextColOpt = Annotated[str | None, typer.Option("--text-col", help="Split column with the ad text (e.g. clean_text).")]
+TextColOpt = Annotated[
+    TextColumn | None, typer.Option("--text-col", help="The ad text later stages read: raw or the clean stage's.")
+]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", parser=_device, metavar="[auto|cpu|cuda|cuda:N|mps]", help="Where to run.")
 ]
@@ -396,6 +419,159 @@ def bundle(
     run = _stage_command("bundle", dict(locals()))
     meta = read_bundle_meta(run / "bundle")
     console.print(f"[green]bundle[/] {run / 'bundle'}: {meta.system} on {meta.encoder.source_ref}")
+
+
+clean_app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Cleaning: rewrite ads as occupation, skills and tasks (gliner2) or strip their noise (rules).",
+    no_args_is_help=True,
+)
+app.add_typer(clean_app, name="clean")
+
+BackendOpt = Annotated[CleanBackend | None, typer.Option("--backend", help="gliner2, rules or none.")]
+LanguageOpt = Annotated[
+    CleanLanguage | None, typer.Option("--language", help="Schema, template and rules preset of this language.")
+]
+ExtractorOpt = Annotated[
+    str | None, typer.Option("--model", help="GLiNER2 model: Hub id (id@revision) or a folder from `clean train`.")
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", min=0.01, max=0.99, help="Span score threshold (gliner2).")
+]
+LabelMapOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label-map", help="GOLD_LABEL=ENTITY_TYPE, e.g. skill=kompetence (repeatable)."),
+]
+
+
+@clean_app.command("run")
+@_friendly
+def clean_run(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    clean__backend: BackendOpt = None,
+    clean__language: LanguageOpt = None,
+    clean__model: ExtractorOpt = None,
+    clean__threshold: ThresholdOpt = None,
+    clean__fallback: Annotated[
+        CleanFallback | None, typer.Option("--fallback", help="When nothing is extracted: rules, raw or empty.")
+    ] = None,
+    clean__window_tokens: Annotated[
+        int | None, typer.Option("--window-tokens", min=32, help="Extractor tokens per window.")
+    ] = None,
+    clean__batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Windows per batch.")] = None,
+    clean__device: DeviceOpt = None,
+    clean__precision: PrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Clean every split of RUN into RUN/clean/ (prepare's files are not touched), with a cleaning report.
+
+    Later stages read the cleaned text when the run's text_column is clean_text (--text-col clean_text).
+    """
+    from jobembed.artifacts import read_json
+
+    run = _stage_command("clean", dict(locals()))
+    r = read_json(run / "clean" / "report.json")
+    console.print(
+        f"[green]cleaned[/] ({r['cleaner']['backend']}): {sum(r['rows'].values())} ads, "
+        f"{r['mean_chars']['before']:.0f} → {r['mean_chars']['after']:.0f} characters on average; "
+        f"sources {r['sources']}; personal data left in {r['pii_check']['rows_with_pii']} "
+        f"→ {run / 'clean' / 'report.md'}"
+    )
+
+
+@clean_app.command("eval")
+@_friendly
+def clean_eval(
+    ctx: typer.Context,
+    gold: Annotated[Path, typer.Option("--gold", help="JSONL of {id, text, spans: [{start, end, label, text}]}.")],
+    clean__backend: BackendOpt = None,
+    clean__language: LanguageOpt = None,
+    clean__model: ExtractorOpt = None,
+    clean__threshold: ThresholdOpt = None,
+    clean__device: DeviceOpt = None,
+    label_map: LabelMapOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the result as JSON here.")] = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a cleaner on gold spans: span precision/recall/F1 per type, exact and overlap (gliner2), or
+    how much gold span text survives (rules)."""
+    from jobembed.artifacts import write_json
+    from jobembed.clean.eval import eval_markdown, evaluate_cleaner
+    from jobembed.config import load_config
+
+    overrides, flags = _overrides(dict(locals()), ctx)
+    cfg = load_config(config, overrides, flags=flags)
+    if out is not None:
+        _check_writable(out)
+    mapping = _pairs(label_map, "--label-map")
+    result = evaluate_cleaner(gold_path=gold, config=cfg.clean, label_map=mapping, progress=not quiet)
+    console.print(eval_markdown(result), markup=False, highlight=False)
+    if out is not None:
+        write_json(out, result)
+        console.print(f"[green]wrote[/] {out}")
+
+
+@clean_app.command("train")
+@_friendly
+def clean_train(
+    ctx: typer.Context,
+    gold: Annotated[Path, typer.Option("--gold", help="Training JSONL of {id, text, spans: [...]}.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained GLiNER2 model.")],
+    encoder: Annotated[
+        str | None,
+        typer.Option("--encoder", help="Build a new GLiNER2 on this encoder (builtin:NAME, folder, Hub id)."),
+    ] = None,
+    start_from: Annotated[
+        str | None, typer.Option("--from", help="Continue training this GLiNER2 (folder or Hub id).")
+    ] = None,
+    clean__language: LanguageOpt = None,
+    label_map: LabelMapOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training windows.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = 8,
+    encoder_lr: Annotated[float, typer.Option("--encoder-lr", min=0.0, help="Learning rate of the encoder.")] = 3e-5,
+    task_lr: Annotated[float, typer.Option("--task-lr", min=0.0, help="Learning rate of the span heads.")] = 5e-4,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Documents held out to pick the best epoch.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 13,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Adapt a GLiNER2 extractor to your own gold spans (GLiNER2Trainer); use it with --model in clean run."""
+    from jobembed.clean.train import train_extractor
+    from jobembed.config import load_config
+
+    overrides, flags = _overrides(dict(locals()), ctx)
+    cfg = load_config(config, overrides, flags=flags)
+    _check_writable(out / "jobembed-extractor.json")
+    result = train_extractor(
+        gold_path=gold,
+        out_dir=out,
+        config=cfg.clean,
+        encoder=encoder,
+        start_from=start_from,
+        label_map=_pairs(label_map, "--label-map"),
+        epochs=epochs,
+        batch_size=batch_size,
+        encoder_lr=encoder_lr,
+        task_lr=task_lr,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device or "auto",
+    )
+    scores = result.get("val_scores") or {}
+    if scores:
+        m = scores["overlap"]["micro"]
+        console.print(f"held-out span F1 (overlap) {m['f1']:.3f}, exact {scores['exact']['micro']['f1']:.3f}")
+    console.print(
+        f"[green]extractor[/] {out} ({result['fingerprint']}); "
+        f"use it: jobembed clean run RUN --backend gliner2 --model {out}"
+    )
 
 
 @app.command()

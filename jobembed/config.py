@@ -51,6 +51,11 @@ class LabelText(StrEnum):
     name_description = "name_description"
 
 
+class TextColumn(StrEnum):
+    text = "text"
+    clean_text = "clean_text"
+
+
 class SystemName(StrEnum):
     zeroshot = "zeroshot"
     centroid = "centroid"
@@ -109,6 +114,78 @@ class PrepareConfig(_Strict):
                 f"test_size {self.test_size} + val_size {self.val_size} leave no training share "
                 "(they must add up to less than 0.95)"
             )
+        return self
+
+
+class CleanBackend(StrEnum):
+    gliner2 = "gliner2"
+    rules = "rules"
+    none = "none"
+
+
+class CleanLanguage(StrEnum):
+    da = "da"
+    pl = "pl"
+    en = "en"
+
+
+class CleanFallback(StrEnum):
+    rules = "rules"
+    raw = "raw"
+    empty = "empty"
+
+
+class EntityType(_Strict):
+    """One GLiNER2 entity type: its name (also its placeholder in the template) and the description the
+    model reads with it."""
+
+    name: str = Field(min_length=1, pattern=r"^\w+$")
+    description: str = ""
+    # None uses clean.threshold.
+    threshold: float | None = Field(None, gt=0, lt=1)
+
+
+class CleanConfig(_Strict):
+    """``clean``: rewrite each ad as occupation, skills and tasks (gliner2), or strip its noise (rules).
+
+    ``entities`` and ``template`` default to the language's preset in jobembed/clean/presets.yaml.
+    """
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "cache_dir"})
+
+    backend: CleanBackend = CleanBackend.rules
+    language: CleanLanguage = CleanLanguage.da
+    # A Hub id (pinned to a commit like encoders), or a local GLiNER2 folder (`jobembed clean train` writes one).
+    model: str = "fastino/gliner2-multi-v1"
+    entities: list[EntityType] | None = None
+    # One line per entity type, e.g. "Kompetencer: {kompetence}."; a line whose type found nothing is left out.
+    template: list[str] | None = None
+    # None: the threshold `clean train` chose on its held-out documents (jobembed-extractor.json), else 0.5.
+    threshold: float | None = Field(None, gt=0, lt=1)
+    # Enough for a long ad's skills; beyond it the lowest-scoring spans of a type are dropped (prompt budget).
+    max_spans_per_type: int = Field(12, ge=1)
+    # Windows in the extractor encoder's own subword tokens (not words), so no window passes its position
+    # limit; the overlap keeps a span cut by one window's edge whole in the next.
+    window_tokens: int = Field(256, ge=32)
+    window_overlap: int = Field(48, ge=0)
+    # When extraction finds nothing: the rules-cleaned text (default), the raw ad (may carry personal data:
+    # warned), or an empty string.
+    fallback: CleanFallback = CleanFallback.rules
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    cache_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CleanConfig:
+        if self.window_overlap >= self.window_tokens // 2:
+            raise ValueError(
+                f"window_overlap {self.window_overlap} must be less than half of window_tokens {self.window_tokens}"
+            )
+        if self.entities is not None:
+            names = [e.name for e in self.entities]
+            if len(set(names)) != len(names) or not names:
+                raise ValueError(f"entities must be a non-empty list of distinct names, found {names}")
         return self
 
 
@@ -223,9 +300,10 @@ class PipelineConfig(_Strict):
 
     name: str = "default"
     runs_dir: Path = Path("runs")
-    # The split column every stage after prepare reads as the ad text (a cleaning stage adds its own column).
-    text_column: str = "text"
+    # The ad text every stage after prepare reads: "text" (prepare's, raw) or "clean_text" (the clean stage's).
+    text_column: TextColumn = TextColumn.text
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -238,6 +316,14 @@ class PipelineConfig(_Strict):
         if not v or any(c in v for c in "/\\") or v.startswith("."):
             raise ValueError(f"run name {v!r} must be a plain folder name")
         return v
+
+    @model_validator(mode="after")
+    def _text_has_a_source(self) -> PipelineConfig:
+        if self.text_column == TextColumn.clean_text and self.clean.backend == CleanBackend.none:
+            raise ValueError(
+                "text_column clean_text needs a cleaning backend (clean.backend rules or gliner2), not none"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

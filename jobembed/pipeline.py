@@ -9,14 +9,15 @@ work, one ``register(Stage(...))`` below, and one config section.
 
 The graph today (later issues add clean, make-triplets, finetune and an embed of the fine-tuned encoder)::
 
-    prepare ──▶ embed ──▶ train-head
-                   └────▶ compare-report ──▶ bundle
+    prepare ──▶ clean ──▶ embed ──▶ train-head
+                             └────▶ compare-report ──▶ bundle
 
 Run folder (``runs/<name>/``), each stage writing only under its own folder::
 
     config.yaml        the resolved pipeline config; later commands on the run start from it
     manifest.json      per stage: resolved config, input keys, package versions, git commit
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
+    clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
     head/              bundle of the MLP head on embed.model (train-head); stage.json
     report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
@@ -35,7 +36,8 @@ from jobembed import data, embed, encoders, metrics
 from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
 from jobembed.baselines import CosineClassifier
 from jobembed.bundle import EncoderInfo, save_bundle
-from jobembed.config import PipelineConfig, load_config, section_for_key, write_resolved
+from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
+from jobembed.config import CleanBackend, PipelineConfig, TextColumn, load_config, section_for_key, write_resolved
 from jobembed.errors import ConfigError, DataError
 from jobembed.evaluate import evaluate_systems
 from jobembed.head import MLPHead
@@ -155,6 +157,11 @@ def _embed_identity(config: PipelineConfig) -> dict[str, str]:
     return {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
 
 
+def _clean_identity(config: PipelineConfig) -> dict[str, object]:
+    """The cleaner's backend, pattern files and (gliner2) model fingerprint and schema."""
+    return Cleaner(config.clean).info()
+
+
 def _head_identity(config: PipelineConfig) -> dict[str, str]:
     return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
 
@@ -163,8 +170,23 @@ def _head_identity(config: PipelineConfig) -> dict[str, str]:
 
 
 def _prepared(config: PipelineConfig):
+    """Prepare's splits and labels; with ``text_column: clean_text`` each split gains the clean stage's column."""
     prepare_dir = config.run_dir / "prepare"
-    return data.load_splits(prepare_dir), data.load_labels(prepare_dir)
+    splits = data.load_splits(prepare_dir)
+    if config.text_column == TextColumn.clean_text:
+        for name, frame in splits.items():
+            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
+    return splits, data.load_labels(prepare_dir)
+
+
+def _run_clean(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    splits = data.load_splits(config.run_dir / "prepare")
+    out_dir = config.run_dir / "clean"
+    report = clean_splits(splits=splits, config=config.clean, out_dir=out_dir, progress=progress)
+    write_resolved(config.clean, out_dir)
+    return {k: report[k] for k in ("sources", "fallbacks", "empty_outputs", "mean_chars", "seconds")} | {
+        "pii_rows": report["pii_check"]["rows_with_pii"]
+    }
 
 
 def _run_prepare(config: PipelineConfig, progress: bool) -> dict[str, Any]:
@@ -254,8 +276,19 @@ def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any
     splits, labels = _prepared(config)
     vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
     evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=progress)
+    evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
     write_report(evaluation, out_dir=config.run_dir / "report", config=config, labels=labels)
     return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
+
+
+def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
+    """For the report: which text the systems read and, if cleaned, by what."""
+    out: dict[str, Any] = {"text_column": str(config.text_column)}
+    report = config.run_dir / "clean" / "report.json"
+    if config.text_column == TextColumn.clean_text and report.is_file():
+        r = read_json(report)
+        out |= {"cleaner": r["cleaner"], "sources": r["sources"], "mean_chars": r["mean_chars"]}
+    return out
 
 
 def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
@@ -298,10 +331,21 @@ register(
 )
 register(
     Stage(
+        "clean",
+        folder="clean",
+        sections=("clean",),
+        inputs=("prepare",),
+        run=_run_clean,
+        identity=_clean_identity,
+        help="rewrite each ad as occupation, skills and tasks (gliner2), or strip its noise (rules)",
+    )
+)
+register(
+    Stage(
         "embed",
         folder="embed",
         sections=("embed",),
-        inputs=("prepare",),
+        inputs=("prepare", "clean"),
         run=_run_embed,
         identity=_embed_identity,
         shared=("text_column",),
@@ -324,7 +368,7 @@ register(
         "compare-report",
         folder="report",
         sections=("report", "head"),
-        inputs=("prepare", "embed"),
+        inputs=("prepare", "clean", "embed"),
         run=_run_compare_report,
         shared=("text_column",),
         help="every system on the same splits: test, k-fold CV, intervals, significance",
@@ -358,7 +402,10 @@ def pin_models(config: PipelineConfig) -> PipelineConfig:
         return ref if resolved.kind == "local" else resolved.ref
 
     pinned = e.model_copy(update={"model": canon(e.model), "extra_models": [canon(r) for r in e.extra_models]})
-    return config.model_copy(update={"embed": pinned})
+    update: dict[str, Any] = {"embed": pinned}
+    if config.clean.backend == CleanBackend.gliner2:
+        update["clean"] = config.clean.model_copy(update={"model": canon(config.clean.model)})
+    return config.model_copy(update=update)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -115,6 +115,22 @@ def _fmt(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
+def _cleaning_line(cleaning: dict[str, Any] | None) -> str:
+    """Which cleaning fed every system (all systems read the same text column)."""
+    if not cleaning or cleaning.get("text_column") != "clean_text":
+        return "Cleaning: none; every system read the raw ad text (`text`)."
+    c = cleaning["cleaner"]
+    what = f"`{c['backend']}`" + (f" ({c['language']})" if c.get("language") else "")
+    if c.get("model"):
+        what += f" with extractor `{c['model']}` ({c['model_fingerprint']})"
+    src = cleaning.get("sources") or {}
+    return (
+        f"Cleaning: every system read the clean stage's text (`clean_text`), cleaned by {what}; "
+        f"{cleaning.get('mean_chars', {}).get('before', '?')} → {cleaning.get('mean_chars', {}).get('after', '?')} "
+        f"characters per ad on average; sources {', '.join(f'{k} {v}' for k, v in src.items())}."
+    )
+
+
 def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class: pd.DataFrame) -> str:
     """The human report: the answer first, then the table, significance and per-class detail."""
     res, ranking, winner, data = metrics["systems"], metrics["ranking"], metrics["winner"], metrics["data"]
@@ -126,6 +142,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
         f"{data['classes']} classes with ads ({data.get('labels', data['classes'])} in the label set); "
         f"text column `{data['text_column']}`. CV: {k}-fold stratified over train+validation, reposts kept in one "
         "fold. Test: fit on train (the MLP stops early on validation), scored once on the held-out test split.",
+        "",
+        _cleaning_line(data.get("cleaning")),
         "",
         "## Answer",
         "",

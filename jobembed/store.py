@@ -201,6 +201,32 @@ class Store:
                     (kind, key, json.dumps(value, ensure_ascii=False, default=str), time.time()),
                 )
 
+    def get_records(self, kind: str, keys: Sequence[str]) -> dict[str, Any]:
+        """``{key: value}`` for the keys of ``kind`` that are stored (missing keys are left out)."""
+        found: dict[str, Any] = {}
+        with self._lock:
+            conn = self._connect()
+            for start in range(0, len(keys), _CHUNK):
+                chunk = list(keys[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT key, value FROM records WHERE kind=? AND key IN ({marks})", (kind, *chunk))
+                found.update((k, json.loads(v)) for k, v in rows)
+        return found
+
+    def put_records(self, kind: str, items: dict[str, Any]) -> None:
+        """Store many JSON-able values in one transaction (a crash keeps all of them or none)."""
+        if not items:
+            return
+        with self._lock:
+            conn = self._connect()
+            if self.readonly:
+                self._warn_readonly()
+                return
+            now = time.time()
+            rows = [(kind, k, json.dumps(v, ensure_ascii=False, default=str), now) for k, v in items.items()]
+            with _transaction(conn):
+                conn.executemany("INSERT OR REPLACE INTO records(kind, key, value, created) VALUES (?, ?, ?, ?)", rows)
+
     def integrity_check(self) -> str:
         """SQLite's own ``PRAGMA integrity_check``: ``"ok"`` for an intact file."""
         with self._lock:

@@ -8,6 +8,7 @@ per-session temporary folder.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,9 @@ def _real_cache() -> Path:
 
 
 REAL_CACHE = _real_cache()
+# Session- and module-scoped fixtures (a run built once per module) are set up before the autouse fixture below
+# redirects the cache, so the redirect is also made here, once, for the whole process: no test writes ~/.cache.
+os.environ["JOBEMBED_CACHE"] = tempfile.mkdtemp(prefix="jobembed-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,8 @@ def test_run_writes_every_artifact(finished_run):
         "manifest.json",
         "prepare/train.parquet",
         "prepare/data_card.json",
+        "clean/train.parquet",
+        "clean/report.json",
         "embed/stage.json",
         "head/bundle.json",
         "report/report.md",
@@ -123,7 +125,7 @@ def test_run_writes_every_artifact(finished_run):
 def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finished_run, workspace):
     result = invoke("run", "--config", workspace / "tiny.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    assert result.output.count("up to date, skipped") == 5
+    assert result.output.count("up to date, skipped") == 6  # prepare, clean, embed, train-head, report, bundle
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
     cfg["report"]["systems"] = ["centroid", "mlp"]
     cfg["name"] = "tiny-changed"
@@ -132,7 +134,7 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
     result = invoke("run", "--config", workspace / "changed.yaml", "--quiet")
     assert result.exit_code == 0, result.output
     assert "compare-report: running" in result.output and "bundle: running" in result.output
-    assert result.output.count("up to date, skipped") == 3
+    assert result.output.count("up to date, skipped") == 4
     # the report folder is rebuilt whole: no per-class table of a system that is no longer compared
     tables = {p.name.split("@")[0] for p in (workspace / "runs" / "tiny-changed" / "report" / "per_class").iterdir()}
     assert tables == {"centroid", "mlp"}

@@ -19,6 +19,7 @@ LAYERS = [
     "data",
     "builtin_e5",
     "encoders",
+    "clean",
     "embed",
     "metrics",
     "baselines",
@@ -31,8 +32,15 @@ LAYERS = [
 ]
 
 
+# Inside the clean stage's package, lowest first.
+CLEAN_LAYERS = ["spans", "pii", "rules", "gliner", "core", "eval", "train"]
+
+
 def _imports(path: Path) -> set[str]:
-    """jobembed modules imported anywhere in the file (top level and inside functions)."""
+    """jobembed modules imported anywhere in the file (top level and inside functions); for a package, in any
+    of its files."""
+    if path.is_dir():
+        return set().union(*(_imports(f) for f in path.glob("*.py")))
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jobembed"):
@@ -46,13 +54,30 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _source(module: str) -> Path:
+    return PACKAGE / module if (PACKAGE / module).is_dir() else PACKAGE / f"{module}.py"
+
+
 def test_every_module_has_a_layer():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert modules == set(LAYERS)
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert modules | packages == set(LAYERS)
+    assert {p.stem for p in (PACKAGE / "clean").glob("*.py")} - {"__init__"} == set(CLEAN_LAYERS)
 
 
 @pytest.mark.parametrize("module", LAYERS)
 def test_imports_only_point_down(module):
     below = set(LAYERS[: LAYERS.index(module)])
-    upward = _imports(PACKAGE / f"{module}.py") - below - {module}
+    upward = _imports(_source(module)) - below - {module}
     assert not upward, f"jobembed.{module} imports {sorted(upward)}, which sit above it"
+
+
+@pytest.mark.parametrize("module", CLEAN_LAYERS)
+def test_clean_package_is_a_stack(module):
+    path = PACKAGE / "clean" / f"{module}.py"
+    inner = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jobembed.clean."):
+            inner.add(node.module.split(".")[2])
+    upward = inner - set(CLEAN_LAYERS[: CLEAN_LAYERS.index(module)])
+    assert not upward, f"jobembed.clean.{module} imports {sorted(upward)}, which sit above it"
