@@ -14,11 +14,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 _ENABLED = True
 
@@ -33,12 +36,20 @@ def progress_enabled() -> bool:
     return _ENABLED
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second, once rich has measured a rate."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
+
+
 def bar(*, enabled: bool = True, transient: bool = True) -> Progress:
-    """A rich ``Progress`` with description, bar, done/total, elapsed and remaining time."""
+    """A rich ``Progress`` with description, bar, done/total, rate, elapsed and remaining time."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not (enabled and _ENABLED),

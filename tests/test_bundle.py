@@ -20,7 +20,11 @@ LABELS = pd.DataFrame({"label": ["a", "b"], "name": ["Alpha", "Beta"], "descript
 @pytest.fixture
 def setup(tiny_encoder_dir):
     config = PipelineConfig.model_validate(
-        {"embed": {"model": str(tiny_encoder_dir), "max_seq_length": 64}, "classify": {"min_confidence": 0.2}}
+        {
+            "text_column": "text",
+            "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 64},
+            "classify": {"min_confidence": 0.2},
+        }
     )
     ads = make_ads(10, seed=5)
     ads = ads[ads["label"].isin(["83", "22"])]

@@ -49,6 +49,7 @@ LABELS = pd.DataFrame({"label": CLASSES, "name": CLASSES, "description": ["", ""
 def _config(**report):
     return PipelineConfig.model_validate(
         {
+            "text_column": "text",  # the in-memory splits here have no clean stage's column
             "report": {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 500}, **report},
             "head": {"max_epochs": 20},
         }

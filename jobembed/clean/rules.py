@@ -28,11 +28,10 @@ In a run-on sentence longer than ``long_sentence_words`` (one-line scraped ads o
 pattern only drops the tail from the capitalised word that starts the matching phrase, keeping the duties before it.
 Employment terms (contract type, hours, salary) are kept; employer names in field values are dropped.
 
-Perks (``Oferujemy``, ``Vi tilbyder``; the ``perks`` groups in the YAML) are dropped. Evidence on pl-jobads, 5-fold
-TF-IDF + logistic regression: ISCO major accuracy 0.770 without perks vs 0.768 with them (raw text 0.760), sub-major
-0.725 vs 0.715 (raw 0.704), macro-F1 0.602 vs 0.592, while perks are a third of the cleaned text (820 vs 1,095
-characters per ad): the same generic list in every occupation. On da-kompetencer 4 of 919 gold skill spans sit in
-"Vi tilbyder" sentences.
+Perks (``Oferujemy``, ``Vi tilbyder``; the ``perks`` groups in the YAML) are dropped: they are a third of the
+cleaned text (820 vs 1,095 characters per pl-jobads ad) and the same generic list in every occupation; on
+da-kompetencer 4 of 919 gold skill spans sit in "Vi tilbyder" sentences. What the whole rules cleaning does to
+accuracy is measured with CV on the dev pool (``experiments/clean_effect.py``, docs/results.md#cleaning).
 
 :meth:`RulesCleaner.explain` shows which heading or pattern decided each piece of an ad.
 """
