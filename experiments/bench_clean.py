@@ -149,8 +149,13 @@ def run(args: argparse.Namespace) -> None:
             info["train_steps"] = args.train_steps
             info["train_seconds"] = round(train_steps(model, args.train_steps, device), 1) if args.train_steps else 0
     model = model.to(device).eval()
-    schema = gliner_schema(ENTITIES, args.threshold)
-    probe = Extractor(model, entities=ENTITIES, threshold=args.threshold, window_tokens=args.window_tokens)
+    entities = ENTITIES
+    sidecar = Path(args.model or "") / "jobembed-extractor.json"
+    if args.model and sidecar.is_file():  # a trained extractor knows only its own entity types
+        entities = json.loads(sidecar.read_text())["entities"]
+    info["entities"] = [e["name"] for e in entities]
+    schema = gliner_schema(entities, args.threshold)
+    probe = Extractor(model, entities=entities, threshold=args.threshold, window_tokens=args.window_tokens)
     relative = probe.budget >= args.window_tokens and "deberta" in model.encoder.config.model_type
     # Baselines read whole ads where the encoder allows it (mdeberta), else each ad's first window.
     base_texts = texts[: args.baseline_n]
@@ -198,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
         for precision in ["fp32", "fp16"] if device.startswith("cuda") else ["fp32"]:
             m = model.half() if precision == "fp16" else model.float()
             for batch in args.batch_sizes:
-                ex = Extractor(m, entities=ENTITIES, threshold=args.threshold, window_tokens=args.window_tokens,
+                ex = Extractor(m, entities=entities, threshold=args.threshold, window_tokens=args.window_tokens,
                                window_overlap=args.window_tokens // 8, batch_size=batch)  # fmt: skip
                 record(
                     f"jobembed clean ({precision}, batch {batch}, windows {ex.budget} tokens)",
