@@ -358,3 +358,52 @@ def test_clean_splits_on_a_frame(tmp_path):
     out = pd.read_parquet(tmp_path / "clean" / "train.parquet")
     assert "601" not in out["clean_text"][0] and "www" not in out["clean_text"][1]
     assert "Kucharz" in out["clean_text"][0] and "kat. C" in out["clean_text"][1]
+
+
+def test_clean_run_with_gliner2_on_a_run(cleaned_run, tiny_gliner_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cleaned_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["clean"] = _clean_config(tiny_gliner_dir, threshold=0.05, language="pl").model_dump(mode="json")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["clean", "run", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "clean" / "report.json").read_text())
+    assert report["cleaner"]["backend"] == "gliner2" and report["cleaner"]["model_fingerprint"]
+    assert sum(report["sources"].values()) == sum(report["rows"].values())
+    table = pd.read_parquet(run / "clean" / "train.parquet")
+    spans = [json.loads(s) for s in table["spans"]]
+    raw = pd.read_parquet(run / "prepare" / "train.parquet")["text"]
+    assert any(spans) and all(0 <= s < e <= len(t) for doc, t in zip(spans, raw, strict=True) for s, e, _, _ in doc)
+    assert report["pii_check"]["rows_with_pii"] == 0
+
+
+def test_bundle_carries_a_copied_gliner2_cleaner(cleaned_run, tiny_gliner_dir, tmp_path):
+    from jobembed.bundle import EncoderInfo, load_bundle, save_bundle
+    from jobembed.config import PipelineConfig
+
+    old = load_bundle(cleaned_run / "bundle")
+    config = PipelineConfig.model_validate(
+        yaml.safe_load((cleaned_run / "config.yaml").read_text())
+        | {"clean": _clean_config(tiny_gliner_dir, threshold=0.05).model_dump(mode="json")}
+    )
+    info = old.meta.encoder
+    path = save_bundle(
+        tmp_path / "b",
+        model=old.head,
+        system="mlp",
+        encoder=EncoderInfo(info.source_ref, info.fingerprint, info.precision, info.text_prompt, info.max_seq_length),
+        config=config,
+        labels=old.labels,
+        copy_encoder=True,
+    )
+    assert (path / "extractor" / "model.safetensors").is_file()
+    bundle = load_bundle(path)
+    assert bundle.meta.cleaner.config["model"] == "./extractor"
+    assert bundle.cleaner.model_fingerprint == bundle.meta.cleaner.info["model_fingerprint"]
+    raw = "Nurse who knows Python and Excel. Kontakt: jan.kowalski@example.com"
+    [prediction] = bundle.predict([raw])
+    assert prediction.label in set(bundle.head.classes_) | {bundle.classify_defaults.uncertain_label}
+    assert "@" not in bundle.prepare_texts([raw])[0]
