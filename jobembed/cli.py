@@ -154,42 +154,40 @@ def _systems(value: str | None) -> list[str] | None:
     return names
 
 
-def _filters(value: list[str] | None) -> dict[str, str] | None:
-    if not value:
-        return None
-    out = {}
-    for item in value:
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{item!r} is not COLUMN=VALUE, e.g. level=isco_submajor")
-        out[key.strip()] = val.strip()
-    return out
+def _pairs(values: list[str] | None, flag: str, example: str = "skill=kompetence") -> dict[str, str]:
+    """Repeatable ``KEY=VALUE`` options -> ``{KEY: VALUE}``; one line naming the flag for anything else.
 
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    """``["a=b", ...]`` -> ``{"a": "b"}``; one line naming the flag for anything else."""
+    Parsed here, not in a Typer callback: Typer turns a callback's dict back into a list (its keys) for a
+    list option, which silently broke ``--labels-filter``.
+    """
     out = {}
     for item in values or []:
         key, sep, val = item.partition("=")
-        if not sep or not key.strip() or not val.strip():
-            raise JobembedError(f"{flag} {item!r} is not FROM=TO", fix=f"write e.g. {flag} skill=kompetence")
+        if not sep or not key.strip():
+            raise JobembedError(f"{flag} {item!r} is not KEY=VALUE", fix=f"write e.g. {flag} {example}")
         out[key.strip()] = val.strip()
     return out
+
+
+# Options whose repeated KEY=VALUE items fill a dict field of the config.
+_PAIR_OPTIONS = {"prepare__labels__filter": "level=isco_submajor"}
 
 
 def _overrides(params: dict[str, Any], ctx: typer.Context) -> tuple[dict[str, Any], dict[str, str]]:
     """Config overrides from the command's ``a__b`` parameters, and dotted field -> flag for error messages."""
+    opts = {p.name: p.opts[0] for p in ctx.command.params if p.name and "__" in p.name}
     overrides = {}
     for name, value in params.items():
         if "__" not in name or value is None or value == []:
             continue
-        if isinstance(value, Path):
+        if name in _PAIR_OPTIONS:
+            value = _pairs(value, opts[name], _PAIR_OPTIONS[name])
+        elif isinstance(value, Path):
             value = str(value)
         elif hasattr(value, "value") and isinstance(value.value, str):  # an Enum member
             value = value.value
         overrides[_dotted(name)] = value
-    flags = {_dotted(p.name): p.opts[0] for p in ctx.command.params if p.name and "__" in p.name}
-    return overrides, flags
+    return overrides, {_dotted(name): flag for name, flag in opts.items()}
 
 
 def _dotted(name: str) -> str:
@@ -262,7 +260,7 @@ def prepare(
     ] = None,
     prepare__labels__filter: Annotated[
         list[str] | None,
-        typer.Option("--labels-filter", callback=_filters, help="Keep --labels rows where COLUMN=VALUE (repeatable)."),
+        typer.Option("--labels-filter", help="Keep --labels rows where COLUMN=VALUE (repeatable)."),
     ] = None,
     prepare__min_class_count: Annotated[
         int | None, typer.Option("--min-class-count", min=1, help="Classes with fewer ads are rare.")

@@ -7,7 +7,7 @@ folder rebuilt in place with other weights) changes every key downstream. ``run_
 stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
 work, one ``register(Stage(...))`` below, and one config section.
 
-The graph today (later issues add clean, make-triplets, finetune and an embed of the fine-tuned encoder)::
+The graph today (later issues add make-triplets, finetune and an embed of the fine-tuned encoder)::
 
     prepare ──▶ clean ──▶ embed ──▶ train-head
                              └────▶ compare-report ──▶ bundle

@@ -184,22 +184,11 @@ class Store:
 
     def get_record(self, kind: str, key: str) -> Any | None:
         """The JSON value stored under ``(kind, key)``, or ``None``."""
-        with self._lock:
-            row = self._connect().execute("SELECT value FROM records WHERE kind=? AND key=?", (kind, key)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return self.get_records(kind, [key]).get(key)
 
     def put_record(self, kind: str, key: str, value: Any) -> None:
         """Store a JSON-able value (replacing an older one); ignored when the store is read-only."""
-        with self._lock:
-            conn = self._connect()
-            if self.readonly:
-                self._warn_readonly()
-                return
-            with _transaction(conn):
-                conn.execute(
-                    "INSERT OR REPLACE INTO records(kind, key, value, created) VALUES (?, ?, ?, ?)",
-                    (kind, key, json.dumps(value, ensure_ascii=False, default=str), time.time()),
-                )
+        self.put_records(kind, {key: value})
 
     def get_records(self, kind: str, keys: Sequence[str]) -> dict[str, Any]:
         """``{key: value}`` for the keys of ``kind`` that are stored (missing keys are left out)."""

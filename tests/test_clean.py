@@ -305,7 +305,7 @@ def test_clean_text_without_a_backend_is_a_config_error():
         load_config(None, {"text_column": "clean_text", "clean.backend": "none"})
 
 
-def test_changing_the_clean_backend_reruns_clean_and_what_reads_it(cleaned_run):
+def test_no_cleaning_under_clean_text_is_refused_and_keeps_the_run(cleaned_run):
     result = runner.invoke(app, ["clean", "run", str(cleaned_run), "--backend", "none", "--quiet"])
     assert result.exit_code == 1 and "clean_text needs a cleaning backend" in result.output
     result = runner.invoke(app, ["embed", str(cleaned_run), "--quiet"])

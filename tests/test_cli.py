@@ -406,3 +406,16 @@ def test_config_typo_is_reported_with_field(workspace):
     result = invoke("run", "--config", workspace / "typo.yaml")
     assert one_red_line(result), result.output
     assert "head.hiden_sizes" in result.output
+
+
+def test_labels_filter_keeps_the_rows_it_names(workspace, tmp_path):
+    labels = make_labels()
+    both = pd.concat([labels.assign(level="sub"), labels.assign(level="major", code="9" + labels["code"])])
+    both.to_csv(tmp_path / "levels.csv", index=False)
+    result = invoke(
+        "prepare", tmp_path / "run", "--input", workspace / "ads.csv", "--id-col", "id", "--min-class-count", "3",
+        "--labels", tmp_path / "levels.csv", "--labels-filter", "level=sub", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept = json.loads((tmp_path / "run" / "prepare" / "labels.json").read_text())
+    assert {row["label"] for row in kept} <= set(labels["code"]) | {"other"}

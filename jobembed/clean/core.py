@@ -39,7 +39,7 @@ import yaml
 from jobembed import encoders, ui
 from jobembed.artifacts import atomic_write_text, write_json
 from jobembed.clean.gliner import Extractor, ScoredSpan, load_gliner
-from jobembed.clean.pii import load_pii_patterns, pii_report
+from jobembed.clean.pii import pii_report, pii_spans
 from jobembed.clean.rules import RulesCleaner
 from jobembed.clean.spans import Span, dedupe_spans
 from jobembed.config import CleanBackend, CleanConfig, CleanFallback, default_cache_dir
@@ -108,15 +108,6 @@ def rewrite(spans: Sequence[ScoredSpan], *, template: Sequence[str], max_spans_p
         if all(filled.get(n) for n in names):
             lines.append(line.format(**{n: filled[n] for n in names}))
     return " ".join(lines)
-
-
-def _pii_ranges(text: str) -> list[tuple[int, int]]:
-    return [r for kind in _pii_patterns().values() for r in kind.spans(text)]
-
-
-@cache
-def _pii_patterns():
-    return load_pii_patterns()
 
 
 def _overlaps(span: ScoredSpan, ranges: list[tuple[int, int]]) -> bool:
@@ -271,7 +262,7 @@ class Cleaner:
             # A span is only as clean as the model: one that overlaps an e-mail address, a phone number, a URL or a
             # placeholder *in the ad* is dropped (and counted), so personal data cannot reach the output through
             # a span, not even as pieces of a phone number in three spans.
-            private = _pii_ranges(text) if doc else []
+            private = pii_spans(text) if doc else []
             usable = [s for s in doc if _ALNUM.search(s.text) and not _overlaps(s, private)]
             stats["pii_spans_dropped"] += sum(1 for s in doc if _overlaps(s, private))
             rewritten = rewrite(usable, template=self.template, max_spans_per_type=self.config.max_spans_per_type)
@@ -368,7 +359,7 @@ def _report(
             for label in {s.label for s in doc}:
                 ads_with_type[label] = ads_with_type.get(label, 0) + 1
             for s in doc:
-                spans_per_type[label := s.label] = spans_per_type.get(label, 0) + 1
+                spans_per_type[s.label] = spans_per_type.get(s.label, 0) + 1
     n = max(len(all_out), 1)
     examples = []
     for i in range(0, len(all_raw), max(1, len(all_raw) // 5))[:5]:

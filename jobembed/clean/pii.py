@@ -281,6 +281,13 @@ def _default_patterns() -> dict[str, KindPatterns]:
     return _DEFAULT
 
 
+def pii_spans(text: str, *, patterns: dict[str, KindPatterns] | None = None) -> list[tuple[int, int]]:
+    """Character ``(start, end)`` of every match of every kind in ``text`` (overlaps kept): where personal data
+    sits in an ad, so a cleaner can drop anything that touches it."""
+    pats = patterns or _default_patterns()
+    return [span for kind in pats.values() for span in kind.spans(text)]
+
+
 def find_pii(text: str, *, patterns: dict[str, KindPatterns] | None = None) -> dict[str, list[str]]:
     """PII left in one text.
 
