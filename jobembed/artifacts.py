@@ -92,7 +92,14 @@ def package_versions(
     return versions
 
 
-def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str]) -> None:
+def write_manifest(
+    run_dir: Path,
+    *,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    summary: dict[str, Any] | None = None,
+) -> None:
     """Add or refresh one stage's entry in ``run_dir/manifest.json``.
 
     A manifest that is not valid JSON (edited by hand, truncated by a full disk) is moved aside to
@@ -102,6 +109,7 @@ def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs:
         stage: stage name ("prepare", "embed", ...).
         config: the stage's resolved config (JSON-able).
         inputs: input name -> content hash.
+        summary: what the stage reports about its run (JSON-able), e.g. make-triplets' calls, tokens and cost.
     """
     path = run_dir / "manifest.json"
     manifest: Any = None
@@ -122,6 +130,8 @@ def write_manifest(run_dir: Path, *, stage: str, config: dict[str, Any], inputs:
         "config": config,
         "inputs": inputs,
     }
+    if summary:
+        manifest["stages"][stage]["summary"] = summary
     write_json(path, manifest)
 
 

@@ -40,6 +40,9 @@ from jobembed.config import (
     CleanFallback,
     CleanLanguage,
     ConflictPolicy,
+    JudgeKind,
+    JudgeMode,
+    PositiveStrategy,
     Precision,
     RarePolicy,
     SystemName,
@@ -419,6 +422,142 @@ def bundle(
     console.print(f"[green]bundle[/] {run / 'bundle'}: {meta.system} on {meta.encoder.source_ref}")
 
 
+@app.command("make-triplets")
+@_friendly
+def make_triplets(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    triplets__judge: Annotated[
+        JudgeKind | None, typer.Option("--judge", help="llm (an endpoint), model (offline, cleanlab) or none.")
+    ] = None,
+    triplets__llm__mode: Annotated[
+        JudgeMode | None, typer.Option("--mode", help="llm: one call per triplet, or per anchor with k candidates.")
+    ] = None,
+    triplets__llm__base_url: Annotated[
+        str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    ] = None,
+    triplets__llm__model: Annotated[
+        str | None, typer.Option("--llm-model", help="The judge model's name at the endpoint.")
+    ] = None,
+    triplets__positive: Annotated[
+        PositiveStrategy | None, typer.Option("--positive", help="Same-class ad (nearest/random/farthest) or label.")
+    ] = None,
+    triplets__max_anchors_per_class: Annotated[
+        int | None, typer.Option("--max-anchors-per-class", min=1, help="Cap of anchors per class.")
+    ] = None,
+    triplets__min_anchors_per_class: Annotated[
+        int | None, typer.Option("--min-anchors-per-class", min=1, help="Floor of anchors per class.")
+    ] = None,
+    triplets__negatives_per_anchor: Annotated[
+        int | None, typer.Option("--negatives", min=1, help="Negatives per anchor.")
+    ] = None,
+    triplets__confused_classes: Annotated[
+        int | None, typer.Option("--confused-classes", min=0, help="Negatives from this many most-confused classes.")
+    ] = None,
+    triplets__relative_margin: Annotated[
+        float | None,
+        typer.Option("--margin", min=0.01, max=1.0, help="Negatives score below this x the positive's score."),
+    ] = None,
+    triplets__llm__concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, help="Calls in flight.")
+    ] = None,
+    triplets__llm__requests_per_minute: Annotated[
+        int | None, typer.Option("--rpm", min=1, help="Requests per minute limit.")
+    ] = None,
+    triplets__llm__tokens_per_minute: Annotated[
+        int | None, typer.Option("--tpm", min=100, help="Tokens per minute limit.")
+    ] = None,
+    triplets__llm__max_cost: Annotated[
+        float | None, typer.Option("--max-cost", min=0.0, help="Stop (resumable) before spending this many USD.")
+    ] = None,
+    triplets__llm__allow_raw_text: Annotated[
+        bool | None,
+        typer.Option(
+            "--send-raw-text/--no-send-raw-text", help="Allow raw ads (personal data) to an endpoint off this machine."
+        ),
+    ] = None,
+    embed__model: ModelOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print calls, tokens and cost the llm judge needs; send nothing.")
+    ] = False,
+    batch_file: Annotated[
+        Path | None, typer.Option("--batch-file", help="Write the llm calls as an OpenAI Batch API JSONL and stop.")
+    ] = None,
+    import_batch: Annotated[
+        Path | None, typer.Option("--import-batch", help="Read a Batch API output JSONL into the call cache first.")
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Mine anchor/positive/negative triplets in the training split (a small validation set in val; the test split
+    is never read) and judge them: an LLM at any OpenAI-compatible endpoint (key from OPENAI_API_KEY only), an
+    offline model (cleanlab, the default) or none. Writes RUN/triplets/: train.parquet, val.parquet, candidates/,
+    noise.csv (probably mislabelled ads), report.md."""
+    from jobembed import pipeline
+    from jobembed.artifacts import read_json
+    from jobembed.config import default_cache_dir
+    from jobembed.store import open_store
+    from jobembed.triplets import client, core
+
+    overrides, flags = _overrides(dict(locals()), ctx)
+    cfg = pipeline.config_for_run(run_dir, config, overrides, flags=flags)
+    store = open_store(cfg.embed.cache_dir or default_cache_dir())
+    if import_batch is not None:
+        counts = client.import_batch(import_batch, store=store)
+        console.print(
+            f"[green]imported[/] {counts['imported']} answers ({counts['errors']} errored lines) from {import_batch}"
+        )
+    if dry_run or batch_file is not None:
+        if cfg.triplets.judge != JudgeKind.llm:
+            raise JobembedError("--dry-run and --batch-file are for the llm judge", fix="add --judge llm")
+        pipeline.run_stages(cfg, target="embed", progress=not quiet, on_stage=_print_stage)
+        inputs = pipeline.triplet_inputs(pipeline.pin_models(cfg))
+        core.check_privacy(cfg.triplets, inputs.judge_reads)
+        candidates, _ = core.mine(inputs, cfg.triplets)
+        job = core.llm_job(inputs, candidates, cfg.triplets)
+        if batch_file is not None:
+            n = client.write_batch(job.calls, batch_file, store=store)
+            console.print(
+                f"[green]wrote[/] {n} requests to {batch_file} ({len(job.calls) - n} already answered). Upload it to "
+                f"the Batch API, then: jobembed make-triplets {run_dir} --import-batch OUTPUT.jsonl"
+            )
+            return
+        est = client.plan(
+            job.calls,
+            config=cfg.triplets.llm,
+            store=store,
+            expected_completion_tokens=core.EXPECTED_COMPLETION_TOKENS[JudgeMode(cfg.triplets.llm.mode)],
+        )
+        console.print(
+            f"dry run ({cfg.triplets.llm.model}, {cfg.triplets.llm.mode}): {len(candidates)} candidate triplets, "
+            f"{est['calls']} calls, {est['cached']} cached, {est['to_send']} to send; "
+            f"~{est['prompt_tokens_est']:,} prompt + ~{est['completion_tokens_est']:,} completion tokens; "
+            f"~${est['cost_est']:.2f} (Batch API ~${est['batch_cost_est']:.2f}). Nothing was sent."
+        )
+        return
+    pipeline.run_stages(cfg, target="make-triplets", force=force, progress=not quiet, on_stage=_print_stage)
+    console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
+
+
+def triplets_line(r: dict[str, Any], folder: Path) -> str:
+    """One plain line on what make-triplets did, which judge and what it cost."""
+    train = r["splits"]["train"]
+    judge = r["judge"]
+    if r["judge_kind"] == "model":
+        judge += " (offline: cleanlab on out-of-fold probabilities of the frozen encoder and TF-IDF; no LLM called)"
+    line = (
+        f"[green]triplets[/] judged by {judge}: kept {train['kept']} of {train['candidates']} training and "
+        f"{r['splits']['val']['kept']} validation triplets; {r['noise']['ads']} ads flagged as probably mislabelled"
+    )
+    if "llm" in r:
+        c = r["llm"]
+        line += f"; {c['answered']} calls now, {c['cached']} cached, ${c['cost']:.4f}"
+        if c.get("note"):
+            line += f" [yellow]({c['note']})[/]"
+    return f"{line} → {folder / 'report.md'}"
+
+
 clean_app = typer.Typer(
     cls=_OneLineErrors,
     help="Cleaning: rewrite ads as occupation, skills and tasks (gliner2) or strip their noise (rules).",
@@ -587,6 +726,7 @@ def run(
 
     cfg = load_config(config, {"name": name}, flags={"name": "--name"})
     pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
+    console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
     console.print(summary_table(read_json(cfg.run_dir / "report" / "metrics.json")))
     console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
 

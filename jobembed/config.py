@@ -295,6 +295,118 @@ class ClassifyConfig(_Strict):
     uncertain_label: str = "uncertain"
 
 
+class JudgeKind(StrEnum):
+    llm = "llm"
+    model = "model"
+    none = "none"
+
+
+class JudgeMode(StrEnum):
+    pointwise = "pointwise"
+    listwise = "listwise"
+
+
+class PositiveStrategy(StrEnum):
+    nearest = "nearest"
+    random = "random"
+    farthest = "farthest"
+    label = "label"
+
+
+class LLMConfig(_Strict):
+    """The ``llm`` judge of make-triplets: any OpenAI-compatible chat-completions endpoint.
+
+    The API key is read from ``OPENAI_API_KEY`` only; it has no field here, so it can never reach a config,
+    manifest or bundle.
+    """
+
+    # How fast, not what: out of the stage key (the call cache is keyed by model, prompt and schema anyway).
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "base_url",
+            "concurrency",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "timeout",
+            "max_retries",
+            "backoff_base",
+            "max_cost",
+            "price_input_per_1m",
+            "price_output_per_1m",
+            "allow_raw_text",
+        }
+    )
+
+    # None: api.openai.com. vLLM: http://HOST:8000/v1; Ollama: http://localhost:11434/v1.
+    base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    mode: JudgeMode = JudgeMode.listwise
+    # 0: the same prompt gets the same verdict, so a cached answer is the answer a re-run would get.
+    temperature: float = Field(0.0, ge=0, le=2)
+    # A verdict is a short JSON object; a listwise one names up to ~10 candidate numbers and a one-line reason.
+    max_tokens: int = Field(300, ge=16)
+    # Each ad is cut to this many characters in the prompt: the clean stage's text is ~300-600 characters, a raw
+    # Polish ad ~1,500; the head of an ad names the job.
+    max_ad_chars: int = Field(1200, ge=100)
+    # Calls in flight. 32 keeps a 200 ms-latency endpoint ~30x faster than one at a time (docs/benchmarks.md)
+    # and stays below the per-key concurrency most hosted endpoints accept.
+    concurrency: int = Field(32, ge=1)
+    # OpenAI tier-1 limits for gpt-4o-mini are 500 RPM / 200k TPM; raise them to your account's tier.
+    requests_per_minute: int | None = Field(500, ge=1)
+    tokens_per_minute: int | None = Field(200_000, ge=100)
+    timeout: float = Field(60.0, gt=0)
+    # Retries on 429, 5xx, timeouts and dropped connections, with exponential backoff, jitter and Retry-After.
+    max_retries: int = Field(6, ge=0)
+    # Seconds before the first retry; doubled each time, with jitter; Retry-After wins when longer.
+    backoff_base: float = Field(0.5, ge=0)
+    # A reply that is not the schema's JSON is asked again this many times, then counted and skipped.
+    parse_retries: int = Field(1, ge=0)
+    # USD per 1M tokens (gpt-4o-mini list prices, 2024-07); the Batch API halves both.
+    price_input_per_1m: float = Field(0.15, ge=0)
+    price_output_per_1m: float = Field(0.60, ge=0)
+    # Stop cleanly (answered calls stay cached; re-run to resume) before the estimated spend passes this (USD).
+    max_cost: float | None = Field(None, gt=0)
+    # Raw ads carry names, phone numbers and e-mail addresses: sending them to an endpoint off this machine
+    # needs this switch (the judge reads the clean stage's text whenever a clean stage ran).
+    allow_raw_text: bool = False
+
+
+class TripletsConfig(_Strict):
+    """``make-triplets``: mine anchor/positive/negative candidates and judge them (llm, model or none)."""
+
+    # model by default: offline and free; `--judge llm` spends money only when asked for.
+    judge: JudgeKind = JudgeKind.model
+    positive: PositiveStrategy = PositiveStrategy.nearest
+    # Cap and floor of anchors per class, so 950-ad classes do not drown 5-ad ones. A class with fewer ads than
+    # the floor reuses its ads as anchors, each time with another positive.
+    max_anchors_per_class: int = Field(64, ge=1)
+    min_anchors_per_class: int = Field(8, ge=1)
+    negatives_per_anchor: int = Field(3, ge=1)
+    # Negatives come from the classes the frozen encoder confuses most with the anchor's (nearest-centroid
+    # confusions on the pool, ties by centroid similarity); 0 takes every other class.
+    confused_classes: int = Field(5, ge=0)
+    # NV-Retriever's positive-aware mining (TopK-PercPos): a negative must score below 95% of the positive's
+    # similarity to the anchor; closer ones are too often unlabelled positives.
+    relative_margin: float = Field(0.95, gt=0, le=1)
+    # The validation triplets (mined within the val split only) for finetune's evaluators.
+    val_anchors_per_class: int = Field(16, ge=0)
+    # The model judge: out-of-fold probabilities of logistic regression on the frozen embeddings, averaged
+    # with TF-IDF + LR's when true (two views of the text catch more label errors than one).
+    model_tfidf: bool = True
+    cv_folds: int = Field(5, ge=2)
+    seed: int = 13
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+
+    @model_validator(mode="after")
+    def _floor_below_cap(self) -> TripletsConfig:
+        if self.min_anchors_per_class > self.max_anchors_per_class:
+            raise ValueError(
+                f"min_anchors_per_class {self.min_anchors_per_class} is above "
+                f"max_anchors_per_class {self.max_anchors_per_class}"
+            )
+        return self
+
+
 class PipelineConfig(_Strict):
     """``run``: the whole pipeline from one file."""
 
@@ -309,6 +421,7 @@ class PipelineConfig(_Strict):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    triplets: TripletsConfig = Field(default_factory=TripletsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
@@ -337,8 +450,17 @@ class PipelineConfig(_Strict):
 
 
 def section_for_key(section: BaseModel) -> dict[str, Any]:
-    """A config section as JSON without its runtime-only fields: what a stage key hashes."""
-    return section.model_dump(mode="json", exclude=set(getattr(section, "RUNTIME_FIELDS", ())))
+    """A config section as JSON without its runtime-only fields (nested sections' too): what a stage key hashes."""
+    return section.model_dump(mode="json", exclude=_runtime_exclude(section))
+
+
+def _runtime_exclude(section: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {name: True for name in getattr(section, "RUNTIME_FIELDS", ())}
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if name not in out and isinstance(value, BaseModel) and (inner := _runtime_exclude(value)):
+            out[name] = inner
+    return out
 
 
 _VAR = re.compile(r"\$\{([^}]+)\}")

@@ -7,9 +7,10 @@ folder rebuilt in place with other weights) changes every key downstream. ``run_
 stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
 work, one ``register(Stage(...))`` below, and one config section.
 
-The graph today (later issues add make-triplets, finetune and an embed of the fine-tuned encoder)::
+The graph today (later issues add finetune and an embed of the fine-tuned encoder)::
 
     prepare ──▶ clean ──▶ embed ──▶ train-head
+                             ├────▶ make-triplets
                              └────▶ compare-report ──▶ bundle
 
 Run folder (``runs/<name>/``), each stage writing only under its own folder::
@@ -19,6 +20,7 @@ Run folder (``runs/<name>/``), each stage writing only under its own folder::
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
+    triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (make-triplets)
     head/              bundle of the MLP head on embed.model (train-head); stage.json
     report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
     bundle/            the deployable bundle of the report's winner (bundle); stage.json
@@ -37,11 +39,22 @@ from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json
 from jobembed.baselines import CosineClassifier
 from jobembed.bundle import EncoderInfo, save_bundle
 from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
-from jobembed.config import CleanBackend, PipelineConfig, TextColumn, load_config, section_for_key, write_resolved
+from jobembed.config import (
+    CleanBackend,
+    PipelineConfig,
+    TextColumn,
+    default_cache_dir,
+    load_config,
+    section_for_key,
+    write_resolved,
+)
 from jobembed.errors import ConfigError, DataError
 from jobembed.evaluate import evaluate_systems
 from jobembed.head import MLPHead
 from jobembed.report import WINNER_DIR, write_report
+from jobembed.store import open_store
+from jobembed.triplets import core as triplets_core
+from jobembed.triplets.core import TripletInputs, make_triplets
 
 
 class _KeepStamp(Exception):
@@ -162,6 +175,12 @@ def _clean_identity(config: PipelineConfig) -> dict[str, object]:
     return Cleaner(config.clean).info()
 
 
+def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
+    """The frozen encoder that mined the candidates, and the judge's prompt templates (edited prompts re-judge)."""
+    prompts = sorted((Path(triplets_core.__file__).parent / "prompts").glob("*.txt"))
+    return _head_identity(config) | {p.name: file_sha256(p) for p in prompts}
+
+
 def _head_identity(config: PipelineConfig) -> dict[str, str]:
     return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
 
@@ -272,6 +291,52 @@ def _run_train_head(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     return {"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_}
 
 
+def triplet_inputs(config: PipelineConfig) -> TripletInputs:
+    """What make-triplets reads: train/val frames, their texts (the run's and the judge's), frozen vectors."""
+    splits, labels = _prepared(config)
+    vectors = _vectors(config, config.embed.model, splits, labels)
+    column = str(config.text_column)
+    cleaned = config.clean.backend != CleanBackend.none
+    judge_texts = {}
+    for name in ("train", "val"):
+        frame = splits[name]
+        if cleaned and "clean_text" not in frame:
+            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
+        judge_texts[name] = frame["clean_text" if cleaned else "text"]
+    return TripletInputs(
+        frames={n: splits[n] for n in ("train", "val")},
+        texts={n: splits[n][column] for n in ("train", "val")},
+        judge_texts=judge_texts,
+        judge_reads="clean_text" if cleaned else "text",
+        labels=labels,
+        vectors={"train": vectors.train, "val": vectors.val},
+        label_vectors=vectors.labels,
+        encoder=vectors.model,
+        fingerprint=vectors.fingerprint,
+    )
+
+
+# Stages whose summary goes into manifest.json (make-triplets: calls, tokens and what they cost).
+_SUMMARISED = {"make-triplets"}
+
+
+def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    out_dir = config.run_dir / "triplets"
+    report = make_triplets(
+        inputs=triplet_inputs(config),
+        config=config.triplets,
+        out_dir=out_dir,
+        store=open_store(config.embed.cache_dir or default_cache_dir()),
+        progress=progress,
+    )
+    write_resolved(config.triplets, out_dir)
+    out = {"judge": report["judge"], "kept": report["kept"], "noise": report["noise"]["ads"]}
+    if "llm" in report:
+        keys = ("calls", "cached", "answered", "unparsable", "failed", "prompt_tokens", "completion_tokens", "cost")
+        out["llm"] = {k: report["llm"][k] for k in keys} | {"model": report["llm"]["model"]}
+    return out
+
+
 def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     splits, labels = _prepared(config)
     vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
@@ -361,6 +426,18 @@ register(
         run=_run_train_head,
         identity=_head_identity,
         help="MLP head on embed.model's vectors, early stopping on validation; a bundle in head/",
+    )
+)
+register(
+    Stage(
+        "make-triplets",
+        folder="triplets",
+        sections=("triplets",),
+        inputs=("prepare", "clean", "embed"),
+        run=_run_make_triplets,
+        identity=_triplets_identity,
+        shared=("text_column",),
+        help="mine anchor/positive/negative triplets in train (and val) and judge them: llm, model or none",
     )
 )
 register(
@@ -507,13 +584,14 @@ def _run(
             continue
         if on_stage:
             on_stage(name, "run")
-        stage.run(config, progress)
+        summary = stage.run(config, progress)
         mark_stage_done(stage_dir, key, identity=plan.identities.get(name))
         write_manifest(
             config.run_dir,
             stage=name,
             config={s: getattr(config, s).model_dump(mode="json") for s in stage.sections},
             inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in stage.inputs}},
+            summary=summary if name in _SUMMARISED else None,
         )
         write_resolved(config, config.run_dir)
         status[name] = "ran"

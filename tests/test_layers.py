@@ -23,6 +23,7 @@ LAYERS = [
     "embed",
     "metrics",
     "baselines",
+    "triplets",
     "head",
     "evaluate",
     "report",
@@ -32,8 +33,10 @@ LAYERS = [
 ]
 
 
-# Inside the clean stage's package, lowest first.
+# Inside the stage packages, lowest first.
 CLEAN_LAYERS = ["spans", "pii", "rules", "gliner", "core", "eval", "train"]
+TRIPLET_LAYERS = ["mine", "llm", "client", "judges", "core"]
+PACKAGES = {"clean": CLEAN_LAYERS, "triplets": TRIPLET_LAYERS}
 
 
 def _imports(path: Path) -> set[str]:

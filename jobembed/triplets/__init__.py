@@ -1,0 +1,1 @@
+"""make-triplets: mine anchor/positive/negative candidates and judge them (an LLM, an offline model, or none)."""
