@@ -28,7 +28,7 @@ import time
 import numpy as np
 from common import OUT, pl_jobads
 
-from jobembed.config import load_config
+from jobembed.config import NoiseFilter, load_config
 from jobembed.pipeline import pin_models, run_stages, triplet_inputs
 from jobembed.triplets import core
 
@@ -75,51 +75,60 @@ def main() -> None:
     train = inputs.frames["train"]
     truth = train["label"].to_numpy(dtype=str)
     results: dict = {"train_ads": len(train), "share": args.share, "rows": []}
+    filters = [f.value for f in NoiseFilter]
     for tfidf in (False, True):
         triplets = config.triplets.model_copy(update={"model_tfidf": tfidf})
         view = "embeddings + TF-IDF" if tfidf else "embeddings"
-        started = time.perf_counter()
-        clean = core.label_models(inputs, triplets)["train"]
-        results["rows"].append(
-            {
-                "judge": view,
-                "flips": "none",
-                "flagged": int(clean.flagged.sum()),
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-        )
-        for kind in ("uniform", "confusable"):
-            noisy, flipped = flip(truth, inputs.vectors["train"], share=args.share, kind=kind, seed=13)
+        for kind in ("none", "uniform", "confusable"):
+            if kind == "none":
+                noisy, flipped = truth, np.array([], dtype=int)
+            else:
+                noisy, flipped = flip(truth, inputs.vectors["train"], share=args.share, kind=kind, seed=13)
             frames = dict(inputs.frames)
             frames["train"] = train.assign(label=noisy)
+            noisy_inputs = dataclasses.replace(inputs, frames=frames)
             started = time.perf_counter()
-            model = core.label_models(dataclasses.replace(inputs, frames=frames), triplets)["train"]
-            flagged = set(np.flatnonzero(model.flagged))
-            hit = flagged & set(flipped.tolist())
-            suggested = model.suggested()
-            results["rows"].append(
-                {
-                    "judge": view,
-                    "flips": kind,
-                    "flipped": len(flipped),
-                    "flagged": len(flagged),
-                    "precision": round(len(hit) / max(len(flagged), 1), 3),
-                    "recall": round(len(hit) / len(flipped), 3),
-                    "true_label_suggested": round(float(np.mean([suggested[i] == truth[i] for i in hit])), 3)
-                    if hit
-                    else None,
-                    "seconds": round(time.perf_counter() - started, 1),
-                }
-            )
-            print(json.dumps(results["rows"][-1]), flush=True)
+            probs = core.label_probs(noisy_inputs, triplets)  # once per view and flip; the filters reuse it
+            seconds = round(time.perf_counter() - started, 1)
+            for noise_filter in filters:
+                model = core.label_models(
+                    noisy_inputs, triplets.model_copy(update={"noise_filter": noise_filter}), probs
+                )["train"]
+                flagged = set(np.flatnonzero(model.flagged))
+                hit = flagged & set(flipped.tolist())
+                suggested = model.suggested()
+                precision = len(hit) / max(len(flagged), 1)
+                recall = len(hit) / len(flipped) if len(flipped) else float("nan")
+                results["rows"].append(
+                    {
+                        "judge": view,
+                        "filter": noise_filter,
+                        "flips": kind,
+                        "flipped": len(flipped),
+                        "flagged": len(flagged),
+                        "precision": round(precision, 3) if len(flipped) else None,
+                        "recall": round(recall, 3) if len(flipped) else None,
+                        "f1": round(2 * precision * recall / max(precision + recall, 1e-12), 3)
+                        if len(flipped)
+                        else None,
+                        "true_label_suggested": round(float(np.mean([suggested[i] == truth[i] for i in hit])), 3)
+                        if hit
+                        else None,
+                        "probs_seconds": seconds,
+                    }
+                )
+                print(json.dumps(results["rows"][-1]), flush=True)
     (OUT / "judge_noise.json").write_text(json.dumps(results, indent=2))
-    print("\n| judge | flips | flipped | flagged | precision | recall | true label suggested | seconds |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| judge | filter | flips | flipped | flagged | precision | recall | F1 | true label suggested |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
-        print(
-            f"| {r['judge']} | {r['flips']} | {r.get('flipped', 0)} | {r['flagged']} | {r.get('precision', '')} | "
-            f"{r.get('recall', '')} | {r.get('true_label_suggested', '')} | {r['seconds']} |"
-        )
+        cells = [r["judge"], r["filter"], r["flips"], r["flipped"], r["flagged"], r["precision"], r["recall"], r["f1"]]
+        cells.append(r["true_label_suggested"])
+        print("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    for view in ("embeddings", "embeddings + TF-IDF"):
+        for noise_filter in filters:
+            f1 = [r["f1"] for r in results["rows"] if r["judge"] == view and r["filter"] == noise_filter and r["f1"]]
+            print(f"mean F1 over the two flip kinds, {view}, {noise_filter}: {np.mean(f1):.3f}")
 
 
 if __name__ == "__main__":

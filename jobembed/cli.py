@@ -42,6 +42,7 @@ from jobembed.config import (
     ConflictPolicy,
     JudgeKind,
     JudgeMode,
+    NoiseFilter,
     PositiveStrategy,
     Precision,
     RarePolicy,
@@ -457,6 +458,9 @@ def make_triplets(
     triplets__relative_margin: Annotated[
         float | None,
         typer.Option("--margin", min=0.01, max=1.0, help="Negatives score below this x the positive's score."),
+    ] = None,
+    triplets__noise_filter: Annotated[
+        NoiseFilter | None, typer.Option("--noise-filter", help="model judge: cleanlab's filter_by method.")
     ] = None,
     triplets__llm__concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, help="Calls in flight.")

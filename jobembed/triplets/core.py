@@ -135,24 +135,45 @@ def llm_job(inputs: TripletInputs, candidates: pd.DataFrame, config: TripletsCon
     )
 
 
-def label_models(inputs: TripletInputs, config: TripletsConfig) -> dict[str, judges.LabelModel]:
-    """Out-of-fold probabilities and cleanlab flags for the train pool, and for val from a full-train fit."""
-    train, val = inputs.frames["train"], inputs.frames["val"]
+def label_probs(inputs: TripletInputs, config: TripletsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(classes, train_probs, val_probs)``: out-of-fold on train, from a full-train fit on val."""
     classes, train_probs, (val_probs,) = judges.out_of_fold_probs(
         train_vectors=inputs.vectors["train"],
         train_texts=inputs.texts["train"].tolist(),
-        train_labels=train["label"].to_numpy(dtype=str),
+        train_labels=inputs.frames["train"]["label"].to_numpy(dtype=str),
         others=[(inputs.vectors["val"], inputs.texts["val"].tolist())],
         tfidf=config.model_tfidf,
         folds=config.cv_folds,
         seed=config.seed,
     )
+    return classes, train_probs, val_probs
+
+
+def label_models(
+    inputs: TripletInputs,
+    config: TripletsConfig,
+    probs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict[str, judges.LabelModel]:
+    """cleanlab's flags for the train pool and the val pool (val with train's class thresholds)."""
+    classes, train_probs, val_probs = probs if probs is not None else label_probs(inputs, config)
+    train, val = inputs.frames["train"], inputs.frames["val"]
     models = {
-        "train": judges.label_model(train["id"].to_numpy(), train["label"].to_numpy(dtype=str), classes, train_probs)
+        "train": judges.label_model(
+            train["id"].to_numpy(),
+            train["label"].to_numpy(dtype=str),
+            classes,
+            train_probs,
+            noise_filter=config.noise_filter,
+        )
     }
     if len(val):
         models["val"] = judges.label_model(
-            val["id"].to_numpy(), val["label"].to_numpy(dtype=str), classes, val_probs, models["train"].thresholds
+            val["id"].to_numpy(),
+            val["label"].to_numpy(dtype=str),
+            classes,
+            val_probs,
+            models["train"].thresholds,
+            noise_filter=config.noise_filter,
         )
     return models
 

@@ -165,9 +165,16 @@ def out_of_fold_probs(
 
 
 def label_model(
-    ids: np.ndarray, labels: np.ndarray, classes: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | None = None
+    ids: np.ndarray,
+    labels: np.ndarray,
+    classes: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray | None = None,
+    *,
+    noise_filter: str = "prune_by_noise_rate",
 ) -> LabelModel:
-    """cleanlab's label issues for one pool; ``thresholds`` from the training pool for the others."""
+    """cleanlab's label issues for one pool (``filter_by=noise_filter``); ``thresholds`` from the training pool for
+    the others."""
     from cleanlab.count import get_confident_thresholds
     from cleanlab.filter import find_label_issues
 
@@ -186,7 +193,7 @@ def label_model(
             sub = sub / np.maximum(sub.sum(axis=1, keepdims=True), 1e-12)
             remap = {c: i for i, c in enumerate(present)}
             issues = find_label_issues(
-                labels=np.array([remap[v] for v in y[known]]), pred_probs=sub, filter_by="prune_by_noise_rate"
+                labels=np.array([remap[v] for v in y[known]]), pred_probs=sub, filter_by=str(noise_filter)
             )
             flagged[np.flatnonzero(known)] = issues
     return LabelModel(np.asarray(ids).astype(str), np.asarray(labels).astype(str), classes, probs, flagged, thresholds)

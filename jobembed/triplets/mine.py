@@ -5,7 +5,7 @@ candidates out. A pool is one split, so training candidates come from the traini
 validation triplets from the validation split only; the test split never reaches this module.
 
 - **Anchors**: per class at most ``max_anchors_per_class`` ads, at least ``min_anchors_per_class`` (a class
-  with fewer ads reuses them, each time with its next positive), chosen at random with the seed.
+  with fewer ads reuses them, with its next positive where it has another), chosen at random with the seed.
 - **Positives**: another ad of the anchor's class from another repost group (a repost would be a trivial
   positive), the ``nearest``, a ``random`` one or the ``farthest`` (the hardest); or ``label``: the category's
   own name and description, which trains ads to land on their category.
