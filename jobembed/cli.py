@@ -40,6 +40,7 @@ from jobembed.config import (
     CleanFallback,
     CleanLanguage,
     ConflictPolicy,
+    FinetuneLoss,
     JudgeKind,
     JudgeMode,
     NoiseFilter,
@@ -542,6 +543,61 @@ def make_triplets(
         return
     pipeline.run_stages(cfg, target="make-triplets", force=force, progress=not quiet, on_stage=_print_stage)
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
+
+
+@app.command()
+@_friendly
+def finetune(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    finetune__model: Annotated[
+        str | None, typer.Option("--model", help="Encoder to fine-tune [default: embed.model, the frozen one].")
+    ] = None,
+    finetune__triplets: Annotated[
+        Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
+    ] = None,
+    finetune__loss: Annotated[FinetuneLoss | None, typer.Option("--loss", help="Training loss.")] = None,
+    finetune__class_aware: Annotated[
+        bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
+    ] = None,
+    finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
+    finetune__batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Triplets per batch.")] = None,
+    finetune__learning_rate: Annotated[
+        float | None, typer.Option("--learning-rate", help="AdamW learning rate.")
+    ] = None,
+    finetune__max_seq_length: MaxLenOpt = None,
+    finetune__max_triplets: Annotated[
+        int | None, typer.Option("--max-triplets", min=2, help="Train on at most this many triplets.")
+    ] = None,
+    finetune__matryoshka_dims: Annotated[
+        str | None, typer.Option("--matryoshka-dims", callback=_int_list, help="e.g. 384,256,128.")
+    ] = None,
+    finetune__gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save GPU memory.")
+    ] = None,
+    finetune__precision: PrecisionOpt = None,
+    finetune__device: DeviceOpt = None,
+    finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the encoder on the run's kept triplets with SentenceTransformerTrainer (MNRL with the hard negative,
+    same-class in-batch negatives masked, by default). Keeps the checkpoint with the best validation centroid-cosine
+    macro-F1; resumes from the last checkpoint after an interruption. Writes RUN/finetune/ (model/ with its model
+    card, finetune.json, log.jsonl)."""
+    from jobembed.artifacts import read_json
+
+    run = _stage_command("finetune", dict(locals()))
+    info = read_json(run / "finetune" / "finetune.json")
+    val = info["val"]
+    score = val.get("eval_val-centroid_macro_f1")
+    console.print(
+        f"[green]fine-tuned[/] {info['base_model']} on {info['triplets']['rows']} triplets "
+        f"({info['triplets']['judge']}), {info['loss']}, {info['steps']} steps in {info['seconds']} s"
+        + (f"; validation centroid macro-F1 {score:.3f}" if score is not None else "")
+        + f" → {run / 'finetune' / 'model'}"
+    )
 
 
 def triplets_line(r: dict[str, Any], folder: Path) -> str:

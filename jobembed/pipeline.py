@@ -50,6 +50,7 @@ from jobembed.config import (
 )
 from jobembed.errors import ConfigError, DataError
 from jobembed.evaluate import evaluate_systems
+from jobembed.finetune import finetune, load_triplets
 from jobembed.head import MLPHead
 from jobembed.report import WINNER_DIR, write_report
 from jobembed.store import open_store
@@ -317,7 +318,7 @@ def triplet_inputs(config: PipelineConfig) -> TripletInputs:
 
 
 # Stages whose summary goes into manifest.json (make-triplets: calls, tokens and what they cost).
-_SUMMARISED = {"make-triplets"}
+_SUMMARISED = {"make-triplets", "finetune"}
 
 
 def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]:
@@ -335,6 +336,64 @@ def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]
         keys = ("calls", "cached", "answered", "unparsable", "failed", "prompt_tokens", "completion_tokens", "cost")
         out["llm"] = {k: report["llm"][k] for k in keys} | {"model": report["llm"]["model"]}
     return out
+
+
+def _finetune_identity(config: PipelineConfig) -> dict[str, str]:
+    """The base encoder's content, and an outside triplet file's (the run's own triplets are an input stage)."""
+    f = config.finetune
+    out = {"base": encoders.model_fingerprint(f.model or config.embed.model, cache_dir=config.embed.cache_dir)}
+    if f.triplets is not None:
+        if not Path(f.triplets).is_file():
+            raise _KeepStamp(f"the --triplets file {f.triplets} is not found", fix="check the path")
+        out["triplets"] = file_sha256(Path(f.triplets))
+    return out
+
+
+def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split."""
+    f = config.finetune
+    splits, labels = _prepared(config)
+    classes = labels["label"].astype(str).tolist()
+    own = config.run_dir / "triplets"
+    triplets = load_triplets(
+        Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
+    )
+    val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
+    column = str(config.text_column)
+    train, val_ads = splits["train"], splits["val"]
+    centroid_data = None
+    if len(val_ads):
+        # A stratified sample of the training ads for the centroids, re-encoded at every evaluation.
+        rows = [
+            g.sample(n=min(len(g), max(1, f.eval_train_ads * len(g) // len(train))), random_state=f.seed).index
+            for _, g in train.groupby("label")
+        ]
+        keep = train.loc[[i for index in rows for i in index]]
+        centroid_data = {
+            "train_texts": keep[column].tolist(),
+            "train_labels": keep["label"].tolist(),
+            "val_texts": val_ads[column].tolist(),
+            "val_labels": val_ads["label"].tolist(),
+        }
+    model_ref = f.model or config.embed.model
+    resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
+    text_prompt, _ = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
+    out_dir = config.run_dir / "finetune"
+    info = finetune(
+        triplets=triplets,
+        val_triplets=val,
+        centroid_data=centroid_data,
+        config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
+        model_ref=model_ref,
+        text_prompt=text_prompt,
+        out_dir=out_dir,
+        progress=progress,
+    )
+    write_resolved(f, out_dir)
+    return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val")} | {
+        "triplets": info["triplets"]["rows"],
+        "judge": info["triplets"]["judge"],
+    }
 
 
 def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
@@ -438,6 +497,18 @@ register(
         identity=_triplets_identity,
         shared=("text_column",),
         help="mine anchor/positive/negative triplets in train (and val) and judge them: llm, model or none",
+    )
+)
+register(
+    Stage(
+        "finetune",
+        folder="finetune",
+        sections=("finetune", "embed"),
+        inputs=("prepare", "clean", "make-triplets"),
+        run=_run_finetune,
+        identity=_finetune_identity,
+        shared=("text_column",),
+        help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",
     )
 )
 register(

@@ -15,7 +15,7 @@ from jobembed.cli import app
 from tests.synthetic import make_ads, make_labels
 
 runner = CliRunner()
-STAGES = ("prepare", "embed", "train-head", "make-triplets", "compare-report", "bundle")
+STAGES = ("prepare", "embed", "train-head", "make-triplets", "finetune", "compare-report", "bundle")
 
 
 def invoke(*args):
