@@ -230,6 +230,13 @@ def _checkpointing(args_cls: type, enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+def _warmup(ratio: float) -> dict[str, float]:
+    """transformers 5 takes the warmup ratio as a float ``warmup_steps`` (``warmup_ratio`` is deprecated there)."""
+    import transformers
+
+    return {"warmup_steps": ratio} if int(transformers.__version__.split(".")[0]) >= 5 else {"warmup_ratio": ratio}
+
+
 def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
@@ -243,6 +250,7 @@ def finetune(
     model_ref: str,
     text_prompt: str | None,
     out_dir: Path,
+    label_prompt: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune ``model_ref`` on ``triplets``; write ``out_dir`` (see the module docstring); return finetune.json.
@@ -250,7 +258,8 @@ def finetune(
     Args:
         triplets / val_triplets: from ``load_triplets``; val ones feed the TripletEvaluator.
         centroid_data: ``{train_texts, train_labels, val_texts, val_labels}`` for the CentroidEvaluator.
-        text_prompt: the prefix every text gets (the encoder family's, as in ``embed``).
+        text_prompt: the prefix every text gets (the encoder family's, as in ``embed``); written with
+            ``label_prompt`` into the model folder's ``jobembed-prompts.json``.
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
@@ -300,7 +309,6 @@ def finetune(
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        warmup_ratio=config.warmup_ratio,
         eval_strategy="steps" if evaluators else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -323,6 +331,7 @@ def finetune(
         use_cpu=device == "cpu",
         **_precision_flags(precision),
         **_checkpointing(SentenceTransformerTrainingArguments, config.gradient_checkpointing),
+        **_warmup(config.warmup_ratio),
     )
     trainer = SentenceTransformerTrainer(
         model=model,
@@ -344,6 +353,9 @@ def finetune(
         tmp = out_dir / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
+        # The prompts it was trained with: `embed` and `classify` give every text the same prefix (the folder's name
+        # names no model family).
+        write_json(tmp / encoders.PROMPTS_SIDECAR, {"text_prompt": text_prompt, "label_prompt": label_prompt})
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.replace(model_dir)
         log = [json.dumps(row) for row in trainer.state.log_history]

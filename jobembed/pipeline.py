@@ -377,7 +377,9 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         }
     model_ref = f.model or config.embed.model
     resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
-    text_prompt, _ = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
+    text_prompt, label_prompt = encoders.resolve_prompts(
+        resolved.ref, config.embed.text_prompt, config.embed.label_prompt
+    )
     out_dir = config.run_dir / "finetune"
     info = finetune(
         triplets=triplets,
@@ -386,6 +388,7 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
         model_ref=model_ref,
         text_prompt=text_prompt,
+        label_prompt=label_prompt,
         out_dir=out_dir,
         progress=progress,
     )

@@ -150,6 +150,10 @@ def test_finetune_stage_writes_a_model_with_card_and_val_metrics(ft_workspace, t
     assert not (out / "checkpoints").exists()  # removed after success unless keep_checkpoints
     card = (out / "model" / "README.md").read_text()
     assert "## jobembed" in card and "judged by `none`" in card and "test split is scored by" in card
+    from jobembed.encoders import resolve_prompts
+
+    prompts = json.loads((out / "model" / "jobembed-prompts.json").read_text())
+    assert resolve_prompts(str(out / "model"), "auto", "auto") == (prompts["text_prompt"], prompts["label_prompt"])
     vectors = SentenceTransformer(str(out / "model"), device="cpu").encode(["kierowca kat. C"])
     assert vectors.shape[0] == 1
     seen = set(json.loads((out / "ads_seen.json").read_text()))
@@ -188,3 +192,14 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(ft_workspace, tmp_pa
     assert info["resumed_from"] is not None and info["resumed_from"].startswith("checkpoint-")
     log = [json.loads(line) for line in (run / "finetune" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == pytest.approx(40, abs=0.01)
+
+
+def test_a_fine_tuned_folder_keeps_the_prompts_it_was_trained_with(tmp_path):
+    from jobembed.encoders import PROMPTS_SIDECAR, resolve_prompts
+
+    folder = tmp_path / "runs" / "pl" / "finetune" / "model"  # the name names no family: no prompt by name
+    folder.mkdir(parents=True)
+    assert resolve_prompts(str(folder), "auto", "auto") == (None, None)
+    (folder / PROMPTS_SIDECAR).write_text(json.dumps({"text_prompt": "query: ", "label_prompt": "query: "}))
+    assert resolve_prompts(str(folder), "auto", "auto") == ("query: ", "query: ")
+    assert resolve_prompts(str(folder), "passage: ", None) == ("passage: ", None)  # explicit settings still win
