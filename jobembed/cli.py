@@ -399,7 +399,10 @@ def compare_report(
     from jobembed.artifacts import read_json
 
     run = _stage_command("compare-report", dict(locals()))
-    console.print(summary_table(read_json(run / "report" / "metrics.json")))
+    metrics = read_json(run / "report" / "metrics.json")
+    console.print(summary_table(metrics))
+    for line in finetuned_lines(metrics):
+        console.print(line)
     console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
 
 
@@ -588,7 +591,9 @@ def finetune(
     card, finetune.json, log.jsonl)."""
     from jobembed.artifacts import read_json
 
-    run = _stage_command("finetune", dict(locals()))
+    params = dict(locals())
+    params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
+    run = _stage_command("finetune", params)
     info = read_json(run / "finetune" / "finetune.json")
     val = info["val"]
     score = val.get("eval_val-centroid_macro_f1")
@@ -787,8 +792,26 @@ def run(
     cfg = load_config(config, {"name": name}, flags={"name": "--name"})
     pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
-    console.print(summary_table(read_json(cfg.run_dir / "report" / "metrics.json")))
+    metrics = read_json(cfg.run_dir / "report" / "metrics.json")
+    console.print(summary_table(metrics))
+    for line in finetuned_lines(metrics):
+        console.print(line)
     console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
+
+
+def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned encoder's systems, test split only, against the same system on the frozen encoder."""
+    ft = metrics.get("finetuned")
+    if not ft:
+        return []
+    out = [f"fine-tuned encoder ({ft['source'].get('rows')} triplets, {ft['source'].get('judge')}), test split only:"]
+    for r in ft["systems"].values():
+        frozen_key = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
+        frozen = metrics["systems"].get(frozen_key) if frozen_key else None
+        m = r["mcnemar_vs"].get(frozen_key) if frozen_key else None
+        tail = f" vs frozen {frozen['test']['macro_f1']:.3f} (McNemar p {m['p_value']:.3g})" if frozen and m else ""
+        out.append(f"  {r['display']}: test macro-F1 {r['test']['macro_f1']:.3f}{tail}")
+    return out
 
 
 def summary_table(metrics: dict[str, Any]) -> Table:

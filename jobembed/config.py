@@ -434,6 +434,9 @@ class FinetuneConfig(_Strict):
         {"device", "gradient_checkpointing", "mini_batch_size", "dataloader_workers", "cache_dir", "keep_checkpoints"}
     )
 
+    # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
+    # turns it on for that run; with it on, compare-report adds the fine-tuned encoder's systems.
+    enabled: bool = False
     # None: embed.model, the frozen encoder the triplets were mined with.
     model: str | None = None
     # None: the run's triplets/train.parquet; or any Parquet with anchor, positive, negative columns.

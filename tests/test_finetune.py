@@ -203,3 +203,31 @@ def test_a_fine_tuned_folder_keeps_the_prompts_it_was_trained_with(tmp_path):
     (folder / PROMPTS_SIDECAR).write_text(json.dumps({"text_prompt": "query: ", "label_prompt": "query: "}))
     assert resolve_prompts(str(folder), "auto", "auto") == ("query: ", "query: ")
     assert resolve_prompts(str(folder), "passage: ", None) == ("passage: ", None)  # explicit settings still win
+
+
+def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_workspace, tmp_path):
+    cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+    cfg["finetune"]["enabled"] = True
+    cfg["name"] = "ft-report"
+    cfg["report"] = {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 2000}}
+    (tmp_path / "on.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "on.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    run = ft_workspace / "runs" / "ft-report"
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    tuned = metrics["finetuned"]["systems"]
+    assert tuned and all(r["cv"] is None and "saw the labels" in r["cv_note"] for r in tuned.values())
+    assert not set(tuned) & set(metrics["ranking"])  # never ranked (nor bundled) by a leaky CV
+    frozen = {r["system"]: k for k, r in metrics["systems"].items() if r["system"] != "tfidf"}
+    for r in tuned.values():
+        assert set(r["mcnemar_vs"]) == {frozen[r["system"]], "tfidf"}
+    assert metrics["finetuned"]["source"]["judge"] == "none"
+    report = (run / "report" / "report.md").read_text()
+    assert "## Fine-tuned encoder (test split only)" in report and "cross-validation" in report
+    cfg["finetune"]["enabled"] = False
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "off.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert not [p for p in (run / "embed-finetuned").iterdir() if p.is_dir()]  # only its stamp is left
+    assert not (run / "finetune" / "model").exists()
+    assert "finetuned" not in json.loads((run / "report" / "metrics.json").read_text())
