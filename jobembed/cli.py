@@ -40,6 +40,7 @@ from jobembed.config import (
     CleanFallback,
     CleanLanguage,
     ConflictPolicy,
+    FinetuneLoss,
     JudgeKind,
     JudgeMode,
     NoiseFilter,
@@ -398,7 +399,10 @@ def compare_report(
     from jobembed.artifacts import read_json
 
     run = _stage_command("compare-report", dict(locals()))
-    console.print(summary_table(read_json(run / "report" / "metrics.json")))
+    metrics = read_json(run / "report" / "metrics.json")
+    console.print(summary_table(metrics))
+    for line in finetuned_lines(metrics):
+        console.print(line)
     console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
 
 
@@ -542,6 +546,63 @@ def make_triplets(
         return
     pipeline.run_stages(cfg, target="make-triplets", force=force, progress=not quiet, on_stage=_print_stage)
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
+
+
+@app.command()
+@_friendly
+def finetune(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    finetune__model: Annotated[
+        str | None, typer.Option("--model", help="Encoder to fine-tune [default: embed.model, the frozen one].")
+    ] = None,
+    finetune__triplets: Annotated[
+        Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
+    ] = None,
+    finetune__loss: Annotated[FinetuneLoss | None, typer.Option("--loss", help="Training loss.")] = None,
+    finetune__class_aware: Annotated[
+        bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
+    ] = None,
+    finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
+    finetune__batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Triplets per batch.")] = None,
+    finetune__learning_rate: Annotated[
+        float | None, typer.Option("--learning-rate", help="AdamW learning rate.")
+    ] = None,
+    finetune__max_seq_length: MaxLenOpt = None,
+    finetune__max_triplets: Annotated[
+        int | None, typer.Option("--max-triplets", min=2, help="Train on at most this many triplets.")
+    ] = None,
+    finetune__matryoshka_dims: Annotated[
+        str | None, typer.Option("--matryoshka-dims", callback=_int_list, help="e.g. 384,256,128.")
+    ] = None,
+    finetune__gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save GPU memory.")
+    ] = None,
+    finetune__precision: PrecisionOpt = None,
+    finetune__device: DeviceOpt = None,
+    finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the encoder on the run's kept triplets with SentenceTransformerTrainer (MNRL with the hard negative,
+    same-class in-batch negatives masked, by default). Keeps the checkpoint with the best validation centroid-cosine
+    macro-F1; resumes from the last checkpoint after an interruption. Writes RUN/finetune/ (model/ with its model
+    card, finetune.json, log.jsonl)."""
+    from jobembed.artifacts import read_json
+
+    params = dict(locals())
+    params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
+    run = _stage_command("finetune", params)
+    info = read_json(run / "finetune" / "finetune.json")
+    val = info["val"]
+    score = val.get("eval_val-centroid_macro_f1")
+    console.print(
+        f"[green]fine-tuned[/] {info['base_model']} on {info['triplets']['rows']} triplets "
+        f"({info['triplets']['judge']}), {info['loss']}, {info['steps']} steps in {info['seconds']} s"
+        + (f"; validation centroid macro-F1 {score:.3f}" if score is not None else "")
+        + f" → {run / 'finetune' / 'model'}"
+    )
 
 
 def triplets_line(r: dict[str, Any], folder: Path) -> str:
@@ -731,8 +792,26 @@ def run(
     cfg = load_config(config, {"name": name}, flags={"name": "--name"})
     pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
-    console.print(summary_table(read_json(cfg.run_dir / "report" / "metrics.json")))
+    metrics = read_json(cfg.run_dir / "report" / "metrics.json")
+    console.print(summary_table(metrics))
+    for line in finetuned_lines(metrics):
+        console.print(line)
     console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
+
+
+def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned encoder's systems, test split only, against the same system on the frozen encoder."""
+    ft = metrics.get("finetuned")
+    if not ft:
+        return []
+    out = [f"fine-tuned encoder ({ft['source'].get('rows')} triplets, {ft['source'].get('judge')}), test split only:"]
+    for r in ft["systems"].values():
+        frozen_key = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
+        frozen = metrics["systems"].get(frozen_key) if frozen_key else None
+        m = r["mcnemar_vs"].get(frozen_key) if frozen_key else None
+        tail = f" vs frozen {frozen['test']['macro_f1']:.3f} (McNemar p {m['p_value']:.3g})" if frozen and m else ""
+        out.append(f"  {r['display']}: test macro-F1 {r['test']['macro_f1']:.3f}{tail}")
+    return out
 
 
 def summary_table(metrics: dict[str, Any]) -> Table:

@@ -420,6 +420,55 @@ class TripletsConfig(_Strict):
         return self
 
 
+class FinetuneLoss(StrEnum):
+    mnrl = "mnrl"
+    cached_mnrl = "cached_mnrl"
+    gist = "gist"
+    triplet = "triplet"
+
+
+class FinetuneConfig(_Strict):
+    """``finetune``: the encoder on make-triplets' kept triplets with ``SentenceTransformerTrainer``."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"device", "gradient_checkpointing", "mini_batch_size", "dataloader_workers", "cache_dir", "keep_checkpoints"}
+    )
+
+    # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
+    # turns it on for that run; with it on, compare-report adds the fine-tuned encoder's systems.
+    enabled: bool = False
+    # None: embed.model, the frozen encoder the triplets were mined with.
+    model: str | None = None
+    # None: the run's triplets/train.parquet; or any Parquet with anchor, positive, negative columns.
+    triplets: Path | None = None
+    loss: FinetuneLoss = FinetuneLoss.mnrl
+    # mnrl only: same-class candidates are not in-batch negatives (with 39 classes and batches of 64 many would
+    # be), using the anchor and negative classes the training dataset's label column carries.
+    class_aware: bool = True
+    # e.g. [384, 256, 128]: MatryoshkaLoss around the loss, so truncated vectors stay useful.
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=2)
+    learning_rate: float = Field(3e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(128, ge=8, le=8192)
+    # Cap on training triplets (the demo's short CPU fine-tune); None trains on all.
+    max_triplets: int | None = Field(None, ge=2)
+    # Evaluations (TripletEvaluator on the val triplets, centroid-cosine macro-F1 of the val ads) per epoch; the
+    # checkpoint that classifies val best is kept.
+    evals_per_epoch: int = Field(2, ge=1)
+    # Training ads (stratified) whose class centroids the val ads are scored against in each evaluation.
+    eval_train_ads: int = Field(2000, ge=10)
+    precision: Precision = Precision.auto
+    gradient_checkpointing: bool = False
+    mini_batch_size: int = Field(32, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
+    device: str = "auto"
+    keep_checkpoints: bool = False
+    seed: int = 13
+    cache_dir: Path | None = None
+
+
 class PipelineConfig(_Strict):
     """``run``: the whole pipeline from one file."""
 
@@ -435,6 +484,7 @@ class PipelineConfig(_Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     triplets: TripletsConfig = Field(default_factory=TripletsConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)

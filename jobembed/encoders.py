@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -258,11 +259,29 @@ def model_family(ref: str) -> str:
     return "other"
 
 
+PROMPTS_SIDECAR = "jobembed-prompts.json"
+
+
+def _own_prompts(ref: str) -> dict[str, Any] | None:
+    """``{text_prompt, label_prompt}`` from a local folder's ``jobembed-prompts.json``, else None."""
+    path = Path(ref.strip()).expanduser() / PROMPTS_SIDECAR
+    if not _looks_like_path(ref.strip()) and not Path(ref.strip()).expanduser().is_dir():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def resolve_prompts(ref: str, text_prompt: str | None, label_prompt: str | None) -> tuple[str | None, str | None]:
     """Replace ``"auto"`` prompts by the family preset from ``jobembed/presets/prompts.yaml``.
 
+    A local folder with a ``jobembed-prompts.json`` (a fine-tuned encoder) uses the prompts it was trained with,
+    whatever its name.
+
     Args:
-        ref: The model reference (only its name is used; nothing is loaded or built).
+        ref: The model reference (its name, and a local folder's prompts sidecar; nothing is loaded or built).
         text_prompt: ``"auto"``, ``None`` (no prefix) or an explicit prefix for ad texts.
         label_prompt: The same for label texts (zero-shot category descriptions).
 
@@ -270,6 +289,9 @@ def resolve_prompts(ref: str, text_prompt: str | None, label_prompt: str | None)
         ``(text_prompt, label_prompt)`` with ``"auto"`` replaced; ``None`` means no prefix.
     """
     spec = _prompt_presets().get(model_family(ref)) or _prompt_presets()["other"]
+    own = _own_prompts(ref)
+    if own is not None:  # a folder that says which prompts it was trained with (jobembed finetune writes one)
+        spec = own
     text = spec.get("text_prompt") if text_prompt == "auto" else text_prompt
     label = spec.get("label_prompt") if label_prompt == "auto" else label_prompt
     return text, label

@@ -319,3 +319,89 @@ def evaluate_systems(
         "pairwise": pairwise,
     }
     return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test)
+
+
+def evaluate_finetuned(
+    *,
+    config: PipelineConfig,
+    splits: Mapping[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    tuned: RunVectors,
+    frozen_key_of: Mapping[str, str],
+    frozen_preds: Mapping[str, np.ndarray],
+    source: Mapping[str, Any],
+    ads_seen: set[str],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The fine-tuned encoder's systems, on the test split only.
+
+    Its triplets showed it the labels of training ads, so k-fold CV over train + val would score it on ads whose
+    labels it learned: not a fair estimate, and not run. Each system is fit on train (validation for early
+    stopping and calibration), scored once on test with group-bootstrap intervals, and compared by exact McNemar
+    with the same system on the frozen encoder and with TF-IDF + LR.
+
+    Args:
+        tuned: the fine-tuned encoder's vectors.
+        frozen_key_of: system name -> the key of the same system on the frozen encoder (from evaluate_systems).
+        frozen_preds: system key -> test predictions (evaluate_systems' ``test_preds``).
+        source: what trained the encoder (finetune.json's triplets: judge, rows, ...; positive strategy).
+        ads_seen: ids of the ads in its training triplets.
+    """
+    col = config.text_column
+    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    test = splits["test"]
+    y_test = test["label"].to_numpy(dtype=str)
+    n_train = len(splits["train"])
+    seen_test = ads_seen & set(test["id"].astype(str))
+    if seen_test:  # make-triplets never reads the test split; an outside triplet file might
+        raise DataError(
+            f"the fine-tuned encoder's triplets hold {len(seen_test)} test ads (e.g. {sorted(seen_test)[0]})",
+            fix="fine-tune on triplets mined without the test split (jobembed make-triplets)",
+        )
+    names = [s for s in map(str, config.report.systems) if s != "tfidf"]
+    slug, display = encoder_slug(tuned.model, tuned.fingerprint), short_name(tuned.model)
+    label_positive = source.get("positive") == "label"
+    X_dev = np.concatenate([tuned.train, tuned.val])
+    out: dict[str, Any] = {}
+    with ui.bar(enabled=progress) as bar:
+        task = bar.add_task("fitting systems on the fine-tuned encoder", total=len(names))
+        for name in names:
+            system = System(name, tuned, slug, display)
+            pred, _ = _fit_predict(
+                system,
+                config=config,
+                labels=labels,
+                dev=dev,
+                X_dev=X_dev,
+                train_idx=np.arange(n_train),
+                val_idx=np.arange(n_train, len(dev)),
+                X_eval=tuned.test,
+                texts_eval=test[col].tolist(),
+            )
+            bar.advance(task)
+            groups, n_boot = test["group"].to_numpy(), config.report.bootstrap
+            title = SYSTEM_TITLES[name]
+            if name == "zeroshot" and label_positive:
+                title = "category-text cosine (not zero-shot: the encoder was trained on the category texts)"
+            entry: dict[str, Any] = {
+                "system": name,
+                "display": system.display,
+                "title": title,
+                "encoder": tuned.model,
+                "encoder_fingerprint": tuned.fingerprint,
+                "test": metrics.classification_metrics(y_test, pred, min_support=config.report.min_support),
+                "test_ci95": {
+                    m: metrics.bootstrap_ci(y_test, pred, fn, groups=groups, n_resamples=n_boot)
+                    for m, fn in (("accuracy", metrics.accuracy), ("macro_f1", metrics.macro_f1))
+                },
+                "cv": None,
+                "cv_note": f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} "
+                "train ads through its triplets",
+            }
+            versus = {}
+            for other in (frozen_key_of.get(name), "tfidf"):
+                if other is not None and other in frozen_preds:
+                    versus[other] = metrics.mcnemar(y_test, pred, frozen_preds[other])
+            entry["mcnemar_vs"] = versus
+            out[system.key] = entry
+    return {"source": dict(source), "systems": out}

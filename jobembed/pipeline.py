@@ -49,7 +49,8 @@ from jobembed.config import (
     write_resolved,
 )
 from jobembed.errors import ConfigError, DataError
-from jobembed.evaluate import evaluate_systems
+from jobembed.evaluate import evaluate_finetuned, evaluate_systems
+from jobembed.finetune import finetune, load_triplets
 from jobembed.head import MLPHead
 from jobembed.report import WINNER_DIR, write_report
 from jobembed.store import open_store
@@ -317,7 +318,7 @@ def triplet_inputs(config: PipelineConfig) -> TripletInputs:
 
 
 # Stages whose summary goes into manifest.json (make-triplets: calls, tokens and what they cost).
-_SUMMARISED = {"make-triplets"}
+_SUMMARISED = {"make-triplets", "finetune"}
 
 
 def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]:
@@ -337,13 +338,145 @@ def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]
     return out
 
 
+def _finetune_identity(config: PipelineConfig) -> dict[str, str]:
+    """The base encoder's content, and an outside triplet file's (the run's own triplets are an input stage)."""
+    f = config.finetune
+    if not f.enabled:
+        return {"enabled": False}
+    out = {"base": encoders.model_fingerprint(f.model or config.embed.model, cache_dir=config.embed.cache_dir)}
+    if f.triplets is not None:
+        if not Path(f.triplets).is_file():
+            raise _KeepStamp(f"the --triplets file {f.triplets} is not found", fix="check the path")
+        out["triplets"] = file_sha256(Path(f.triplets))
+    return out
+
+
+def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split."""
+    f = config.finetune
+    out_dir = config.run_dir / "finetune"
+    if not f.enabled:
+        for stale in ("model", "finetune.json", "ads_seen.json", "log.jsonl"):
+            target = out_dir / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return {"enabled": False}
+    splits, labels = _prepared(config)
+    classes = labels["label"].astype(str).tolist()
+    own = config.run_dir / "triplets"
+    triplets = load_triplets(
+        Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
+    )
+    val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
+    column = str(config.text_column)
+    train, val_ads = splits["train"], splits["val"]
+    centroid_data = None
+    if len(val_ads):
+        # A stratified sample of the training ads for the centroids, re-encoded at every evaluation.
+        rows = [
+            g.sample(n=min(len(g), max(1, f.eval_train_ads * len(g) // len(train))), random_state=f.seed).index
+            for _, g in train.groupby("label")
+        ]
+        keep = train.loc[[i for index in rows for i in index]]
+        centroid_data = {
+            "train_texts": keep[column].tolist(),
+            "train_labels": keep["label"].tolist(),
+            "val_texts": val_ads[column].tolist(),
+            "val_labels": val_ads["label"].tolist(),
+        }
+    model_ref = f.model or config.embed.model
+    resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
+    text_prompt, label_prompt = encoders.resolve_prompts(
+        resolved.ref, config.embed.text_prompt, config.embed.label_prompt
+    )
+    info = finetune(
+        triplets=triplets,
+        val_triplets=val,
+        centroid_data=centroid_data,
+        config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
+        model_ref=model_ref,
+        text_prompt=text_prompt,
+        label_prompt=label_prompt,
+        out_dir=out_dir,
+        progress=progress,
+    )
+    write_resolved(f, out_dir)
+    return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val")} | {
+        "triplets": info["triplets"]["rows"],
+        "judge": info["triplets"]["judge"],
+    }
+
+
+def finetuned_model(config: PipelineConfig) -> str:
+    """The fine-tuned encoder's folder (a local model reference)."""
+    return str(config.run_dir / "finetune" / "model")
+
+
+def _run_embed_finetuned(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Encode every split and the category texts with the fine-tuned encoder (its own folder of vectors)."""
+    out_dir = config.run_dir / "embed-finetuned"
+    if not config.finetune.enabled:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return {"enabled": False}
+    splits, labels = _prepared(config)
+    tuned = config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []})
+    folders = embed.embed_splits(
+        splits=splits, labels=labels, out_dir=out_dir, config=tuned, text_column=config.text_column, progress=progress
+    )
+    keep = {f.name for f in folders.values()}
+    for stale in out_dir.iterdir():  # an earlier fine-tune's vectors
+        if stale.is_dir() and stale.name not in keep:
+            shutil.rmtree(stale, ignore_errors=True)
+    return {"folders": {k: str(v) for k, v in folders.items()}}
+
+
 def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     splits, labels = _prepared(config)
     vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
     evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=progress)
     evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
+    if config.finetune.enabled:
+        evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, progress)
     write_report(evaluation, out_dir=config.run_dir / "report", config=config, labels=labels)
     return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
+
+
+def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, progress: bool) -> dict[str, Any]:
+    tuned = embed.load_vectors(
+        config.run_dir / "embed-finetuned",
+        model=finetuned_model(config),
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+    info = read_json(config.run_dir / "finetune" / "finetune.json")
+    # Compared with the same system on the encoder it was fine-tuned from (else on embed.model).
+    refs = {r.get("encoder") for r in evaluation.metrics["systems"].values()}
+    base = info["base_model"]
+    if base not in refs:
+        base = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir, build=False).ref
+    frozen_key_of = {
+        r["system"]: key
+        for key, r in evaluation.metrics["systems"].items()
+        if r.get("encoder") == base and r["system"] != "tfidf"
+    }
+    source = info["triplets"] | {
+        "model": finetuned_model(config),
+        "base_model": info["base_model"],
+        "loss": info["loss"],
+        "positive": str(config.triplets.positive),
+    }
+    return evaluate_finetuned(
+        config=config,
+        splits=splits,
+        labels=labels,
+        tuned=tuned,
+        frozen_key_of=frozen_key_of,
+        frozen_preds=evaluation.test_predictions,
+        source=source,
+        ads_seen=set(read_json(config.run_dir / "finetune" / "ads_seen.json")),
+        progress=progress,
+    )
 
 
 def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
@@ -442,10 +575,33 @@ register(
 )
 register(
     Stage(
+        "finetune",
+        folder="finetune",
+        sections=("finetune", "embed"),
+        inputs=("prepare", "clean", "make-triplets"),
+        run=_run_finetune,
+        identity=_finetune_identity,
+        shared=("text_column",),
+        help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",
+    )
+)
+register(
+    Stage(
+        "embed-finetuned",
+        folder="embed-finetuned",
+        sections=("embed",),
+        inputs=("prepare", "clean", "finetune"),
+        run=_run_embed_finetuned,
+        shared=("text_column",),
+        help="encode every split with the fine-tuned encoder (when finetune.enabled)",
+    )
+)
+register(
+    Stage(
         "compare-report",
         folder="report",
         sections=("report", "head"),
-        inputs=("prepare", "clean", "embed"),
+        inputs=("prepare", "clean", "embed", "embed-finetuned"),
         run=_run_compare_report,
         shared=("text_column",),
         help="every system on the same splits: test, k-fold CV, intervals, significance",

@@ -212,6 +212,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
             f"| {row.label} | {names.get(row.label, '')} | {row.precision:.3f} | {row.recall:.3f} | "
             f"{row.f1:.3f} | {row.support} | {row.predicted} |"
         )
+    if metrics.get("finetuned"):
+        lines += _finetuned_section(metrics)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in metrics["figures"]]
     if metrics.get("bundled"):
         lines += [
@@ -220,6 +222,45 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
             "head or cosine prototypes on an encoder); the `bundle` stage packages it in `../bundle/`.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _finetuned_section(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned encoder's systems: test split only, against the same system on the frozen encoder."""
+    ft, res = metrics["finetuned"], metrics["systems"]
+    src = ft["source"]
+    lines = [
+        "",
+        "## Fine-tuned encoder (test split only)",
+        "",
+        f"`{src.get('model', '?')}` was fine-tuned from `{src.get('base_model', '?')}` on {src.get('rows', '?')} "
+        f"triplets judged by `{src.get('judge', '?')}` ({src.get('loss', '?')}). Its triplets showed it the labels of "
+        "training ads, so cross-validation over train + validation would not be a fair estimate and is not run; each "
+        "system is fit on train and scored once on the test split, and compared (exact McNemar on test) with the "
+        "same system on the frozen encoder.",
+        "",
+        "| system | test accuracy [95% CI] | test macro-F1 [95% CI] | frozen, same system: test macro-F1 | "
+        "macro-F1 diff | only fine-tuned right / only frozen right | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in ft["systems"].values():
+        t, ci = r["test"], r["test_ci95"]
+        frozen_key = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
+        frozen = res.get(frozen_key) if frozen_key else None
+        m = r["mcnemar_vs"].get(frozen_key) if frozen_key else None
+        diff = t["macro_f1"] - frozen["test"]["macro_f1"] if frozen else float("nan")
+        lines.append(
+            f"| {r['display']} ({r['title']}) | {_fmt(t['accuracy'])} [{_fmt(ci['accuracy'][0])}, "
+            f"{_fmt(ci['accuracy'][1])}] | {_fmt(t['macro_f1'])} [{_fmt(ci['macro_f1'][0])}, "
+            f"{_fmt(ci['macro_f1'][1])}] | {_fmt(frozen['test']['macro_f1']) if frozen else '–'} | "
+            f"{diff:+.3f} | {m['a_only'] if m else '–'} / {m['b_only'] if m else '–'} | "
+            f"{_fmt_p(m['p_value']) if m else '–'} |"
+        )
+    lines += [
+        "",
+        "One fine-tuning run is one draw: the spread over fine-tuning seeds is what tells a real lift from luck "
+        "(experiments/ has the seeded comparison).",
+    ]
+    return lines
 
 
 def _fmt_p(p: float) -> str:

@@ -15,7 +15,7 @@ from jobembed.cli import app
 from tests.synthetic import make_ads, make_labels
 
 runner = CliRunner()
-STAGES = ("prepare", "embed", "train-head", "make-triplets", "compare-report", "bundle")
+STAGES = ("prepare", "embed", "train-head", "make-triplets", "finetune", "compare-report", "bundle")
 
 
 def invoke(*args):
@@ -125,8 +125,8 @@ def test_run_writes_every_artifact(finished_run):
 def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finished_run, workspace):
     result = invoke("run", "--config", workspace / "tiny.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    # prepare, clean, embed, train-head, make-triplets, compare-report, bundle
-    assert result.output.count("up to date, skipped") == 7
+    # prepare, clean, embed, train-head, make-triplets, finetune, embed-finetuned, compare-report, bundle
+    assert result.output.count("up to date, skipped") == 9
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
     cfg["report"]["systems"] = ["centroid", "mlp"]
     cfg["name"] = "tiny-changed"
@@ -135,7 +135,7 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
     result = invoke("run", "--config", workspace / "changed.yaml", "--quiet")
     assert result.exit_code == 0, result.output
     assert "compare-report: running" in result.output and "bundle: running" in result.output
-    assert result.output.count("up to date, skipped") == 5
+    assert result.output.count("up to date, skipped") == 7
     # the report folder is rebuilt whole: no per-class table of a system that is no longer compared
     tables = {p.name.split("@")[0] for p in (workspace / "runs" / "tiny-changed" / "report" / "per_class").iterdir()}
     assert tables == {"centroid", "mlp"}

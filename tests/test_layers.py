@@ -24,6 +24,7 @@ LAYERS = [
     "metrics",
     "baselines",
     "triplets",
+    "finetune",
     "head",
     "evaluate",
     "report",

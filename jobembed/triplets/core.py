@@ -95,14 +95,23 @@ def mine(inputs: TripletInputs, config: TripletsConfig) -> tuple[pd.DataFrame, d
         if len(frame) < 2 or cap == 0:
             stats[split] = {"anchor_slots": 0}
             continue
-        pool = Pool(frame["id"].to_numpy(), frame["label"].to_numpy(), frame["group"].to_numpy(), inputs.vectors[split])
+        # An ad whose text is empty (cleaning left nothing) can be no part of a triplet.
+        usable = (inputs.texts[split].astype(str).str.strip() != "").to_numpy() & (
+            inputs.judge_texts[split].astype(str).str.strip() != ""
+        ).to_numpy()
+        pool = Pool(
+            frame["id"].to_numpy()[usable],
+            frame["label"].to_numpy()[usable],
+            frame["group"].to_numpy()[usable],
+            inputs.vectors[split][usable],
+        )
         floor = min(config.min_anchors_per_class, cap) if split == "train" else 1
         found, s = mine_candidates(
             pool, config=config, max_anchors_per_class=cap, min_anchors_per_class=floor, label_vectors=label_vectors
         )
         found.insert(0, "split", split)
         frames.append(found)
-        stats[split] = s
+        stats[split] = s | {"empty_texts": int((~usable).sum())}
     candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["split"])
     return candidates, stats
 
@@ -252,6 +261,7 @@ def _report(
             "no_positive": int(mining.get(split, {}).get("no_positive", 0)),
             "no_negative": int(mining.get(split, {}).get("no_negative", 0)),
             "short_of_negatives": int(mining.get(split, {}).get("short_of_negatives", 0)),
+            "empty_texts_skipped": int(mining.get(split, {}).get("empty_texts", 0)),
             # How often the judge agrees with what the labels imply (same class = same job, other class = other).
             "agreement": {
                 "positive_same": _share(part["positive_ok"]),

@@ -1,0 +1,420 @@
+"""The finetune stage's core: an encoder trained on make-triplets' kept triplets with ``SentenceTransformerTrainer``.
+
+Input: a triplet table with ``anchor, positive, negative`` (make-triplets' ``train.parquet``, or any Parquet with
+those columns) and, when present, ``anchor_label`` / ``negative_label``. Only the three text columns and one integer
+``label`` reach the trainer: the trainer tokenises every other column as text, and passes only ``label`` to the
+loss. ``label`` packs the anchor's and the negative's class (``anchor * n_classes + negative``) for the
+class-aware loss.
+
+- Losses (``finetune.loss``): ``mnrl`` (MultipleNegativesRankingLoss with the hard negative; class-aware by default:
+  candidates of the anchor's class are not in-batch negatives), ``cached_mnrl`` (large effective batches in little
+  memory), ``gist`` (GISTEmbedLoss, the frozen encoder as guide), ``triplet``; optionally wrapped in MatryoshkaLoss.
+- Prompts: the encoder family's (e5: ``query: ``) through the trainer's ``prompts``, as ``embed`` uses them.
+- Evaluation on the validation split during training: ``TripletEvaluator`` on make-triplets' val triplets and a
+  ``CentroidEvaluator`` (centroid-cosine macro-F1 of the val ads against train centroids). The kept checkpoint is the
+  one that classifies val best, not the one with the lowest loss.
+- Checkpoints go to ``<out>/checkpoints``; a run started again resumes from the last one.
+- Output: ``<out>/model`` (a SentenceTransformer folder with its model card), ``<out>/finetune.json`` (format tag,
+  base model and fingerprint, triplet source, validation metrics), ``<out>/log.jsonl`` (the trainer's log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from jobembed import encoders
+from jobembed.artifacts import atomic_write_text, write_json
+from jobembed.config import FinetuneConfig, FinetuneLoss, default_cache_dir
+from jobembed.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_FORMAT = "jobembed-finetune/1"
+TEXT_COLUMNS = ("anchor", "positive", "negative")
+PRIMARY_METRIC = "eval_val-centroid_macro_f1"
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Triplets:
+    """Training rows for the trainer (``anchor, positive, negative, label``), the class list behind ``label``, and
+    where they came from (for the model card and compare-report)."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    source: dict[str, Any]
+
+
+def load_triplets(
+    path: Path, *, classes: list[str] | None = None, limit: int | None = None, seed: int = 13
+) -> Triplets:
+    """Read a triplet Parquet; checks the text columns and packs the class columns into ``label``.
+
+    Raises:
+        DataError: the file is missing, lacks a text column, or has an empty text (row named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"triplet file {path} not found", fix="run `jobembed make-triplets RUN` first, or pass --triplets"
+        )
+    frame = pd.read_parquet(path)
+    missing = [c for c in TEXT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path} lacks the columns {', '.join(missing)}",
+            found="columns " + ", ".join(map(str, frame.columns)),
+            fix="pass a table with anchor, positive and negative text columns",
+        )
+    for column in TEXT_COLUMNS:
+        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0])
+            raise DataError(f"{path} row {row}: {column} is empty", fix="drop the row or fill the text")
+    if limit is not None and len(frame) > limit:
+        frame = frame.sample(n=limit, random_state=seed).sort_index()
+    labelled = {"anchor_label", "negative_label"} <= set(frame.columns)
+    if labelled:
+        found = sorted(set(frame["anchor_label"].astype(str)) | set(frame["negative_label"].astype(str)))
+        classes = sorted(set(classes or []) | set(found))
+        index = {c: i for i, c in enumerate(classes)}
+        label = frame["anchor_label"].astype(str).map(index) * len(classes) + frame["negative_label"].astype(str).map(
+            index
+        )
+    else:
+        classes = []
+        label = pd.Series(-1, index=frame.index)
+    out = pd.DataFrame({c: frame[c].astype(str).to_numpy() for c in TEXT_COLUMNS})
+    out["label"] = label.astype(np.int64).to_numpy()
+    ids = "\n".join(frame.get("anchor_id", pd.Series(dtype=str)).astype(str))
+    source = {
+        "path": str(path),
+        "rows": len(out),
+        "judge": str(frame["judge"].iloc[0]) if "judge" in frame.columns and len(frame) else "unknown",
+        "anchor_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
+        "ads_seen": sorted(
+            set().union(*(set(frame[c].astype(str)) for c in ("anchor_id", "positive_id", "negative_id") if c in frame))
+        ),
+    }
+    return Triplets(out, classes, source)
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def _mnrl_class():
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    return MultipleNegativesRankingLoss
+
+
+def class_aware_mnrl(model, *, n_classes: int, scale: float = 20.0):
+    """MultipleNegativesRankingLoss whose in-batch negatives leave out candidates of the anchor's class.
+
+    ``labels`` (one per row) pack ``anchor_class * n_classes + negative_class``; a row with label -1 (no classes
+    known) masks nothing. Each anchor's own positive is always its target.
+    """
+    base = _mnrl_class()
+
+    class ClassAwareMNRL(base):
+        def __init__(self) -> None:
+            super().__init__(model, scale=scale)
+            self.n_classes = n_classes
+
+        def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+            anchors, candidates = embeddings[0], torch.cat(embeddings[1:])
+            scores = self.similarity_fct(anchors, candidates) * self.scale
+            rows = torch.arange(len(anchors), device=scores.device)
+            if labels is not None and len(labels) == len(anchors) and bool((labels >= 0).all()):
+                anchor_cls = labels // self.n_classes
+                negative_cls = labels % self.n_classes
+                candidate_cls = torch.cat([anchor_cls] + [negative_cls] * (len(embeddings) - 2))
+                mask = candidate_cls[None, :] == anchor_cls[:, None]
+                mask[rows, rows] = False  # the anchor's own positive stays the target
+                scores = scores.masked_fill(mask, float("-inf"))
+            return F.cross_entropy(scores, rows)
+
+    return ClassAwareMNRL()
+
+
+def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None):
+    from sentence_transformers.sentence_transformer import losses
+
+    kind = FinetuneLoss(config.loss)
+    if kind is FinetuneLoss.mnrl:
+        loss = (
+            class_aware_mnrl(model, n_classes=n_classes)
+            if config.class_aware and n_classes
+            else losses.MultipleNegativesRankingLoss(model)
+        )
+    elif kind is FinetuneLoss.cached_mnrl:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    elif kind is FinetuneLoss.gist:
+        loss = losses.GISTEmbedLoss(model, guide=guide)
+    else:
+        loss = losses.TripletLoss(model)
+    if config.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=config.matryoshka_dims)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def centroid_evaluator(
+    *,
+    train_texts: list[str],
+    train_labels: list[str],
+    val_texts: list[str],
+    val_labels: list[str],
+    prompt: str | None,
+    batch_size: int = 64,
+    name: str = "val-centroid",
+):
+    """An evaluator: macro-F1 and accuracy of centroid cosine, val ads against the train ads' class centroids."""
+    from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
+    from sklearn.metrics import accuracy_score, f1_score
+
+    class CentroidEvaluator(SentenceEvaluator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = name
+            self.primary_metric = "macro_f1"
+            self.greater_is_better = True
+
+        def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+            def encode(texts: list[str]) -> np.ndarray:
+                return model.encode(
+                    texts, prompt=prompt, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+                )
+
+            train_vectors, val_vectors = encode(train_texts), encode(val_texts)
+            classes = sorted(set(train_labels))
+            y = np.asarray(train_labels)
+            centroids = np.stack([train_vectors[y == c].mean(axis=0) for c in classes])
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            predicted = np.asarray(classes)[(val_vectors @ centroids.T).argmax(axis=1)]
+            metrics = {
+                "macro_f1": float(f1_score(val_labels, predicted, average="macro", zero_division=0)),
+                "accuracy": float(accuracy_score(val_labels, predicted)),
+            }
+            metrics = self.prefix_name_to_metrics(metrics, self.name)
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+            return metrics
+
+    return CentroidEvaluator()
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _checkpointing(args_cls: type, enabled: bool) -> dict[str, bool]:
+    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; 4.x knows the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def _warmup(ratio: float) -> dict[str, float]:
+    """transformers 5 takes the warmup ratio as a float ``warmup_steps`` (``warmup_ratio`` is deprecated there)."""
+    import transformers
+
+    return {"warmup_steps": ratio} if int(transformers.__version__.split(".")[0]) >= 5 else {"warmup_ratio": ratio}
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def finetune(
+    *,
+    triplets: Triplets,
+    val_triplets: Triplets | None,
+    centroid_data: dict[str, list[str]] | None,
+    config: FinetuneConfig,
+    model_ref: str,
+    text_prompt: str | None,
+    out_dir: Path,
+    label_prompt: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``model_ref`` on ``triplets``; write ``out_dir`` (see the module docstring); return finetune.json.
+
+    Args:
+        triplets / val_triplets: from ``load_triplets``; val ones feed the TripletEvaluator.
+        centroid_data: ``{train_texts, train_labels, val_texts, val_labels}`` for the CentroidEvaluator.
+        text_prompt: the prefix every text gets (the encoder family's, as in ``embed``); written with
+            ``label_prompt`` into the model folder's ``jobembed-prompts.json``.
+    """
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator, TripletEvaluator
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+    from transformers.trainer_utils import get_last_checkpoint
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    resolved = encoders.resolve(model_ref, cache_dir=cache_dir)
+    fingerprint = encoders.fingerprint_of(resolved)
+    device = encoders.pick_device(config.device)
+    precision = encoders.resolve_precision(str(config.precision), device)
+    torch.manual_seed(config.seed)
+    model = SentenceTransformer(str(resolved.location), device=device)
+    model.max_seq_length = config.max_seq_length
+    guide = SentenceTransformer(str(resolved.location), device=device) if config.loss == FinetuneLoss.gist else None
+    loss = build_loss(model, config=config, n_classes=len(triplets.classes), guide=guide)
+
+    train = Dataset.from_pandas(triplets.frame, preserve_index=False)
+    evaluators = []
+    if val_triplets is not None and len(val_triplets.frame):
+        v = val_triplets.frame
+        evaluators.append(
+            TripletEvaluator(
+                anchors=[(text_prompt or "") + t for t in v["anchor"]],
+                positives=[(text_prompt or "") + t for t in v["positive"]],
+                negatives=[(text_prompt or "") + t for t in v["negative"]],
+                name="val-triplets",
+                batch_size=config.batch_size,
+            )
+        )
+    if centroid_data is not None:
+        evaluators.append(
+            centroid_evaluator(**centroid_data, prompt=text_prompt, batch_size=max(config.batch_size, 32))
+        )
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    eval_steps = max(1, steps_per_epoch // config.evals_per_epoch)
+    checkpoints = out_dir / "checkpoints"
+    has_centroid = centroid_data is not None
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        eval_strategy="steps" if evaluators else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_centroid,
+        metric_for_best_model=PRIMARY_METRIC if has_centroid else None,
+        greater_is_better=True,
+        logging_steps=max(1, eval_steps // 2),
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=config.dataloader_workers,
+        prompts=text_prompt or None,
+        # Class-aware MNRL masks same-class in-batch negatives itself; the others need batches free of repeats.
+        batch_sampler=BatchSamplers.BATCH_SAMPLER
+        if (config.loss == FinetuneLoss.mnrl and config.class_aware and triplets.classes)
+        else BatchSamplers.NO_DUPLICATES,
+        use_cpu=device == "cpu",
+        **_precision_flags(precision),
+        **_checkpointing(SentenceTransformerTrainingArguments, config.gradient_checkpointing),
+        **_warmup(config.warmup_ratio),
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        loss=loss,
+        evaluator=SequentialEvaluator(evaluators) if evaluators else None,
+    )
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - started
+    # The kept checkpoint's evaluation, from the log (evaluating again would cost a full pass over the val ads).
+    evals = [row for row in trainer.state.log_history if PRIMARY_METRIC in row or "eval_sequential_score" in row]
+    key = PRIMARY_METRIC if has_centroid else "eval_sequential_score"
+    final_metrics = max(evals, key=lambda row: row.get(key, float("-inf"))) if evals else {}
+    model_dir = out_dir / "model"
+    if trainer.is_world_process_zero():
+        tmp = out_dir / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        # The prompts it was trained with: `embed` and `classify` give every text the same prefix (the folder's name
+        # names no model family).
+        write_json(tmp / encoders.PROMPTS_SIDECAR, {"text_prompt": text_prompt, "label_prompt": label_prompt})
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.replace(model_dir)
+        log = [json.dumps(row) for row in trainer.state.log_history]
+        atomic_write_text(out_dir / "log.jsonl", "".join(line + "\n" for line in log))
+        if not config.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    info = {
+        "format": FINETUNE_FORMAT,
+        "base_model": resolved.ref,
+        "base_fingerprint": fingerprint,
+        "model_dir": str(model_dir),
+        "fingerprint": encoders.model_fingerprint(str(model_dir), cache_dir=cache_dir) if model_dir.is_dir() else None,
+        "loss": str(config.loss),
+        "class_aware": bool(config.class_aware and triplets.classes and config.loss == FinetuneLoss.mnrl),
+        "triplets": {k: v for k, v in triplets.source.items() if k != "ads_seen"},
+        "ads_seen": len(triplets.source.get("ads_seen", [])),
+        "resumed_from": Path(last).name if last else None,
+        "device": device,
+        "precision": precision,
+        "steps": int(trainer.state.global_step),
+        "seconds": round(seconds, 1),
+        "triplets_per_second": round(len(train) * config.epochs / max(seconds, 1e-9), 2),
+        # Validation figures only: the test split is scored once, by compare-report.
+        "val": {k: round(float(v), 4) for k, v in final_metrics.items() if isinstance(v, int | float)},
+        "best_checkpoint_metric": PRIMARY_METRIC if has_centroid else None,
+    }
+    if trainer.is_world_process_zero():
+        write_json(out_dir / "finetune.json", info)
+        write_json(out_dir / "ads_seen.json", triplets.source.get("ads_seen", []))
+        card = model_dir / "README.md"
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+        atomic_write_text(card, text.rstrip() + "\n\n" + card_section(info, config) + "\n")
+    return info
+
+
+def card_section(info: dict[str, Any], config: FinetuneConfig) -> str:
+    """What jobembed adds to sentence-transformers' model card: data, loss, settings, validation result."""
+    t = info["triplets"]
+    val = info["val"]
+    lines = [
+        "## jobembed",
+        "",
+        f"Fine-tuned from `{info['base_model']}` (fingerprint {info['base_fingerprint']}) by `jobembed finetune`.",
+        "",
+        f"- Triplets: {t['rows']} from `{t['path']}`, judged by `{t['judge']}` (make-triplets).",
+        f"- Loss: {info['loss']}"
+        + (" (class-aware in-batch negatives)" if info["class_aware"] else "")
+        + (f", Matryoshka {config.matryoshka_dims}" if config.matryoshka_dims else "")
+        + ".",
+        f"- Settings: {config.epochs:g} epoch(s), batch {config.batch_size}, lr {config.learning_rate:g}, warmup "
+        f"{config.warmup_ratio:g}, max length {config.max_seq_length}, {info['precision']} on {info['device']}, "
+        f"seed {config.seed}; {info['steps']} steps in {info['seconds']} s.",
+        "",
+        "Validation (the test split is scored by `jobembed compare-report`, not here):",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
+    lines += [
+        f"| {k.removeprefix('eval_')} | {v} |" for k, v in val.items() if "runtime" not in k and "per_second" not in k
+    ]
+    return "\n".join(lines)

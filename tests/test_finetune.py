@@ -1,0 +1,233 @@
+"""finetune: the class-aware loss, the triplet reader, the stage through the CLI, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from jobembed.cli import app
+from jobembed.errors import DataError
+from jobembed.finetune import class_aware_mnrl, load_triplets
+from tests.synthetic import make_ads, make_labels
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+
+
+@pytest.fixture(scope="module")
+def st_model(tiny_encoder_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_encoder_dir), device="cpu")
+
+
+def _embeddings(n=4, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=g) for _ in range(3)]
+
+
+def test_class_aware_loss_equals_mnrl_when_no_candidate_shares_the_anchor_class(st_model):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    emb = _embeddings()
+    n_classes = 8
+    labels = torch.tensor([a * n_classes + n for a, n in [(0, 4), (1, 5), (2, 6), (3, 7)]])
+    ours = class_aware_mnrl(st_model, n_classes=n_classes).compute_loss_from_embeddings(emb, labels)
+    plain = MultipleNegativesRankingLoss(st_model).compute_loss_from_embeddings(emb, labels)
+    assert torch.allclose(ours, plain, atol=1e-5)
+
+
+def test_class_aware_loss_masks_same_class_candidates_but_not_the_own_positive(st_model):
+    emb = _embeddings()
+    n_classes = 4
+    # rows 0 and 1 share class 0; row 2's negative is class 0 too; row 3 is class 3 with a class-2 negative
+    labels = torch.tensor([0 * 4 + 1, 0 * 4 + 2, 1 * 4 + 0, 3 * 4 + 2])
+    loss = class_aware_mnrl(st_model, n_classes=n_classes)
+    got = loss.compute_loss_from_embeddings(emb, labels)
+    anchors, candidates = emb[0], torch.cat(emb[1:])
+    scores = torch.nn.functional.cosine_similarity(anchors[:, None], candidates[None], dim=-1) * 20
+    candidate_cls = torch.tensor([0, 0, 1, 3, 1, 2, 0, 2])
+    anchor_cls = torch.tensor([0, 0, 1, 3])
+    mask = candidate_cls[None] == anchor_cls[:, None]
+    mask[torch.arange(4), torch.arange(4)] = False
+    assert mask[0, 1] and mask[1, 0] and mask[0, 6] and not mask[0, 0]
+    expected = torch.nn.functional.cross_entropy(scores.masked_fill(mask, float("-inf")), torch.arange(4))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def _triplet_table(tmp_path, **changes):
+    frame = pd.DataFrame(
+        {
+            "anchor": ["kierowca", "nurse", "cook"],
+            "positive": ["driver", "pielęgniarka", "kucharz"],
+            "negative": ["nurse", "cook", "driver"],
+            "anchor_id": ["a", "b", "c"],
+            "positive_id": ["d", "e", "f"],
+            "negative_id": ["b", "c", "a"],
+            "anchor_label": ["83", "22", "51"],
+            "negative_label": ["22", "51", "83"],
+        }
+    )
+    for k, v in changes.items():
+        if v is None:
+            frame = frame.drop(columns=[k])
+        else:
+            frame[k] = v
+    path = tmp_path / "t.parquet"
+    frame.to_parquet(path)
+    return path
+
+
+def test_load_triplets_packs_anchor_and_negative_classes_into_one_label(tmp_path):
+    t = load_triplets(_triplet_table(tmp_path), classes=["22", "51", "83", "99"])
+    assert list(t.frame.columns) == ["anchor", "positive", "negative", "label"]
+    k = len(t.classes)
+    index = {c: i for i, c in enumerate(t.classes)}
+    assert t.frame["label"].tolist() == [index[a] * k + index[n] for a, n in [("83", "22"), ("22", "51"), ("51", "83")]]
+    assert t.source["ads_seen"] == sorted("abcdef")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [({"negative": None}, "lacks the columns negative"), ({"positive": ["x", " ", "y"]}, "row 1: positive is empty")],
+)
+def test_load_triplets_names_the_problem(tmp_path, changes, needle):
+    with pytest.raises(DataError, match=needle):
+        load_triplets(_triplet_table(tmp_path, **changes))
+
+
+@pytest.fixture(scope="module")
+def ft_workspace(tmp_path_factory, tiny_encoder_dir):
+    root = tmp_path_factory.mktemp("finetune")
+    make_ads(16, seed=7).to_csv(root / "ads.csv", index=False)
+    make_labels().to_csv(root / "labels.csv", index=False)
+    cfg = {
+        "name": "ft",
+        "runs_dir": str(root / "runs"),
+        "prepare": {
+            "input": str(root / "ads.csv"),
+            "id_col": "id",
+            "test_size": 0.25,
+            "val_size": 0.2,
+            "min_class_count": 3,
+            "labels": {"path": str(root / "labels.csv")},
+        },
+        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32, "batch_size": 16},
+        "triplets": {"judge": "none", "min_anchors_per_class": 2, "relative_margin": 1.0},
+        "finetune": {"epochs": 2, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 2},
+    }
+    (root / "ft.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_finetune_stage_writes_a_model_with_card_and_val_metrics(ft_workspace, tiny_encoder_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from jobembed.encoders import model_fingerprint
+
+    run = ft_workspace / "runs" / "ft"
+    result = invoke("finetune", run, "-c", ft_workspace / "ft.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned" in result.output and "validation centroid macro-F1" in result.output
+    out = run / "finetune"
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["fingerprint"] != model_fingerprint(str(tiny_encoder_dir)) and info["class_aware"] is True
+    assert info["triplets"]["judge"] == "none" and info["triplets"]["rows"] > 0
+    assert "eval_val-centroid_macro_f1" in info["val"] and "eval_val-triplets_cosine_accuracy" in info["val"]
+    assert not (out / "checkpoints").exists()  # removed after success unless keep_checkpoints
+    card = (out / "model" / "README.md").read_text()
+    assert "## jobembed" in card and "judged by `none`" in card and "test split is scored by" in card
+    from jobembed.encoders import resolve_prompts
+
+    prompts = json.loads((out / "model" / "jobembed-prompts.json").read_text())
+    assert resolve_prompts(str(out / "model"), "auto", "auto") == (prompts["text_prompt"], prompts["label_prompt"])
+    vectors = SentenceTransformer(str(out / "model"), device="cpu").encode(["kierowca kat. C"])
+    assert vectors.shape[0] == 1
+    seen = set(json.loads((out / "ads_seen.json").read_text()))
+    test_ids = set(pd.read_parquet(run / "prepare" / "test.parquet")["id"])
+    assert seen and not seen & test_ids
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["finetune"]["summary"]["triplets"] == info["triplets"]["rows"]
+    again = invoke("finetune", run, "-q")
+    assert again.exit_code == 0 and "finetune: up to date" in again.output
+
+
+def test_a_killed_finetune_resumes_from_its_last_checkpoint(ft_workspace, tmp_path):
+    cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+    cfg["finetune"] |= {"epochs": 40, "evals_per_epoch": 1}
+    cfg["name"] = "ft-killed"
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))
+    run = ft_workspace / "runs" / "ft-killed"
+    assert invoke("make-triplets", run, "-c", tmp_path / "long.yaml", "-q").exit_code == 0
+    cmd = [sys.executable, "-c", "from jobembed.cli import app; app()", "finetune", str(run), "-q"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = run / "finetune" / "checkpoints"
+    deadline = time.time() + 240
+    while (
+        time.time() < deadline and proc.poll() is None and not list(checkpoints.glob("checkpoint-*/trainer_state.json"))
+    ):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert saved
+    done = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    info = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert info["resumed_from"] is not None and info["resumed_from"].startswith("checkpoint-")
+    log = [json.loads(line) for line in (run / "finetune" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == pytest.approx(40, abs=0.01)
+
+
+def test_a_fine_tuned_folder_keeps_the_prompts_it_was_trained_with(tmp_path):
+    from jobembed.encoders import PROMPTS_SIDECAR, resolve_prompts
+
+    folder = tmp_path / "runs" / "pl" / "finetune" / "model"  # the name names no family: no prompt by name
+    folder.mkdir(parents=True)
+    assert resolve_prompts(str(folder), "auto", "auto") == (None, None)
+    (folder / PROMPTS_SIDECAR).write_text(json.dumps({"text_prompt": "query: ", "label_prompt": "query: "}))
+    assert resolve_prompts(str(folder), "auto", "auto") == ("query: ", "query: ")
+    assert resolve_prompts(str(folder), "passage: ", None) == ("passage: ", None)  # explicit settings still win
+
+
+def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_workspace, tmp_path):
+    cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+    cfg["finetune"]["enabled"] = True
+    cfg["name"] = "ft-report"
+    cfg["report"] = {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 2000}}
+    (tmp_path / "on.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "on.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    run = ft_workspace / "runs" / "ft-report"
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    tuned = metrics["finetuned"]["systems"]
+    assert tuned and all(r["cv"] is None and "saw the labels" in r["cv_note"] for r in tuned.values())
+    assert not set(tuned) & set(metrics["ranking"])  # never ranked (nor bundled) by a leaky CV
+    frozen = {r["system"]: k for k, r in metrics["systems"].items() if r["system"] != "tfidf"}
+    for r in tuned.values():
+        assert set(r["mcnemar_vs"]) == {frozen[r["system"]], "tfidf"}
+    assert metrics["finetuned"]["source"]["judge"] == "none"
+    report = (run / "report" / "report.md").read_text()
+    assert "## Fine-tuned encoder (test split only)" in report and "cross-validation" in report
+    cfg["finetune"]["enabled"] = False
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "off.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert not [p for p in (run / "embed-finetuned").iterdir() if p.is_dir()]  # only its stamp is left
+    assert not (run / "finetune" / "model").exists()
+    assert "finetuned" not in json.loads((run / "report" / "metrics.json").read_text())
