@@ -7,11 +7,13 @@ folder rebuilt in place with other weights) changes every key downstream. ``run_
 stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
 work, one ``register(Stage(...))`` below, and one config section.
 
-The graph today (later issues add finetune and an embed of the fine-tuned encoder)::
+The graph today::
 
     prepare ──▶ clean ──▶ embed ──▶ train-head
-                             ├────▶ make-triplets
-                             └────▶ compare-report ──▶ bundle
+                             ├────▶ make-triplets ──▶ finetune ──▶ embed-finetuned ──┐
+                             └──────────────────────────────────────────────────────┴─▶ compare-report ──▶ bundle
+
+``finetune`` and ``embed-finetuned`` do nothing unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on).
 
 Run folder (``runs/<name>/``), each stage writing only under its own folder::
 
@@ -21,6 +23,8 @@ Run folder (``runs/<name>/``), each stage writing only under its own folder::
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
     triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (make-triplets)
+    finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json (finetune)
+    embed-finetuned/   the fine-tuned encoder's vectors, laid out like embed/
     head/              bundle of the MLP head on embed.model (train-head); stage.json
     report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
     bundle/            the deployable bundle of the report's winner (bundle); stage.json
