@@ -359,7 +359,11 @@ def evaluate_finetuned(
             fix="fine-tune on triplets mined without the test split (jobembed make-triplets)",
         )
     names = [s for s in map(str, config.report.systems) if s != "tfidf"]
-    slug, display = encoder_slug(tuned.model, tuned.fingerprint), short_name(tuned.model)
+    slug = encoder_slug(tuned.model, tuned.fingerprint)
+    # "multilingual-e5-small-finetuned", not the folder's name ("model")
+    display = (
+        f"{short_name(str(source['base_model']))}-finetuned" if source.get("base_model") else short_name(tuned.model)
+    )
     label_positive = source.get("positive") == "label"
     X_dev = np.concatenate([tuned.train, tuned.val])
     out: dict[str, Any] = {}
