@@ -148,6 +148,19 @@ def _fit_predict(
     return np.asarray(model.predict(X_eval), dtype=str), model
 
 
+def _test_scores(
+    y_test: np.ndarray, pred: np.ndarray, *, groups: np.ndarray, n_boot: int, min_support: int
+) -> dict[str, Any]:
+    """Test metrics and group-bootstrap 95% intervals of accuracy and macro-F1."""
+    return {
+        "test": metrics.classification_metrics(y_test, pred, min_support=min_support),
+        "test_ci95": {
+            m: metrics.bootstrap_ci(y_test, pred, fn, groups=groups, n_resamples=n_boot)
+            for m, fn in (("accuracy", metrics.accuracy), ("macro_f1", metrics.macro_f1))
+        },
+    }
+
+
 def cv_folds(dev: pd.DataFrame, *, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold over the dev pool with every repost group inside one fold.
 
@@ -274,11 +287,7 @@ def evaluate_systems(
                 "encoder": v.model if v is not None else None,
                 "encoder_fingerprint": v.fingerprint if v is not None else None,
                 "title": SYSTEM_TITLES[system.name],
-                "test": metrics.classification_metrics(y_test, pred, min_support=config.report.min_support),
-                "test_ci95": {
-                    name: metrics.bootstrap_ci(y_test, pred, fn, groups=groups, n_resamples=n_boot)
-                    for name, fn in (("accuracy", metrics.accuracy), ("macro_f1", metrics.macro_f1))
-                },
+                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "cv": {"summary": metrics.summarize_folds(fold_metrics), "folds": fold_metrics},
             }
 
@@ -393,11 +402,7 @@ def evaluate_finetuned(
                 "title": title,
                 "encoder": tuned.model,
                 "encoder_fingerprint": tuned.fingerprint,
-                "test": metrics.classification_metrics(y_test, pred, min_support=config.report.min_support),
-                "test_ci95": {
-                    m: metrics.bootstrap_ci(y_test, pred, fn, groups=groups, n_resamples=n_boot)
-                    for m, fn in (("accuracy", metrics.accuracy), ("macro_f1", metrics.macro_f1))
-                },
+                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "cv": None,
                 "cv_note": f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} "
                 "train ads through its triplets",
