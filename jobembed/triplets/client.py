@@ -332,7 +332,8 @@ async def _run_all(
                 except asyncio.QueueEmpty:
                     return
                 if config.max_cost is not None and stats.cost + reserved["cost"] + worst_case(call) > config.max_cost:
-                    stats.skipped_by_budget += 1 + queue.qsize()
+                    # the first worker to stop counts the queue too; later ones only the call they hold
+                    stats.skipped_by_budget += 1 + (0 if stop.is_set() else queue.qsize())
                     stop.set()
                     return
                 reserved["cost"] += worst_case(call)

@@ -30,7 +30,7 @@ from jobembed.config import JudgeKind, JudgeMode, TripletsConfig
 from jobembed.data import label_texts
 from jobembed.store import Store
 from jobembed.triplets import judges, llm
-from jobembed.triplets.client import CallStats, is_loopback
+from jobembed.triplets.client import CallStats, api_key, is_loopback
 from jobembed.triplets.mine import LABEL_PREFIX, Pool, mine_candidates
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,8 @@ def make_triplets(
     warning = check_privacy(config, inputs.judge_reads)
     if warning:
         logger.warning(warning)
+    if JudgeKind(config.judge) is JudgeKind.llm:
+        api_key(config.llm)  # a missing key fails here, before any mining
     candidates, mining = mine(inputs, config)
     kind = JudgeKind(config.judge)
     if kind is JudgeKind.none or candidates.empty:

@@ -205,10 +205,10 @@ def judge_model(candidates: pd.DataFrame, *, models: dict[str, LabelModel]) -> V
     positive_ok, negative_ok, keep = (out[c].to_numpy().copy() for c in ("positive_ok", "negative_ok", "keep"))
     reasons, suggested_col, notes = list(out["reason"]), list(out["anchor_suggested"]), list(out["judge_note"])
     rows = {split: m.row() for split, m in models.items()}
-    suggestions = {split: m.suggested() for split, m in models.items()}
+    suggestions_of = {split: m.suggested() for split, m in models.items()}
     columns = {split: {c: i for i, c in enumerate(m.classes)} for split, m in models.items()}
     for n, cand in enumerate(candidates.itertuples(index=False)):
-        m, col, sugg = models[cand.split], columns[cand.split], suggestions[cand.split]
+        m, col, sugg = models[cand.split], columns[cand.split], suggestions_of[cand.split]
         a = rows[cand.split][cand.anchor_id]
         neg = rows[cand.split][cand.negative_id]
         anchor_bad = bool(m.flagged[a])
@@ -239,9 +239,9 @@ def judge_model(candidates: pd.DataFrame, *, models: dict[str, LabelModel]) -> V
     out["reason"], out["anchor_suggested"], out["judge_note"] = reasons, suggested_col, notes
     noise = []
     for split, m in models.items():
-        suggestions = m.suggested()
+        suggestions, col = suggestions_of[split], columns[split]
         for i in np.flatnonzero(m.flagged):
-            k = {c: j for j, c in enumerate(m.classes)}.get(m.labels[i])
+            k = col.get(m.labels[i])
             p_given = float(m.probs[i, k]) if k is not None else 0.0
             noise.append(
                 {
