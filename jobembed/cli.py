@@ -231,7 +231,16 @@ def _stage_command(stage: str, params: dict[str, Any]) -> Path:
     overrides, flags = _overrides(params, params["ctx"])
     cfg = pipeline.config_for_run(params["run_dir"], params["config"], overrides, flags=flags)
     pipeline.run_stages(cfg, target=stage, force=params["force"], progress=not params["quiet"], on_stage=_print_stage)
+    _other_ranks_stop()
     return cfg.run_dir
+
+
+def _other_ranks_stop() -> None:
+    """Under torchrun / accelerate launch only rank 0 reports (the others ran the fine-tune alone)."""
+    from jobembed import distributed
+
+    if not distributed.is_main():
+        raise typer.Exit(0)
 
 
 def _print_stage(stage: str, what: str) -> None:
@@ -580,6 +589,19 @@ def finetune(
     ] = None,
     finetune__precision: PrecisionOpt = None,
     finetune__device: DeviceOpt = None,
+    finetune__pretokenize: Annotated[
+        bool | None, typer.Option("--pretokenize/--no-pretokenize", help="Tokenise every text once, up front.")
+    ] = None,
+    finetune__group_by_length: Annotated[
+        bool | None,
+        typer.Option("--group-by-length/--no-group-by-length", help="Batches of similar-length triplets."),
+    ] = None,
+    finetune__compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (long GPU runs).")
+    ] = None,
+    finetune__dataloader_workers: Annotated[
+        int | None, typer.Option("--workers", min=0, help="Data loader worker processes.")
+    ] = None,
     finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -791,6 +813,7 @@ def run(
 
     cfg = load_config(config, {"name": name}, flags={"name": "--name"})
     pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
+    _other_ranks_stop()
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
     metrics = read_json(cfg.run_dir / "report" / "metrics.json")
     console.print(summary_table(metrics))

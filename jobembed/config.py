@@ -431,7 +431,16 @@ class FinetuneConfig(_Strict):
     """``finetune``: the encoder on make-triplets' kept triplets with ``SentenceTransformerTrainer``."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "gradient_checkpointing", "mini_batch_size", "dataloader_workers", "cache_dir", "keep_checkpoints"}
+        {
+            "device",
+            "gradient_checkpointing",
+            "mini_batch_size",
+            "dataloader_workers",
+            "cache_dir",
+            "keep_checkpoints",
+            "pretokenize",
+            "compile",
+        }
     )
 
     # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
@@ -463,6 +472,15 @@ class FinetuneConfig(_Strict):
     gradient_checkpointing: bool = False
     mini_batch_size: int = Field(32, ge=1)
     dataloader_workers: int = Field(0, ge=0)
+    # Speed levers (experiments/bench_finetune.py measures each against the plain trainer). pretokenize: every
+    # distinct text tokenised once up front, not in every step's collator (same batches, so not part of the stage's
+    # identity; the anchor of a triplet recurs for each of its negatives).
+    pretokenize: bool = True
+    # Batches of similar-length triplets: less padding, but it changes which ads are each other's in-batch
+    # negatives, so it is off unless asked for.
+    group_by_length: bool = False
+    # torch.compile through the trainer: pays a compile at start; worth it for long GPU runs only.
+    compile: bool = False
     device: str = "auto"
     keep_checkpoints: bool = False
     seed: int = 13

@@ -260,6 +260,8 @@ def model_family(ref: str) -> str:
 
 
 PROMPTS_SIDECAR = "jobembed-prompts.json"
+# In a fine-tuned folder: the ids of the ads its training triplets held (their labels shaped it).
+SEEN_SIDECAR = "jobembed-ads-seen.json"
 
 
 def _own_prompts(ref: str) -> dict[str, Any] | None:

@@ -13,13 +13,19 @@ class-aware loss.
 - Evaluation on the validation split during training: ``TripletEvaluator`` on make-triplets' val triplets and a
   ``CentroidEvaluator`` (centroid-cosine macro-F1 of the val ads against train centroids). The kept checkpoint is the
   one that classifies val best, not the one with the lowest loss.
+- Speed (``speed_settings``): every distinct text tokenised once up front (identical batches, padded to a multiple
+  of 8 on CUDA), optionally length-grouped batches and torch.compile; experiments/bench_finetune.py measures each.
+- Several processes (torchrun / accelerate launch): the trainer does DDP from the launcher's environment; rank 0
+  alone writes the folder, the log and the sidecars (see ``jobembed.distributed``).
 - Checkpoints go to ``<out>/checkpoints``; a run started again resumes from the last one.
-- Output: ``<out>/model`` (a SentenceTransformer folder with its model card), ``<out>/finetune.json`` (format tag,
+- Output: ``<out>/model`` (a SentenceTransformer folder with its model card, ``jobembed-prompts.json`` and
+  ``jobembed-ads-seen.json``: the ids of the ads its triplets held), ``<out>/finetune.json`` (format tag,
   base model and fingerprint, triplet source, validation metrics), ``<out>/log.jsonl`` (the trainer's log).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -222,6 +228,152 @@ def centroid_evaluator(
 # ------------------------------------------------------------------------------------------ training
 
 
+# ------------------------------------------------------------------------------------------ speed
+
+
+def token_table(model, texts: list[str], *, prompt: str | None, chunk: int = 512) -> tuple[dict[str, list[int]], dict]:
+    """Every distinct text tokenised once, exactly as ``model.preprocess`` does it per batch (prompt, truncation).
+
+    Returns:
+        ``(text -> token ids without padding, the per-column extras preprocess adds: modality, prompt_length, and
+        whether the model takes token_type_ids)``
+    """
+    table: dict[str, list[int]] = {}
+    extra: dict[str, Any] = {}
+    distinct = list(dict.fromkeys(texts))
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
+    for start in range(0, len(distinct), chunk):
+        part = distinct[start : start + chunk]
+        enc = model.preprocess(part, prompt=prompt) if prompt else model.preprocess(part)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        for text, row, n in zip(part, enc["input_ids"].tolist(), lengths, strict=True):
+            table[text] = row[len(row) - n :] if left else row[:n]
+        extra = {k: v for k, v in enc.items() if not isinstance(v, torch.Tensor)}
+        extra["token_type_ids"] = "token_type_ids" in enc
+    return table, extra
+
+
+def pretokenized_collator(model, table: dict[str, list[int]], extra: dict[str, Any], *, multiple_of: int | None):
+    """A collator that pads token ids looked up in ``table`` instead of tokenising every batch's texts again.
+
+    Its batches equal sentence-transformers' own collator's (``{column}_input_ids``, ``_attention_mask``, ...);
+    ``multiple_of`` pads each batch to a multiple of that many tokens (8 suits GPU tensor cores). A batch holding a
+    text the table lacks falls back to tokenising.
+    """
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    pad_id = model.tokenizer.pad_token_id or 0
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
+
+    class PretokenizedCollator(SentenceTransformerDataCollator):
+        def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+            columns = [c for c in features[0] if c not in self.valid_label_columns and c != "dataset_name"]
+            if not features or any(f[c] not in table for f in features for c in columns):
+                return super().__call__(features)
+            batch: dict[str, Any] = {}
+            for label in self.valid_label_columns:
+                if label in features[0]:
+                    batch["label"] = torch.tensor([f[label] for f in features])
+                    break
+            for column in columns:
+                rows = [table[f[column]] for f in features]
+                width = max(map(len, rows))
+                if multiple_of:
+                    width = -(-width // multiple_of) * multiple_of
+                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, row in enumerate(rows):
+                    span = slice(width - len(row), width) if left else slice(0, len(row))
+                    ids[i, span] = torch.tensor(row, dtype=torch.long)
+                    mask[i, span] = 1
+                batch[f"{column}_input_ids"], batch[f"{column}_attention_mask"] = ids, mask
+                if extra.get("token_type_ids"):
+                    batch[f"{column}_token_type_ids"] = torch.zeros_like(ids)
+                for key in ("modality", "prompt_length"):
+                    if key in extra:
+                        batch[f"{column}_{key}"] = extra[key]
+            return batch
+
+    return PretokenizedCollator(preprocess_fn=model.preprocess)
+
+
+class LengthGroupedBatchSampler(torch.utils.data.BatchSampler):
+    """Batches of similar-length rows: each epoch shuffles the rows (seeded by ``seed + epoch``), sorts them by
+    length inside windows of ``window`` batches, cuts batches and shuffles their order (as transformers'
+    ``LengthGroupedSampler``). Module-level so the trainer can pickle it with its arguments."""
+
+    def __init__(
+        self,
+        dataset,
+        batch_size,
+        drop_last,
+        valid_label_columns=None,
+        generator=None,
+        seed=0,
+        *,
+        lengths: list[int],
+        window: int = 50,
+    ) -> None:
+        super().__init__(range(len(dataset)), batch_size=batch_size, drop_last=drop_last)
+        self.lengths, self.window, self.seed, self.epoch = list(lengths), window, int(seed), 0
+        self.n = len(dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + int(self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, self.n, span):
+            chunk = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def length_grouped_batches(lengths: list[int], *, window: int = 50):
+    """The trainer's ``batch_sampler`` for ads of similar length sharing a batch (less padding).
+
+    It changes which ads are in-batch negatives of each other (similar-length ads), so it is a choice, off by
+    default.
+    """
+    return functools.partial(LengthGroupedBatchSampler, lengths=lengths, window=window)
+
+
+def speed_settings(model, frame: pd.DataFrame, *, config: FinetuneConfig, device: str, text_prompt: str | None):
+    """What the speed levers change in the trainer (``finetune`` and experiments/bench_finetune.py both use it).
+
+    Args:
+        frame: the training triplets (``anchor, positive, negative`` text columns).
+
+    Returns:
+        ``{"data_collator", "batch_sampler", "prompts", "torch_compile"}``: None where the trainer's default stays.
+    """
+    out: dict[str, Any] = {
+        "data_collator": None,
+        "batch_sampler": None,
+        "prompts": text_prompt or None,
+        "torch_compile": bool(config.compile),
+    }
+    if not (config.pretokenize or config.group_by_length):
+        return out
+    table, extra = token_table(model, [t for c in TEXT_COLUMNS for t in frame[c]], prompt=text_prompt)
+    if config.pretokenize:
+        collator = pretokenized_collator(model, table, extra, multiple_of=8 if str(device).startswith("cuda") else None)
+        collator.prompts = text_prompt or {}  # only for a text the table lacks
+        out |= {"data_collator": collator, "prompts": None}  # the table's ids carry the prompt already
+    if config.group_by_length:
+        lengths = [sum(len(table[t]) for t in row) for row in frame[list(TEXT_COLUMNS)].itertuples(index=False)]
+        out["batch_sampler"] = length_grouped_batches(lengths)
+    return out
+
+
 def _checkpointing(args_cls: type, enabled: bool) -> dict[str, bool]:
     """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; 4.x knows the old name."""
     import dataclasses
@@ -283,6 +435,7 @@ def finetune(
     loss = build_loss(model, config=config, n_classes=len(triplets.classes), guide=guide)
 
     train = Dataset.from_pandas(triplets.frame, preserve_index=False)
+    speed = speed_settings(model, triplets.frame, config=config, device=device, text_prompt=text_prompt)
     evaluators = []
     if val_triplets is not None and len(val_triplets.frame):
         v = val_triplets.frame
@@ -323,11 +476,15 @@ def finetune(
         report_to="none",
         disable_tqdm=not progress,
         dataloader_num_workers=config.dataloader_workers,
-        prompts=text_prompt or None,
+        prompts=speed["prompts"],
         # Class-aware MNRL masks same-class in-batch negatives itself; the others need batches free of repeats.
-        batch_sampler=BatchSamplers.BATCH_SAMPLER
-        if (config.loss == FinetuneLoss.mnrl and config.class_aware and triplets.classes)
-        else BatchSamplers.NO_DUPLICATES,
+        batch_sampler=speed["batch_sampler"]
+        or (
+            BatchSamplers.BATCH_SAMPLER
+            if (config.loss == FinetuneLoss.mnrl and config.class_aware and triplets.classes)
+            else BatchSamplers.NO_DUPLICATES
+        ),
+        torch_compile=speed["torch_compile"],
         use_cpu=device == "cpu",
         **_precision_flags(precision),
         **_checkpointing(SentenceTransformerTrainingArguments, config.gradient_checkpointing),
@@ -339,6 +496,7 @@ def finetune(
         train_dataset=train,
         loss=loss,
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
+        data_collator=speed["data_collator"],
     )
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     started = time.perf_counter()
@@ -356,12 +514,16 @@ def finetune(
         # The prompts it was trained with: `embed` and `classify` give every text the same prefix (the folder's name
         # names no model family).
         write_json(tmp / encoders.PROMPTS_SIDECAR, {"text_prompt": text_prompt, "label_prompt": label_prompt})
+        # The ads whose labels it learned, inside the folder: a run that loads it as an ordinary encoder can refuse
+        # to cross-validate it over them (pipeline.refuse_leaky_encoders).
+        write_json(tmp / encoders.SEEN_SIDECAR, triplets.source.get("ads_seen", []))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.replace(model_dir)
         log = [json.dumps(row) for row in trainer.state.log_history]
         atomic_write_text(out_dir / "log.jsonl", "".join(line + "\n" for line in log))
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # the other ranks read the saved folder's fingerprint below
     info = {
         "format": FINETUNE_FORMAT,
         "base_model": resolved.ref,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobembed import data, embed, encoders, metrics
+from jobembed import data, distributed, embed, encoders, metrics
 from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
 from jobembed.baselines import CosineClassifier
 from jobembed.bundle import EncoderInfo, save_bundle
@@ -355,12 +355,32 @@ def _finetune_identity(config: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def centroid_data(config: PipelineConfig, splits) -> dict[str, list[str]] | None:
+    """The CentroidEvaluator's data: the val ads and a stratified sample of ``finetune.eval_train_ads`` training ads
+    (re-encoded at every evaluation, so a sample, not all of train); None without a val split."""
+    f, column = config.finetune, str(config.text_column)
+    train, val_ads = splits["train"], splits["val"]
+    if not len(val_ads):
+        return None
+    rows = [
+        g.sample(n=min(len(g), max(1, f.eval_train_ads * len(g) // len(train))), random_state=f.seed).index
+        for _, g in train.groupby("label")
+    ]
+    keep = train.loc[[i for index in rows for i in index]]
+    return {
+        "train_texts": keep[column].tolist(),
+        "train_labels": keep["label"].tolist(),
+        "val_texts": val_ads[column].tolist(),
+        "val_labels": val_ads["label"].tolist(),
+    }
+
+
 def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split."""
     f = config.finetune
     out_dir = config.run_dir / "finetune"
     if not f.enabled:
-        for stale in ("model", "finetune.json", "ads_seen.json", "log.jsonl"):
+        for stale in ("model", "finetune.json", "ads_seen.json", "log.jsonl") if distributed.is_main() else ():
             target = out_dir / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         return {"enabled": False}
@@ -371,22 +391,6 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
     )
     val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
-    column = str(config.text_column)
-    train, val_ads = splits["train"], splits["val"]
-    centroid_data = None
-    if len(val_ads):
-        # A stratified sample of the training ads for the centroids, re-encoded at every evaluation.
-        rows = [
-            g.sample(n=min(len(g), max(1, f.eval_train_ads * len(g) // len(train))), random_state=f.seed).index
-            for _, g in train.groupby("label")
-        ]
-        keep = train.loc[[i for index in rows for i in index]]
-        centroid_data = {
-            "train_texts": keep[column].tolist(),
-            "train_labels": keep["label"].tolist(),
-            "val_texts": val_ads[column].tolist(),
-            "val_labels": val_ads["label"].tolist(),
-        }
     model_ref = f.model or config.embed.model
     resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
     text_prompt, label_prompt = encoders.resolve_prompts(
@@ -395,7 +399,7 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     info = finetune(
         triplets=triplets,
         val_triplets=val,
-        centroid_data=centroid_data,
+        centroid_data=centroid_data(config, splits),
         config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
         model_ref=model_ref,
         text_prompt=text_prompt,
@@ -403,11 +407,20 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         out_dir=out_dir,
         progress=progress,
     )
-    write_resolved(f, out_dir)
+    if distributed.is_main():
+        write_resolved(f, out_dir)
     return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val")} | {
         "triplets": info["triplets"]["rows"],
         "judge": info["triplets"]["judge"],
     }
+
+
+# Stages every process of a distributed launch runs (the rest run on rank 0 alone).
+ALL_RANKS = frozenset({"finetune"})
+
+
+def _finetune_on_cpu(config: PipelineConfig) -> bool:
+    return encoders.pick_device(config.finetune.device) == "cpu"
 
 
 def finetuned_model(config: PipelineConfig) -> str:
@@ -433,8 +446,30 @@ def _run_embed_finetuned(config: PipelineConfig, progress: bool) -> dict[str, An
     return {"folders": {k: str(v) for k, v in folders.items()}}
 
 
+def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
+    """A fine-tuned folder used as an ordinary encoder (``embed.model`` or ``embed.extra_models``) learned the labels
+    of the ads in its triplets (their ids are in its ``jobembed-ads-seen.json``): cross-validating or testing it on
+    those ads would score it on what it was taught. Raises DataError when it holds any of this run's ads."""
+    dev = set(splits["train"]["id"].astype(str)) | set(splits["val"]["id"].astype(str))
+    test = set(splits["test"]["id"].astype(str))
+    for ref in config.embed.models():
+        sidecar = Path(ref).expanduser() / encoders.SEEN_SIDECAR
+        if not sidecar.is_file():
+            continue
+        seen = {str(i) for i in read_json(sidecar)}
+        if seen & (dev | test):
+            raise DataError(
+                f"the encoder {ref} was fine-tuned on triplets holding {len(seen & dev)} train/val and "
+                f"{len(seen & test)} test ads of this run: cross-validation and the test split would score it on "
+                "labels it learned",
+                fix="compare a fine-tune through `jobembed finetune RUN` (compare-report then scores it on the test "
+                "split only), or use the folder on data whose ads it never saw",
+            )
+
+
 def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     splits, labels = _prepared(config)
+    refuse_leaky_encoders(config, splits)
     vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
     evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=progress)
     evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
@@ -726,8 +761,17 @@ def _run(
 ) -> dict[str, str]:
     plan = Plan(config)
     status: dict[str, str] = {}
+    main = distributed.is_main()
+    many = distributed.world_size() > 1
+    on_stage = on_stage if main else None
     for name in names:
         stage = STAGES[name]
+        everywhere = name in ALL_RANKS
+        if many and not everywhere and not main:
+            continue  # rank 0 runs it; this rank waits at the fine-tune
+        if many and everywhere:
+            # The other ranks wait here for rank 0 to finish the stages before (and to build any model they load).
+            distributed.wait_for_everyone(cpu=_finetune_on_cpu(config))
         if "embed" in stage.sections and plan.config is config:
             # Pinned when the first stage that uses a model comes up: prepare alone needs no model nor the Hub,
             # and an unprepared run says so before any model lookup.
@@ -737,7 +781,10 @@ def _run(
         stamp = read_stamp(stage_dir)
         upstream_ran = any(status.get(i) == "ran" for i in stage.inputs)
         forced = force and (target is None or name == target)
-        if stamp is not None and stamp.get("key") == key and not upstream_ran and not forced:
+        current = stamp is not None and stamp.get("key") == key and not upstream_ran and not forced
+        if many and everywhere:
+            current = distributed.from_main(current, cpu=_finetune_on_cpu(config))  # only rank 0 knows what ran
+        if current:
             status[name] = "skipped"
             if on_stage:
                 on_stage(name, "skip")
@@ -745,6 +792,9 @@ def _run(
         if on_stage:
             on_stage(name, "run")
         summary = stage.run(config, progress)
+        if not main:
+            status[name] = "ran"
+            continue
         mark_stage_done(stage_dir, key, identity=plan.identities.get(name))
         write_manifest(
             config.run_dir,

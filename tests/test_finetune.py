@@ -224,6 +224,15 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     assert metrics["finetuned"]["source"]["judge"] == "none"
     report = (run / "report" / "report.md").read_text()
     assert "## Fine-tuned encoder (test split only)" in report and "cross-validation" in report
+    # the same folder loaded as an ordinary encoder would be cross-validated over ads it learned: refused
+    import shutil
+
+    shutil.copytree(run / "finetune" / "model", tmp_path / "tuned-copy")
+    leaky = cfg | {"embed": cfg["embed"] | {"extra_models": [str(tmp_path / "tuned-copy")]}}
+    (tmp_path / "leaky.yaml").write_text(yaml.safe_dump(leaky))
+    refused = invoke("compare-report", run, "-c", tmp_path / "leaky.yaml", "-q")
+    assert refused.exit_code == 1 and "was fine-tuned on triplets holding" in refused.output
+    assert "Traceback" not in refused.output
     cfg["finetune"]["enabled"] = False
     (tmp_path / "off.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "-c", tmp_path / "off.yaml", "-q")
@@ -231,3 +240,135 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     assert not [p for p in (run / "embed-finetuned").iterdir() if p.is_dir()]  # only its stamp is left
     assert not (run / "finetune" / "model").exists()
     assert "finetuned" not in json.loads((run / "report" / "metrics.json").read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"],
+    # --multi_gpu is accelerate's name for multi-process DDP; without a GPU it runs on gloo
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_process_ddp_on_cpu_trains_once_and_only_rank_0_writes(ft_workspace, tmp_path, launcher):
+    """2 CPU processes (gloo) under torchrun or accelerate launch: rank 0 runs the stages before the fine-tune, both
+    ranks train, one model, stamp and manifest entry come out, and the CLI reports once."""
+    cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+    cfg["name"] = f"ft-ddp-{launcher}"
+    cfg["finetune"] |= {"batch_size": 4}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    run = ft_workspace / "runs" / cfg["name"]
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
+    port = ["--master-port" if launcher == "torchrun" else "--main_process_port", str(_free_port())]
+    job = ["-m", "jobembed", "finetune", str(run), "-c", str(tmp_path / "ddp.yaml"), "-q"]
+    cmd = [sys.executable, *LAUNCHERS[launcher], *port, *job]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("fine-tuned") == 1  # rank 0 reports; rank 1 stays quiet
+    assert done.stdout.count("prepare: running") == 1  # ran once, by rank 0
+    info = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert info["steps"] > 0 and (run / "finetune" / "model" / "model.safetensors").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["stages"]) >= {"prepare", "make-triplets", "finetune"}
+    # each of the 2 ranks sees half of every epoch's batches: half the steps of one process at the same batch size
+    rows = info["triplets"]["rows"]
+    assert info["steps"] == pytest.approx(cfg["finetune"]["epochs"] * rows / (2 * 4), abs=2)
+    again = invoke("finetune", run, "-q")
+    assert again.exit_code == 0 and "finetune: up to date" in again.output
+
+
+TEXTS = ["kierowca kat. C, praca w trasach", "pielęgniarka", "kucharz w restauracji, praca zmianowa od zaraz", "x"]
+
+
+@pytest.mark.parametrize("prompt", [None, "query: "])
+def test_pretokenized_batches_equal_the_trainers_own(st_model, prompt):
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from jobembed.finetune import pretokenized_collator, token_table
+
+    features = [
+        {"anchor": a, "positive": p, "negative": n, "label": i}
+        for i, (a, p, n) in enumerate([(TEXTS[0], TEXTS[1], TEXTS[2]), (TEXTS[3], TEXTS[0], TEXTS[1])])
+    ]
+    plain = SentenceTransformerDataCollator(preprocess_fn=st_model.preprocess, prompts=prompt or {})(features)
+    table, extra = token_table(st_model, TEXTS, prompt=prompt, chunk=3)  # chunks pad differently: padding removed
+    ours = pretokenized_collator(st_model, table, extra, multiple_of=None)(features)
+    assert set(ours) == set(plain)
+    for key, value in plain.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+    padded = pretokenized_collator(st_model, table, extra, multiple_of=8)(features)
+    assert padded["anchor_input_ids"].shape[1] % 8 == 0
+    assert torch.equal(padded["anchor_attention_mask"].sum(1), plain["anchor_attention_mask"].sum(1))
+
+
+def test_pretokenized_collator_falls_back_to_tokenising_unknown_texts(st_model):
+    from jobembed.finetune import pretokenized_collator, token_table
+
+    table, extra = token_table(st_model, TEXTS[:1], prompt=None)
+    batch = pretokenized_collator(st_model, table, extra, multiple_of=None)([{"anchor": "nowy tekst", "label": 0}])
+    assert batch["anchor_input_ids"].shape[0] == 1 and batch["label"].tolist() == [0]
+
+
+def test_length_grouped_batches_cover_every_row_once_and_cut_padding():
+    from jobembed.finetune import length_grouped_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (1000,), generator=g).tolist()
+    sampler = length_grouped_batches(lengths, window=5)(list(range(1000)), batch_size=16, drop_last=False, seed=3)
+    first = list(sampler)
+    assert sorted(i for b in first for i in b) == list(range(1000)) and len(first) == len(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # reshuffled each epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # and reproducible
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(1000, generator=g).tolist()
+    assert padding(first) < 0.3 * padding([shuffled[k : k + 16] for k in range(0, 1000, 16)])
+
+
+def test_speed_levers_do_not_change_what_is_learned_but_grouping_is_part_of_the_identity(ft_workspace, tmp_path):
+    """Pre-tokenised and tokenised-per-step training give the same weights (same batches, same seed)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for flag in ("--pretokenize", "--no-pretokenize"):
+        cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+        cfg["name"] = f"ft{flag}"
+        cfg["finetune"] |= {"epochs": 1, "evals_per_epoch": 1}
+        (tmp_path / f"{flag}.yaml").write_text(yaml.safe_dump(cfg))
+        run = ft_workspace / "runs" / cfg["name"]
+        result = invoke("finetune", run, "-c", tmp_path / f"{flag}.yaml", flag, "-q")
+        assert result.exit_code == 0, result.output
+        weights[flag] = load_file(run / "finetune" / "model" / "model.safetensors")
+    a, b = weights.values()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the flag is a runtime setting: flipping it leaves the stage current; grouping by length re-runs it
+    assert "finetune: up to date" in invoke("finetune", run, "--pretokenize", "-q").output
+    grouped = invoke("finetune", run, "--group-by-length", "-q")
+    assert grouped.exit_code == 0 and "finetune: running" in grouped.output

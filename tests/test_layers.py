@@ -12,6 +12,7 @@ LAYERS = [
     "artifacts",
     "config",
     "ui",
+    "distributed",
     "store",
     "fingerprint",
     "tables",

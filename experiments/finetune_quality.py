@@ -1,0 +1,349 @@
+"""Does `jobembed finetune` beat the frozen encoder on pl-jobads `isco_submajor`? (issue 8's quality figures)
+
+    .venv/bin/python experiments/finetune_quality.py             # main comparison, 3 seeds, then the variants
+    .venv/bin/python experiments/finetune_quality.py --only main # or: --only variants
+    .venv/bin/python experiments/finetune_quality.py --summary   # print the tables from what has been run
+
+Every unit's result is written to experiments/out/finetune_quality/<unit>.json as soon as it is done and skipped
+on the next start, so an interrupted run resumes where it stopped (~30 min per main seed, ~10 per variant on 2 CPU
+cores).
+
+**Main comparison** (3 fine-tuning seeds): builtin e5-small, clean_text (rules), make-triplets with the model judge
+and nearest same-class positives (the defaults), then `finetune` with the floor's budget (up to 1,728 triplets, one
+epoch, 128 tokens, batch 32, lr 3e-5, class-aware MNRL), then every split re-embedded with the fine-tuned encoder
+at 256 tokens (as the frozen one). Each system is fit on train (val for the MLP's early stopping and the cosine
+systems' calibration) and scored once on the test split, the protocol compare-report uses for a fine-tuned encoder
+(its triplets showed it the training ads' labels, so CV over train + val would not be a fair estimate). Same
+system, frozen vs fine-tuned encoder: exact McNemar on the test ads, per seed; the fine-tuned MLP head against
+TF-IDF + LR likewise.
+
+**Variants** (one seed, a smaller budget: 576 triplets, one evaluation at the end so no checkpoint is picked on
+val): the triplet source (judge none vs model; positive = nearest ad vs the category text) and the loss
+(class-aware MNRL vs plain MNRL vs GISTEmbed). They are compared on validation only, the CentroidEvaluator's
+centroid-cosine macro-F1 of the val ads against a stratified 500-ad sample of train at 128 tokens, with the frozen
+encoder's figure on the same data as the reference: choosing among them is choosing a default, and defaults are
+chosen on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from typing import Any
+
+import numpy as np
+from common import OUT, pl_jobads
+
+from jobembed import embed, encoders, metrics
+from jobembed.config import load_config
+from jobembed.evaluate import System, _fit_predict, _test_scores
+from jobembed.finetune import centroid_evaluator
+from jobembed.pipeline import _prepared, centroid_data, finetuned_model, pin_models, run_stages
+
+RESULTS = OUT / "finetune_quality"
+SEEDS = (13, 14, 15)
+SYSTEMS = ("centroid", "logreg", "mlp", "zeroshot")
+# The floor measured outside the project (issue 8): plain SentenceTransformerTrainer, MNRL, 1,728 label-mined
+# triplets, held-back Polish ads. Lifts, frozen -> fine-tuned, same head and split.
+FLOOR = {"logreg": (0.542, 0.648), "centroid": (0.491, 0.525)}
+MAIN = {
+    "enabled": True,
+    "max_triplets": 1728,
+    "max_seq_length": 128,
+    "batch_size": 32,
+    "epochs": 1,
+    "learning_rate": 3e-5,
+    "evals_per_epoch": 2,
+    "eval_train_ads": 1000,
+}
+VARIANT_BUDGET = {"max_triplets": 576, "evals_per_epoch": 1, "eval_train_ads": 500}
+VARIANTS: dict[str, dict[str, Any]] = {
+    # ordered so that make-triplets re-runs as rarely as possible (the variants share one run folder)
+    "reference": {},
+    "mnrl-plain": {"finetune": {"class_aware": False}},
+    "judge-none": {"triplets": {"judge": "none"}},
+    "positive-label": {"triplets": {"positive": "label"}},
+    "gist": {"finetune": {"loss": "gist"}},  # last: twice the forward passes (the guide encodes every batch too)
+}
+
+
+def config_for(*, seed: int, finetune: dict[str, Any] | None = None, triplets: dict[str, Any] | None = None):
+    overrides = {
+        "name": "finetune-quality",
+        "runs_dir": str(OUT),
+        "prepare": pl_jobads("isco_submajor"),
+        "clean": {"backend": "rules", "language": "pl"},
+        "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 256},
+        "triplets": {"judge": "model", "positive": "nearest"} | (triplets or {}),
+        "finetune": MAIN | {"seed": seed} | (finetune or {}),
+        "report": {"systems": [*SYSTEMS, "tfidf"]},
+    }
+    return pin_models(load_config(None, overrides))
+
+
+def _fit_all(config, splits, labels, vectors, systems) -> dict[str, np.ndarray]:
+    import pandas as pd
+
+    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    n_train = len(splits["train"])
+    X_dev = None if vectors is None else np.concatenate([vectors.train, vectors.val])
+    out = {}
+    for name in systems:
+        system = System(name, vectors, "x", "x")
+        out[name], _ = _fit_predict(
+            system,
+            config=config,
+            labels=labels,
+            dev=dev,
+            X_dev=X_dev,
+            train_idx=np.arange(n_train),
+            val_idx=np.arange(n_train, len(dev)),
+            X_eval=None if vectors is None else vectors.test,
+            texts_eval=splits["test"][config.text_column].tolist(),
+        )
+    return out
+
+
+def _scores(config, test, pred) -> dict[str, Any]:
+    s = _test_scores(
+        test["label"].to_numpy(str),
+        pred,
+        groups=test["group"].to_numpy(),
+        n_boot=config.report.bootstrap,
+        min_support=config.report.min_support,
+    )
+    return {
+        "accuracy": round(s["test"]["accuracy"], 4),
+        "macro_f1": round(s["test"]["macro_f1"], 4),
+        "macro_f1_ci95": [round(v, 4) for v in s["test_ci95"]["macro_f1"]],
+    }
+
+
+def frozen(config) -> dict[str, Any]:
+    """The frozen encoder's systems and TF-IDF + LR, on test (deterministic: computed once)."""
+    path = RESULTS / "frozen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run_stages(config, target="make-triplets", progress=False)
+    splits, labels = _prepared(config)
+    vectors = embed.load_vectors(
+        config.run_dir / "embed",
+        model=config.embed.model,
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+    preds = _fit_all(config, splits, labels, vectors, SYSTEMS) | _fit_all(config, splits, labels, None, ["tfidf"])
+    result = {
+        "systems": {name: _scores(config, splits["test"], pred) for name, pred in preds.items()},
+        "preds": {name: pred.tolist() for name, pred in preds.items()},
+        "n_test": len(splits["test"]),
+    }
+    path.write_text(json.dumps(result))
+    return result
+
+
+def main_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
+    path = RESULTS / f"main-s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = config_for(seed=seed)
+    started = time.perf_counter()
+    run_stages(config, target="embed-finetuned", progress=False)
+    splits, labels = _prepared(config)
+    tuned = embed.load_vectors(
+        config.run_dir / "embed-finetuned",
+        model=finetuned_model(config),
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+    preds = _fit_all(config, splits, labels, tuned, SYSTEMS)
+    y = splits["test"]["label"].to_numpy(str)
+    info = json.loads((config.run_dir / "finetune" / "finetune.json").read_text())
+    result = {
+        "seed": seed,
+        "finetune": {k: info[k] for k in ("loss", "class_aware", "steps", "seconds", "val")}
+        | {"triplets": info["triplets"]["rows"], "judge": info["triplets"]["judge"], "ads_seen": info["ads_seen"]},
+        "systems": {name: _scores(config, splits["test"], pred) for name, pred in preds.items()},
+        "mcnemar_vs_frozen": {
+            name: metrics.mcnemar(y, pred, np.asarray(base["preds"][name])) for name, pred in preds.items()
+        },
+        "mlp_vs_tfidf": metrics.mcnemar(y, preds["mlp"], np.asarray(base["preds"]["tfidf"])),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def frozen_val_reference() -> dict[str, float]:
+    """The frozen encoder's val centroid figures on the variants' evaluator data (same sample, 128 tokens)."""
+    path = RESULTS / "variant-frozen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from sentence_transformers import SentenceTransformer
+
+    config = config_for(seed=13, finetune=VARIANT_BUDGET)
+    run_stages(config, target="make-triplets", progress=False)
+    splits, _ = _prepared(config)
+    resolved = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir)
+    prompt, _ = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
+    model = SentenceTransformer(str(resolved.location), device="cpu")
+    model.max_seq_length = config.finetune.max_seq_length
+    scores = centroid_evaluator(**centroid_data(config, splits), prompt=prompt)(model)
+    result = {k.removeprefix("val-centroid_"): round(v, 4) for k, v in scores.items()}
+    path.write_text(json.dumps(result))
+    return result
+
+
+def variant(name: str) -> dict[str, Any]:
+    path = RESULTS / f"variant-{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    spec = VARIANTS[name]
+    config = config_for(seed=13, finetune=VARIANT_BUDGET | spec.get("finetune", {}), triplets=spec.get("triplets"))
+    run_stages(config, target="finetune", progress=False)
+    info = json.loads((config.run_dir / "finetune" / "finetune.json").read_text())
+    result = {
+        "variant": name,
+        "val_centroid_macro_f1": round(info["val"]["eval_val-centroid_macro_f1"], 4),
+        "val_centroid_accuracy": round(info["val"]["eval_val-centroid_accuracy"], 4),
+        "val_triplet_accuracy": round(info["val"].get("eval_val-triplets_cosine_accuracy", float("nan")), 4),
+        "loss": info["loss"],
+        "class_aware": info["class_aware"],
+        "triplets": info["triplets"]["rows"],
+        "judge": info["triplets"]["judge"],
+        "steps": info["steps"],
+        "seconds": info["seconds"],
+    }
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _ci(entry: dict[str, Any]) -> str:
+    lo, hi = entry["macro_f1_ci95"]
+    return f"{entry['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summary() -> str:
+    command = ".venv/bin/python experiments/finetune_quality.py"
+    lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, {date.today()}; command: {command}"]
+    base_path = RESULTS / "frozen.json"
+    seeds = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("main-s*.json"))]
+    if base_path.is_file() and seeds:
+        base = json.loads(base_path.read_text())
+        head = ("system", "frozen macro-F1 [95% CI]", "fine-tuned per seed", "mean lift ± sd", "McNemar p per seed")
+        lines += [
+            "",
+            f"### Main comparison: test split ({base['n_test']} ads), {len(seeds)} fine-tuning seeds",
+            "",
+            _row(*head),
+            _row(*["---"] * len(head)),
+        ]
+        for name in SYSTEMS:
+            tuned = np.asarray([s["systems"][name]["macro_f1"] for s in seeds])
+            lifts = tuned - base["systems"][name]["macro_f1"]
+            sd = lifts.std(ddof=1) if len(lifts) > 1 else 0.0
+            ps = ", ".join(f"{s['mcnemar_vs_frozen'][name]['p_value']:.2g}" for s in seeds)
+            per_seed = ", ".join(f"{t:.3f}" for t in tuned)
+            lines.append(_row(name, _ci(base["systems"][name]), per_seed, f"{lifts.mean():+.3f} ± {sd:.3f}", ps))
+        tfidf = base["systems"]["tfidf"]
+        lines.append(_row("tfidf (TF-IDF + LR)", _ci(tfidf), "", "", ""))
+        lines += ["", _row("system", "frozen accuracy", "fine-tuned accuracy per seed"), _row("---", "---", "---")]
+        for name in SYSTEMS:
+            per_seed = ", ".join(f"{s['systems'][name]['accuracy']:.3f}" for s in seeds)
+            lines.append(_row(name, f"{base['systems'][name]['accuracy']:.3f}", per_seed))
+        lines.append(_row("tfidf", f"{tfidf['accuracy']:.3f}", ""))
+        mlp = np.mean([s["systems"]["mlp"]["macro_f1"] for s in seeds])
+        ps = ", ".join(f"{s['mlp_vs_tfidf']['p_value']:.2g}" for s in seeds)
+        lines += [
+            "",
+            f"Fine-tuned MLP head vs TF-IDF + LR: macro-F1 {mlp:.3f} (mean of seeds) vs {tfidf['macro_f1']:.3f}; "
+            f"McNemar p per seed {ps}.",
+        ]
+        for name, (lo, hi) in FLOOR.items():
+            lift = np.mean([s["systems"][name]["macro_f1"] for s in seeds]) - base["systems"][name]["macro_f1"]
+            lines.append(f"Floor, {name}: lift {hi - lo:+.3f} macro-F1 ({lo} -> {hi}); jobembed: {lift:+.3f}.")
+        ft = seeds[0]["finetune"]
+        lines.append(
+            f"Fine-tune: {ft['triplets']} triplets ({ft['judge']}), {ft['steps']} steps, {ft['loss']} "
+            f"(class-aware {ft['class_aware']}); fine-tune seconds per seed "
+            + ", ".join(f"{s['finetune']['seconds']:.0f}" for s in seeds)
+            + "; whole unit (fine-tune, re-embedding, fits) "
+            + ", ".join(f"{s['seconds']:.0f}" for s in seeds)
+            + " s."
+        )
+    ref_path = RESULTS / "variant-frozen.json"
+    variants = [json.loads(p.read_text()) for v in VARIANTS if (p := RESULTS / f"variant-{v}.json").is_file()]
+    if ref_path.is_file() and variants:
+        ref = json.loads(ref_path.read_text())
+        head = (
+            "variant",
+            "triplets (judge)",
+            "loss",
+            "val centroid macro-F1",
+            "lift vs frozen",
+            "val centroid acc",
+            "val triplet acc",
+            "seconds",
+        )
+        lines += [
+            "",
+            f"### Variants: validation, one seed, {VARIANT_BUDGET['max_triplets']} triplets",
+            "",
+            _row(*head),
+            _row(*["---"] * len(head)),
+            _row("frozen encoder", "", "", f"{ref['macro_f1']:.3f}", "", f"{ref['accuracy']:.3f}", "", ""),
+        ]
+        for v in variants:
+            loss = v["loss"] + (" class-aware" if v["class_aware"] and v["loss"] == "mnrl" else "")
+            lift = v["val_centroid_macro_f1"] - ref["macro_f1"]
+            lines.append(
+                _row(
+                    v["variant"],
+                    f"{v['triplets']} ({v['judge']})",
+                    loss,
+                    f"{v['val_centroid_macro_f1']:.3f}",
+                    f"{lift:+.3f}",
+                    f"{v['val_centroid_accuracy']:.3f}",
+                    f"{v['val_triplet_accuracy']:.3f}",
+                    f"{v['seconds']:.0f}",
+                )
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=["main", "variants"], default=None)
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.summary:
+        if args.only in (None, "main"):
+            base = frozen(config_for(seed=SEEDS[0]))
+            for seed in SEEDS:
+                main_seed(seed, base)
+                print(f"main seed {seed} done", flush=True)
+        if args.only in (None, "variants"):
+            frozen_val_reference()
+            for name in VARIANTS:
+                variant(name)
+                print(f"variant {name} done", flush=True)
+    text = summary()
+    (OUT / "finetune_quality.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
