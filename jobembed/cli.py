@@ -35,6 +35,7 @@ from typer.core import TyperGroup
 
 from jobembed import __version__, ui
 from jobembed.config import (
+    BundleEncoderChoice,
     ClassWeight,
     CleanBackend,
     CleanFallback,
@@ -424,11 +425,16 @@ def bundle(
         bool | None,
         typer.Option("--copy-encoder/--no-copy-encoder", help="Copy the encoder into the bundle (self-contained)."),
     ] = None,
+    bundle__encoder: Annotated[
+        BundleEncoderChoice | None,
+        typer.Option("--encoder", help="frozen: the CV winner; finetuned: its kind on the fine-tuned encoder."),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Package the report's best servable system (MLP head or cosine prototypes) as RUN/bundle."""
+    """Package the report's best servable system (MLP head or cosine prototypes) as RUN/bundle. With --encoder
+    finetuned, the same kind of system on the run's fine-tuned encoder (copied into the bundle)."""
     from jobembed.bundle import read_bundle_meta
 
     run = _stage_command("bundle", dict(locals()))

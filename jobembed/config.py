@@ -278,8 +278,17 @@ class ReportConfig(_Strict):
         return list(dict.fromkeys(v))
 
 
+class BundleEncoderChoice(StrEnum):
+    frozen = "frozen"
+    finetuned = "finetuned"
+
+
 class BundleConfig(_Strict):
     """``bundle``: what goes into the deployable bundle besides the head."""
+
+    # frozen: the system that won compare-report's CV. finetuned: the same kind of system on the run's fine-tuned
+    # encoder (never ranked by CV, which would be leaky; compare it on the report's test-split section first).
+    encoder: BundleEncoderChoice = BundleEncoderChoice.frozen
 
     # Copy a local/builtin encoder folder into the bundle so it runs where the cache is absent
     # (a server); off by default because e5-small alone is ~470 MB.

@@ -340,6 +340,7 @@ def evaluate_finetuned(
     frozen_preds: Mapping[str, np.ndarray],
     source: Mapping[str, Any],
     ads_seen: set[str],
+    fitted: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The fine-tuned encoder's systems, on the test split only.
@@ -355,6 +356,7 @@ def evaluate_finetuned(
         frozen_preds: system key -> test predictions (evaluate_systems' ``test_preds``).
         source: what trained the encoder (finetune.json's triplets: judge, rows, ...; positive strategy).
         ads_seen: ids of the ads in its training triplets.
+        fitted: if given, system key -> the fitted model is added to it (for the bundle).
     """
     col = config.text_column
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
@@ -380,7 +382,7 @@ def evaluate_finetuned(
         task = bar.add_task("fitting systems on the fine-tuned encoder", total=len(names))
         for name in names:
             system = System(name, tuned, slug, display)
-            pred, _ = _fit_predict(
+            pred, model = _fit_predict(
                 system,
                 config=config,
                 labels=labels,
@@ -391,6 +393,8 @@ def evaluate_finetuned(
                 X_eval=tuned.test,
                 texts_eval=test[col].tolist(),
             )
+            if fitted is not None:
+                fitted[system.key] = model
             bar.advance(task)
             groups, n_boot = test["group"].to_numpy(), config.report.bootstrap
             title = SYSTEM_TITLES[name]

@@ -44,6 +44,7 @@ from jobembed.baselines import CosineClassifier
 from jobembed.bundle import EncoderInfo, save_bundle
 from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
 from jobembed.config import (
+    BundleEncoderChoice,
     CleanBackend,
     PipelineConfig,
     TextColumn,
@@ -56,7 +57,7 @@ from jobembed.errors import ConfigError, DataError
 from jobembed.evaluate import evaluate_finetuned, evaluate_systems
 from jobembed.finetune import finetune, load_triplets
 from jobembed.head import MLPHead
-from jobembed.report import WINNER_DIR, write_report
+from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
 from jobembed.store import open_store
 from jobembed.triplets import core as triplets_core
 from jobembed.triplets.core import TripletInputs, make_triplets
@@ -514,6 +515,7 @@ def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, prog
         frozen_preds=evaluation.test_predictions,
         source=source,
         ads_seen=set(read_json(config.run_dir / "finetune" / "ads_seen.json")),
+        fitted=evaluation.models,
         progress=progress,
     )
 
@@ -529,7 +531,13 @@ def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
-    winner_dir = config.run_dir / "report" / WINNER_DIR
+    finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
+    winner_dir = config.run_dir / "report" / (WINNER_FINETUNED_DIR if finetuned else WINNER_DIR)
+    if finetuned and not config.finetune.enabled:
+        raise DataError(
+            "bundle.encoder is finetuned but this run has no fine-tuned encoder",
+            fix="run `jobembed finetune RUN` and compare-report first, or bundle the frozen encoder (--encoder frozen)",
+        )
     if not (winner_dir / "winner.json").is_file():
         raise DataError(
             f"compare-report found no system a bundle can serve ({', '.join(map(str, config.report.systems))})",
@@ -539,7 +547,17 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     head_dir = winner_dir / "head"
     head = MLPHead.load(head_dir) if winner["head_kind"] == "mlp" else CosineClassifier.load(head_dir)
     splits, labels = _prepared(config)
-    vectors = _vectors(config, winner["encoder"], splits, labels)
+    if finetuned:
+        vectors = embed.load_vectors(
+            config.run_dir / "embed-finetuned",
+            model=finetuned_model(config),
+            config=config.embed,
+            splits=splits,
+            labels=labels,
+            text_column=config.text_column,
+        )
+    else:
+        vectors = _vectors(config, winner["encoder"], splits, labels)
     if vectors.fingerprint != winner["encoder_fingerprint"]:  # pragma: no cover - keys make this unreachable
         raise DataError("the report's winner was made with other vectors", fix="re-run compare-report")
     path = save_bundle(
@@ -550,7 +568,8 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         config=config,
         labels=labels,
         metrics=winner["metrics"],
-        copy_encoder=config.bundle.copy_encoder,
+        # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
+        copy_encoder=config.bundle.copy_encoder or finetuned,
     )
     return {"bundle": str(path), "system": winner["key"]}
 

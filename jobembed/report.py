@@ -31,6 +31,8 @@ from jobembed.config import PipelineConfig, write_resolved
 from jobembed.evaluate import SYSTEM_TITLES, Evaluation
 
 WINNER_DIR = "winner"
+# The same kind of system as the winner, on the fine-tuned encoder (bundle.encoder: finetuned).
+WINNER_FINETUNED_DIR = "winner-finetuned"
 
 
 def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfig, labels: pd.DataFrame) -> Path:
@@ -68,7 +70,33 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfi
                     "metrics": {"test": system["test"], "cv": system["cv"]["summary"]},
                 },
             )
+            _save_finetuned_winner(tmp, result, evaluation, kind=system["system"])
     return Path(out_dir)
+
+
+def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evaluation, *, kind: str) -> None:
+    """The fine-tuned encoder's system of the winner's kind, for ``bundle.encoder: finetuned``.
+
+    Not ranked against the frozen systems (its CV would be leaky): the kind is the one CV picked on the frozen
+    encoder, and whether to serve it fine-tuned is the user's call on the test-split comparison in the report.
+    """
+    tuned = (result.get("finetuned") or {}).get("systems", {})
+    key = next((k for k, r in tuned.items() if r["system"] == kind and k in evaluation.models), None)
+    if key is None:
+        return
+    system = tuned[key]
+    evaluation.models[key].save(tmp / WINNER_FINETUNED_DIR / "head")
+    write_json(
+        tmp / WINNER_FINETUNED_DIR / "winner.json",
+        {
+            "key": key,
+            "system": kind,
+            "head_kind": "mlp" if kind == "mlp" else "cosine",
+            "encoder": system["encoder"],
+            "encoder_fingerprint": system["encoder_fingerprint"],
+            "metrics": {"test": system["test"], "cv": None, "trained_on": result["finetuned"]["source"]},
+        },
+    )
 
 
 def _file_key(key: str) -> str:

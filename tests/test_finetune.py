@@ -233,6 +233,23 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     refused = invoke("compare-report", run, "-c", tmp_path / "leaky.yaml", "-q")
     assert refused.exit_code == 1 and "was fine-tuned on triplets holding" in refused.output
     assert "Traceback" not in refused.output
+    # a fine-tuned system can be served: the winner's kind on the fine-tuned encoder, which the bundle copies
+    from jobembed.bundle import load_bundle
+
+    bundled = invoke("bundle", run, "-c", tmp_path / "on.yaml", "--encoder", "finetuned", "-q")
+    assert bundled.exit_code == 0, bundled.output
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert meta["encoder"]["ref"] == "./encoder" and meta["encoder"]["source_ref"].endswith("finetune/model")
+    assert meta["system"] == metrics["systems"][metrics["bundled"]]["system"] and meta["metrics"]["cv"] is None
+    assert meta["metrics"]["trained_on"]["judge"] == "none"
+    tuned_key = next(k for k, r in tuned.items() if r["system"] == meta["system"])
+    bundle = load_bundle(run / "bundle", device="cpu")
+    test = pd.read_parquet(run / "prepare" / "test.parquet")
+    # the bundle answers as the report's fitted system did on the test ads
+    loose = bundle.meta.classify.model_copy(update={"min_confidence": 0.0})
+    got = [p.label for p in bundle.predict(test["text"].tolist(), config=loose)]
+    accuracy = sum(g == y for g, y in zip(got, test["label"].astype(str), strict=True)) / len(test)
+    assert accuracy == pytest.approx(tuned[tuned_key]["test"]["accuracy"], abs=1e-9)
     cfg["finetune"]["enabled"] = False
     (tmp_path / "off.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "-c", tmp_path / "off.yaml", "-q")
@@ -240,6 +257,8 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     assert not [p for p in (run / "embed-finetuned").iterdir() if p.is_dir()]  # only its stamp is left
     assert not (run / "finetune" / "model").exists()
     assert "finetuned" not in json.loads((run / "report" / "metrics.json").read_text())
+    lost = invoke("bundle", run, "-c", tmp_path / "off.yaml", "--encoder", "finetuned", "-q")
+    assert lost.exit_code == 1 and "no fine-tuned encoder" in lost.output
 
 
 def _free_port() -> int:
