@@ -56,7 +56,7 @@ def _default_tokenizer() -> Path:
     sys.path.insert(0, str(ROOT))
     from jobembed import encoders
 
-    return encoders.resolve("builtin:multilingual-e5-small").location
+    return Path(encoders.resolve("builtin:multilingual-e5-small").location)
 
 
 def _default_texts():
