@@ -66,9 +66,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "reference": {},
     "mnrl-plain": {"finetune": {"class_aware": False}},
     "judge-none": {"triplets": {"judge": "none"}},
-    "positive-label": {"triplets": {"positive": "label"}},
     # the floor's recipe: a random same-class positive (nearest ones make easy triplets: the loss falls fast)
     "positive-random": {"triplets": {"positive": "random"}},
+    "positive-label": {"triplets": {"positive": "label"}},
     "gist": {"finetune": {"loss": "gist"}},  # last: twice the forward passes (the guide encodes every batch too)
 }
 

@@ -71,7 +71,8 @@ def load_triplets(
     """Read a triplet Parquet; checks the text columns and packs the class columns into ``label``.
 
     Raises:
-        DataError: the file is missing, lacks a text column, or has an empty text (row named).
+        DataError: the file is missing, holds fewer than 2 triplets, lacks a text column, or has an empty text
+            (row named).
     """
     path = Path(path)
     if not path.is_file():
@@ -85,6 +86,12 @@ def load_triplets(
             f"{path} lacks the columns {', '.join(missing)}",
             found="columns " + ", ".join(map(str, frame.columns)),
             fix="pass a table with anchor, positive and negative text columns",
+        )
+    if len(frame) < 2:
+        raise DataError(
+            f"{path} holds {len(frame)} triplets: too few to fine-tune on",
+            fix="see make-triplets' report.md for why candidates were dropped (loosen --margin, raise "
+            "--max-anchors-per-class, or try --judge none), or pass another --triplets file",
         )
     for column in TEXT_COLUMNS:
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")

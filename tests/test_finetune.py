@@ -391,3 +391,10 @@ def test_speed_levers_do_not_change_what_is_learned_but_grouping_is_part_of_the_
     assert "finetune: up to date" in invoke("finetune", run, "--pretokenize", "-q").output
     grouped = invoke("finetune", run, "--group-by-length", "-q")
     assert grouped.exit_code == 0 and "finetune: running" in grouped.output
+
+
+def test_load_triplets_refuses_an_empty_table_with_one_line(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pd.DataFrame({"anchor": [], "positive": [], "negative": []}, dtype=str).to_parquet(path)
+    with pytest.raises(DataError, match="holds 0 triplets: too few to fine-tune on"):
+        load_triplets(path)

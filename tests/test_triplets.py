@@ -122,6 +122,27 @@ def test_label_positive_is_the_category_text():
     assert (found["positive_id"] == LABEL_PREFIX + found["anchor_label"]).all()
 
 
+def test_label_positives_far_from_every_ad_still_get_negatives_under_the_default_margin():
+    """A category text sits farther from ads than ads from each other (e5 on pl-jobads: 0 candidates once): the
+    positive-aware margin is then measured against the anchor's nearest same-class ad, on the ad-to-ad scale."""
+    pool = _pool()
+    # the extreme case: each category text points away from its own ads (ad-to-label scores below every ad-to-ad one)
+    label_vectors = {c: -pool.vectors[pool.labels == c].mean(axis=0) for c in np.unique(pool.labels)}
+    found, _ = mine_candidates(
+        pool,
+        config=TripletsConfig(positive=PositiveStrategy.label),
+        max_anchors_per_class=4,
+        min_anchors_per_class=1,
+        label_vectors=label_vectors,
+    )
+    assert len(found) and (found["positive_score"] < found["negative_score"]).all()
+    index = {i: n for n, i in enumerate(pool.ids)}
+    for row in found.itertuples():
+        a = index[row.anchor_id]
+        others = [j for j in np.flatnonzero(pool.labels == pool.labels[a]) if pool.groups[j] != pool.groups[a]]
+        assert row.negative_score < 0.95 * (pool.vectors[others] @ pool.vectors[a]).max() + 1e-6
+
+
 # ------------------------------------------------------------------------------------------ prompts and replies
 
 CATS = [llm.Category("83", "Drivers", "Drive trucks"), llm.Category("22", "Health professionals", "Nurses")]

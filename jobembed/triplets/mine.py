@@ -168,12 +168,20 @@ def mine_candidates(
                 stats["no_positive"] += 1
                 continue
             positive_id, positive_score = positive
+            # The positive-aware margin compares ad-to-ad scores. A category text sits farther from every ad than
+            # ads do from each other, so with label positives the bar is the anchor's nearest same-class ad.
+            bar = positive_score
+            if strategy is PositiveStrategy.label:
+                nearest = _positive(
+                    pool, anchor, 0, members, strategy=PositiveStrategy.nearest, rng=rng, label_vectors=None
+                )
+                bar = nearest[1] if nearest is not None else float("inf")
             negatives = []
             for hit in hits:
                 j = int(corpus_idx[hit["corpus_id"]])
                 if pool.groups[j] == pool.groups[anchor]:
                     continue  # a repost of the anchor filed under another class: a label conflict, not a negative
-                if hit["score"] >= config.relative_margin * positive_score:
+                if hit["score"] >= config.relative_margin * bar:
                     continue
                 negatives.append((j, float(hit["score"])))
                 if len(negatives) == config.negatives_per_anchor:
