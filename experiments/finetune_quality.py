@@ -18,11 +18,11 @@ system, frozen vs fine-tuned encoder: exact McNemar on the test ads, per seed; t
 TF-IDF + LR likewise.
 
 **Variants** (one seed, a smaller budget: 576 triplets, one evaluation at the end so no checkpoint is picked on
-val): the triplet source (judge none vs model; positive = nearest ad vs a random same-class ad vs the category text) and the loss
-(class-aware MNRL vs plain MNRL with the NoDuplicatesBatchSampler vs GISTEmbed). They are compared on validation only, the CentroidEvaluator's
-centroid-cosine macro-F1 of the val ads against a stratified 500-ad sample of train at 128 tokens, with the frozen
-encoder's figure on the same data as the reference: choosing among them is choosing a default, and defaults are
-chosen on validation.
+val): the triplet source (judge none vs model; positive = nearest ad vs a random same-class ad vs the category
+text) and the loss (class-aware MNRL vs plain MNRL with the NoDuplicatesBatchSampler vs GISTEmbed). They are
+compared on validation only, the CentroidEvaluator's centroid-cosine macro-F1 of the val ads against a stratified
+500-ad sample of train at 128 tokens, with the frozen encoder's figure on the same data as the reference: choosing
+among them is choosing a default, and defaults are chosen on validation.
 """
 
 from __future__ import annotations
