@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 from common import OUT, pl_jobads
 
-from jobembed import embed, encoders, metrics
+from jobembed import encoders, metrics
 from jobembed.config import load_config
 from jobembed.evaluate import System, _fit_predict, _test_scores
 from jobembed.finetune import centroid_evaluator
-from jobembed.pipeline import _prepared, centroid_data, finetuned_model, pin_models, run_stages
+from jobembed.pipeline import _prepared, _vectors, centroid_data, finetuned_vectors, pin_models, run_stages
 
 RESULTS = OUT / "finetune_quality"
 SEEDS = (13, 14, 15)
@@ -132,14 +132,7 @@ def frozen(config) -> dict[str, Any]:
         return json.loads(path.read_text())
     run_stages(config, target="make-triplets", progress=False)
     splits, labels = _prepared(config)
-    vectors = embed.load_vectors(
-        config.run_dir / "embed",
-        model=config.embed.model,
-        config=config.embed,
-        splits=splits,
-        labels=labels,
-        text_column=config.text_column,
-    )
+    vectors = _vectors(config, config.embed.model, splits, labels)
     preds = _fit_all(config, splits, labels, vectors, SYSTEMS) | _fit_all(config, splits, labels, None, ["tfidf"])
     result = {
         "systems": {name: _scores(config, splits["test"], pred) for name, pred in preds.items()},
@@ -158,14 +151,7 @@ def main_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     run_stages(config, target="embed-finetuned", progress=False)
     splits, labels = _prepared(config)
-    tuned = embed.load_vectors(
-        config.run_dir / "embed-finetuned",
-        model=finetuned_model(config),
-        config=config.embed,
-        splits=splits,
-        labels=labels,
-        text_column=config.text_column,
-    )
+    tuned = finetuned_vectors(config, splits, labels)
     preds = _fit_all(config, splits, labels, tuned, SYSTEMS)
     y = splits["test"]["label"].to_numpy(str)
     info = json.loads((config.run_dir / "finetune" / "finetune.json").read_text())

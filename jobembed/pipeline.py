@@ -429,6 +429,18 @@ def finetuned_model(config: PipelineConfig) -> str:
     return str(config.run_dir / "finetune" / "model")
 
 
+def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVectors:
+    """The fine-tuned encoder's vectors of every split (``embed-finetuned``'s folder)."""
+    return embed.load_vectors(
+        config.run_dir / "embed-finetuned",
+        model=finetuned_model(config),
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+
+
 def _run_embed_finetuned(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     """Encode every split and the category texts with the fine-tuned encoder (its own folder of vectors)."""
     out_dir = config.run_dir / "embed-finetuned"
@@ -481,14 +493,7 @@ def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any
 
 
 def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, progress: bool) -> dict[str, Any]:
-    tuned = embed.load_vectors(
-        config.run_dir / "embed-finetuned",
-        model=finetuned_model(config),
-        config=config.embed,
-        splits=splits,
-        labels=labels,
-        text_column=config.text_column,
-    )
+    tuned = finetuned_vectors(config, splits, labels)
     info = read_json(config.run_dir / "finetune" / "finetune.json")
     # Compared with the same system on the encoder it was fine-tuned from (else on embed.model).
     refs = {r.get("encoder") for r in evaluation.metrics["systems"].values()}
@@ -548,14 +553,7 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     head = MLPHead.load(head_dir) if winner["head_kind"] == "mlp" else CosineClassifier.load(head_dir)
     splits, labels = _prepared(config)
     if finetuned:
-        vectors = embed.load_vectors(
-            config.run_dir / "embed-finetuned",
-            model=finetuned_model(config),
-            config=config.embed,
-            splits=splits,
-            labels=labels,
-            text_column=config.text_column,
-        )
+        vectors = finetuned_vectors(config, splits, labels)
     else:
         vectors = _vectors(config, winner["encoder"], splits, labels)
     if vectors.fingerprint != winner["encoder_fingerprint"]:  # pragma: no cover - keys make this unreachable
