@@ -23,7 +23,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/jobembed run --config configs/demo.yaml
 	$(BIN)/jobembed classify "Kierowca kat. C+E. Poszukujemy kierowcy do transportu międzynarodowego, prawo jazdy kat. C+E, karta kierowcy." --runs-dir runs
-	$(BIN)/jobembed classify "Pielęgniarka / pielęgniarz na oddział chirurgii. Wymagane prawo wykonywania zawodu." --runs-dir runs --json
+	$(BIN)/jobembed classify "Pielęgniarka / pielęgniarz na oddział chirurgii. Wymagane prawo wykonywania zawodu." --runs-dir runs --json --target-accuracy 0.9
 
 test: $(STAMP)
 	$(BIN)/pytest -q

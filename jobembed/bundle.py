@@ -4,7 +4,8 @@
 bundle/
   bundle.json      format tag, system, encoder (reference, content fingerprint, Hub revision, prompt, length,
                    precision of the vectors the head was trained on), classify defaults, file hashes, metrics
-  head/            head.safetensors + head.json (MLP head or cosine prototypes); never pickle
+  head/            head.safetensors + head.json (MLP head or cosine prototypes), or hybrid.json + tfidf/ (TF-IDF
+                   vocabularies in JSON, weights in safetensors) + mlp/ for a hybrid head; never pickle
   labels.json      label, name, description for every class
   config.yaml      the resolved pipeline config that produced it
   encoder/         optional copy of the encoder (``bundle.copy_encoder``)
@@ -33,7 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobembed import __version__, encoders
+from jobembed import __version__, encoders, metrics
 from jobembed.artifacts import atomic_dir, file_sha256, read_json, write_json
 from jobembed.baselines import CosineClassifier
 from jobembed.clean.core import Cleaner
@@ -46,9 +47,11 @@ from jobembed.config import (
     TextColumn,
     write_resolved,
 )
+from jobembed.embed import chunking_identity
 from jobembed.errors import BundleError, JobembedError
 from jobembed.fingerprint import folder_fingerprint
 from jobembed.head import MLPHead
+from jobembed.hybrid import HybridHead
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ class BundleEncoder(_Meta):
     text_prompt: str | None
     max_seq_length: int = Field(ge=1)
     precision: Literal["fp32", "fp16", "bf16"]
+    # embed.chunking of the training vectors (pooling, stride, max_chunks); None: ads were truncated.
+    chunking: dict[str, Any] | None = None
 
 
 class BundleCleaner(_Meta):
@@ -80,8 +85,21 @@ class BundleCleaner(_Meta):
     info: dict[str, Any]  # Cleaner.info() at training time: backend, pattern and model fingerprints, schema
 
 
+HeadKind = Literal["mlp", "cosine", "hybrid"]
+Head = MLPHead | CosineClassifier | HybridHead
+
+
+def load_head(path: Path, kind: str, *, device: str = "auto") -> Head:
+    """A saved head of any kind (``report.head_kind``): safetensors and JSON only."""
+    if kind == "mlp":
+        return MLPHead.load(path, device=device)
+    if kind == "hybrid":
+        return HybridHead.load(path, device=device)
+    return CosineClassifier.load(path)
+
+
 class BundleHead(_Meta):
-    kind: Literal["mlp", "cosine"]
+    kind: HeadKind
     path: str
 
 
@@ -116,7 +134,7 @@ class EncoderInfo:
 def save_bundle(
     out_dir: Path,
     *,
-    model: MLPHead | CosineClassifier,
+    model: Head,
     system: str,
     encoder: EncoderInfo,
     config: PipelineConfig,
@@ -127,8 +145,8 @@ def save_bundle(
     """Write a bundle folder (replacing an older one as a whole, atomically).
 
     Args:
-        model: a fitted MLPHead or cosine classifier on ``encoder``'s vectors.
-        system: the system name it came from (``mlp``, ``centroid``, ``zeroshot``).
+        model: a fitted MLPHead, HybridHead or cosine classifier on ``encoder``'s vectors.
+        system: the system name it came from (``mlp``, ``hier``, ``fusion``, ``stack``, ``centroid``, ``zeroshot``).
         encoder: the encoder setting of the training vectors (reference, fingerprint, precision, prompt, length).
         labels: frame with ``label``, ``name``, ``description``.
         copy_encoder: copy the encoder into the bundle, for machines without the cache or the Hub.
@@ -152,7 +170,10 @@ def save_bundle(
             jobembed_version=__version__,
             system=system,
             text_column=config.text_column,
-            head=BundleHead(kind="mlp" if isinstance(model, MLPHead) else "cosine", path="head"),
+            head=BundleHead(
+                kind="mlp" if isinstance(model, MLPHead) else "hybrid" if isinstance(model, HybridHead) else "cosine",
+                path="head",
+            ),
             encoder=BundleEncoder(
                 ref=ref,
                 source_ref=resolved.ref,
@@ -162,6 +183,7 @@ def save_bundle(
                 text_prompt=encoder.text_prompt,
                 max_seq_length=encoder.max_seq_length,
                 precision=encoder.precision,
+                chunking=chunking_identity(config.embed),
             ),
             cleaner=cleaner,
             classes=[str(c) for c in model.classes_],
@@ -236,7 +258,7 @@ class Bundle:
         self,
         path: Path,
         meta: BundleMeta,
-        head: MLPHead | CosineClassifier,
+        head: Head,
         labels: pd.DataFrame,
         *,
         device: str = "auto",
@@ -303,6 +325,15 @@ class Bundle:
                 max_seq_length=enc.max_seq_length,
                 device=self.device,
                 precision=precision,
+                **(
+                    {}
+                    if enc.chunking is None
+                    else {
+                        "chunking": enc.chunking["pooling"],
+                        "chunk_stride": enc.chunking["stride"],
+                        "max_chunks": enc.chunking["max_chunks"],
+                    }
+                ),
             )
             embedder = Embedder(cfg, prompt=enc.text_prompt)
             expected = enc.copy_fingerprint if enc.ref.startswith("./") and enc.copy_fingerprint else enc.fingerprint
@@ -319,7 +350,35 @@ class Bundle:
     def predict_proba(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, n_classes) probabilities, columns in ``self.head.classes_`` order."""
         texts = self.prepare_texts(list(texts), progress=progress)
-        return self.head.predict_proba(self.embedder.encode(texts, progress=progress, description="classify"))
+        X = self.embedder.encode(texts, progress=progress, description="classify")
+        if isinstance(self.head, HybridHead):
+            return self.head.predict_proba(X, texts=texts)
+        return self.head.predict_proba(X)
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The confidence threshold at which the answered validation ads reached ``target_accuracy``.
+
+        Read from the validation coverage-accuracy curve compare-report stored in the bundle.
+
+        Raises:
+            BundleError: the bundle has no curve (made by train-head, or before jobembed-report/3).
+            JobembedError: validation never reached the target at any threshold.
+        """
+        selective = self.meta.metrics.get("selective")
+        if not selective or not selective.get("val_curve"):
+            raise BundleError(
+                f"{self.path}: the bundle has no validation coverage-accuracy curve for --target-accuracy",
+                fix="use a bundle made by `jobembed bundle` after compare-report, or pass --min-confidence",
+            )
+        curve = selective["val_curve"]
+        threshold = metrics.threshold_from_curve(curve, target_accuracy)
+        if threshold is None:
+            raise JobembedError(
+                f"--target-accuracy {target_accuracy}: no confidence threshold reached it on validation "
+                f"(the most confident answers reached {max(curve['accuracy']):.3f})",
+                fix="ask for a lower target accuracy, or pass --min-confidence",
+            )
+        return threshold
 
     def predict(
         self, texts: list[str], *, config: ClassifyConfig | None = None, progress: bool = False
@@ -330,6 +389,8 @@ class Bundle:
             config: top-k and threshold; default the bundle's own ``classify`` section.
         """
         config = config or self.classify_defaults
+        if config.target_accuracy is not None:
+            config = config.model_copy(update={"min_confidence": self.threshold_for(config.target_accuracy)})
         proba = self.predict_proba(texts, progress=progress) if texts else np.zeros((0, len(self.head.classes_)))
         classes = np.asarray(self.head.classes_, dtype=str)
         out = []
@@ -412,8 +473,7 @@ def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bun
                     f"{path}: file {rel} is missing or changed since the bundle was made",
                     fix="re-create the bundle; do not edit files inside it",
                 )
-    head_dir = path / meta.head.path
-    head = MLPHead.load(head_dir, device=device) if meta.head.kind == "mlp" else CosineClassifier.load(head_dir)
+    head = load_head(path / meta.head.path, meta.head.kind, device=device)
     try:
         labels = pd.DataFrame(read_json(path / "labels.json"), columns=["label", "name", "description"])
     except (OSError, ValueError) as e:

@@ -36,6 +36,7 @@ from typer.core import TyperGroup
 from jobembed import __version__, ui
 from jobembed.config import (
     BundleEncoderChoice,
+    ChunkingMode,
     ClassWeight,
     CleanBackend,
     CleanFallback,
@@ -223,6 +224,13 @@ DeviceOpt = Annotated[
 MaxLenOpt = Annotated[int | None, typer.Option("--max-seq-length", min=8, help="Truncate texts to this many tokens.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Encoding batch size.")]
 PrecisionOpt = Annotated[Precision | None, typer.Option("--precision", help="Encoder precision (auto: fp16 on CUDA).")]
+ChunkingOpt = Annotated[
+    ChunkingMode | None,
+    typer.Option("--chunking", help="none: cut ads at --max-seq-length; mean: average windows over the whole ad."),
+]
+ChunkStrideOpt = Annotated[
+    int | None, typer.Option("--chunk-stride", min=8, help="Tokens between window starts (with --chunking mean).")
+]
 
 
 def _stage_command(stage: str, params: dict[str, Any]) -> Path:
@@ -322,6 +330,8 @@ def embed(
     embed__extra_models: ExtraModelOpt = None,
     pipeline__text_column: TextColOpt = None,
     embed__max_seq_length: MaxLenOpt = None,
+    embed__chunking: ChunkingOpt = None,
+    embed__chunk_stride: ChunkStrideOpt = None,
     embed__batch_size: BatchOpt = None,
     embed__device: DeviceOpt = None,
     embed__precision: PrecisionOpt = None,
@@ -411,7 +421,7 @@ def compare_report(
     run = _stage_command("compare-report", dict(locals()))
     metrics = read_json(run / "report" / "metrics.json")
     console.print(summary_table(metrics))
-    for line in finetuned_lines(metrics):
+    for line in finetuned_lines(metrics) + selective_lines(metrics):
         console.print(line)
     console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
 
@@ -823,9 +833,33 @@ def run(
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
     metrics = read_json(cfg.run_dir / "report" / "metrics.json")
     console.print(summary_table(metrics))
-    for line in finetuned_lines(metrics):
+    for line in finetuned_lines(metrics) + selective_lines(metrics):
         console.print(line)
     console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
+
+
+def selective_lines(metrics: dict[str, Any]) -> list[str]:
+    """The bundled system's coverage-accuracy curve in a few points, and the threshold chosen on validation."""
+    key = metrics.get("bundled")
+    sel = metrics["systems"][key].get("selective") if key else None
+    if not sel or not sel["test_curve"]["coverage"]:
+        return []
+    r, curve = metrics["systems"][key], sel["test_curve"]
+    points = []
+    for share in (0.25, 0.5, 0.75, 1.0):
+        i = min(range(len(curve["coverage"])), key=lambda j: abs(curve["coverage"][j] - share))
+        points.append(f"{curve['coverage'][i]:.0%} → {curve['accuracy'][i]:.1%}")
+    out = [f"coverage → accuracy of {r['display']} on test, most confident first: " + ", ".join(points)]
+    if sel["threshold"] is None:
+        out.append(f"  no confidence threshold reached {sel['target_accuracy']:.0%} accuracy on validation")
+    else:
+        out.append(
+            f"  abstaining below confidence {sel['threshold']:.3f} (validation, for {sel['target_accuracy']:.0%}): "
+            f"{sel['test']['coverage']:.0%} of test ads answered at {sel['test']['accuracy']:.1%} accuracy; "
+            f"`classify --target-accuracy {sel['target_accuracy']}` uses it "
+            "(figure: report/figures/coverage_accuracy.png)"
+        )
+    return out
 
 
 def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
@@ -889,6 +923,16 @@ def classify(
         float | None,
         typer.Option("--min-confidence", min=0.0, max=1.0, help="Below this, answer 'uncertain' [bundle's setting]."),
     ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            "--target-accuracy",
+            min=0.01,
+            max=1.0,
+            help="Answer only as confidently as reached this accuracy on validation (the threshold comes from the "
+            "bundle's coverage-accuracy curve); the rest are 'uncertain'. Overrides --min-confidence.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where to look for the newest bundle.")] = Path("runs"),
     device: DeviceOpt = None,
@@ -913,9 +957,10 @@ def classify(
         _check_writable(out)
     path = bundle or find_latest_bundle(runs_dir)
     loaded = load_bundle(path, device=device or "auto")
-    cfg = loaded.classify_defaults.model_copy(
-        update={k: v for k, v in {"top_k": top_k, "min_confidence": min_confidence}.items() if v is not None}
-    )
+    flags = {"top_k": top_k, "min_confidence": min_confidence, "target_accuracy": target_accuracy}
+    cfg = loaded.classify_defaults.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    if min_confidence is not None and target_accuracy is None:
+        cfg = cfg.model_copy(update={"target_accuracy": None})  # an explicit threshold beats the bundle's target
     if text is not None:
         if not text.strip():
             raise JobembedError("the text is empty", fix="pass the vacancy text in quotes")

@@ -56,12 +56,20 @@ class TextColumn(StrEnum):
     clean_text = "clean_text"
 
 
+class ChunkingMode(StrEnum):
+    none = "none"
+    mean = "mean"
+
+
 class SystemName(StrEnum):
     zeroshot = "zeroshot"
     centroid = "centroid"
     tfidf = "tfidf"
     logreg = "logreg"
     mlp = "mlp"
+    fusion = "fusion"
+    stack = "stack"
+    hier = "hier"
 
 
 class _Strict(BaseModel):
@@ -212,6 +220,14 @@ class EmbedConfig(_Strict):
     # Vectors are written to the cache every this many texts, so an interrupted run loses at most this much.
     checkpoint_every: int = Field(2048, ge=1)
     cache_dir: Path | None = None
+    # The whole ad instead of its first max_seq_length tokens: "mean" cuts a longer ad into windows of
+    # max_seq_length tokens (chunk_stride apart, at most max_chunks), encodes each (cached per window) and
+    # averages them. "none" truncates. docs/results.md#quality has what each costs and gains.
+    chunking: ChunkingMode = ChunkingMode.none
+    # Tokens between window starts; below max_seq_length the windows overlap, so no sentence is only ever cut.
+    chunk_stride: int = Field(192, ge=8)
+    # Bounds the cost of a very long ad (8 windows of 256 tokens cover ~1,600 tokens, p99 of Polish ads).
+    max_chunks: int = Field(8, ge=1)
 
     def models(self) -> list[str]:
         """``model`` then ``extra_models``, without repeats."""
@@ -242,6 +258,9 @@ class HeadConfig(_Strict):
     # Share of the training ads held out (stratified, reposts kept together) for early stopping when no
     # validation split is given, as inside cross-validation.
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    # A second loss on the parent level (sub-major summed into major); 0 = flat. The `hier` system of
+    # compare-report sets it from report.hierarchy_weight.
+    parent_weight: float = Field(0.0, ge=0)
     device: str = "auto"
     seed: int = 13
 
@@ -262,15 +281,52 @@ class TfidfConfig(_Strict):
     tol: float = Field(1e-3, gt=0)
 
 
+class HybridConfig(_Strict):
+    """The lexical + semantic systems of compare-report (``fusion``, ``stack``)."""
+
+    # Late fusion: log p = w log p_tfidf + (1 - w) log p_mlp, each temperature-calibrated; w is the grid point
+    # with the lowest validation log-loss (a proper score: smoother than macro-F1 on ~800 validation ads).
+    fusion_weights: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)], min_length=1)
+    # Stacking: out-of-fold TF-IDF + LR log-probabilities join the embedding as MLP inputs; this many inner
+    # folds (each one TF-IDF fit) make them, so no training row's feature comes from a model that saw its label.
+    stack_folds: int = Field(5, ge=2)
+
+    @field_validator("fusion_weights")
+    @classmethod
+    def _in_unit(cls, v: list[float]) -> list[float]:
+        if not all(0 <= w <= 1 for w in v):
+            raise ValueError("fusion weights must lie in [0, 1]")
+        return sorted(set(v))
+
+
+class HierarchyMode(StrEnum):
+    auto = "auto"  # labels that are digit codes nest by prefix (ISCO: sub-major 24 is inside major 2)
+    off = "off"
+
+
+# fusion is a default: in 5-fold CV on the pl-jobads dev pool it beat TF-IDF + LR (+0.029 macro-F1, corrected
+# t-test p = 0.03) and the MLP head (+0.035, p = 0.05); stack and hier did not (experiments/quality.py,
+# docs/results.md#quality-hybrid-heads-the-hierarchy-abstention), so they are options.
+DEFAULT_SYSTEMS = ("zeroshot", "centroid", "tfidf", "logreg", "mlp", "fusion")
+
+
 class ReportConfig(_Strict):
     """``compare-report``: which systems, how to evaluate. Encoders come from ``embed.model`` + ``extra_models``."""
 
-    systems: list[SystemName] = Field(default_factory=lambda: list(SystemName), min_length=1)
+    systems: list[SystemName] = Field(default_factory=lambda: [SystemName(s) for s in DEFAULT_SYSTEMS], min_length=1)
     cv_folds: int = Field(5, ge=2)
     # Macro-F1 over classes with at least this many test ads (rare classes swing macro-F1 on 1-2 ads).
     min_support: int = Field(5, ge=1)
     bootstrap: int = Field(1000, ge=0)
     tfidf: TfidfConfig = Field(default_factory=TfidfConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    # Where labels nest (ISCO codes), every system is also scored at the parent level; `hier` trains on both.
+    hierarchy: HierarchyMode = HierarchyMode.auto
+    # The `hier` system's weight of the parent-level loss.
+    hierarchy_weight: float = Field(0.5, ge=0)
+    # Selective classification: the confidence threshold that reaches this accuracy on validation is reported
+    # with the coverage and accuracy it gives on test, and the bundle keeps the validation curve for classify.
+    target_accuracy: float = Field(0.9, gt=0, le=1)
 
     @field_validator("systems")
     @classmethod
@@ -301,6 +357,9 @@ class ClassifyConfig(_Strict):
     top_k: int = Field(3, ge=1)
     # Below this top probability the answer is `uncertain_label`; 0 always answers.
     min_confidence: float = Field(0.0, ge=0, le=1)
+    # Instead of min_confidence: the threshold at which the bundle's validation answers reached this accuracy
+    # (compare-report's coverage-accuracy curve, stored in the bundle); None uses min_confidence.
+    target_accuracy: float | None = Field(None, gt=0, le=1)
     uncertain_label: str = "uncertain"
 
 
@@ -403,8 +462,9 @@ class TripletsConfig(_Strict):
     # Negatives come from the classes the frozen encoder confuses most with the anchor's (nearest-centroid
     # confusions on the pool, ties by centroid similarity); 0 takes every other class.
     confused_classes: int = Field(5, ge=0)
-    # NV-Retriever's positive-aware mining (TopK-PercPos): a negative must score below 95% of the positive's
-    # similarity to the anchor; closer ones are too often unlabelled positives.
+    # NV-Retriever's positive-aware mining (TopK-PercPos): a negative must score below 95% of the similarity of
+    # the anchor's nearest same-class ad (whatever positive is trained on); closer ones are too often unlabelled
+    # positives.
     relative_margin: float = Field(0.95, gt=0, le=1)
     # The validation triplets (mined within the val split only) for finetune's evaluators.
     val_anchors_per_class: int = Field(16, ge=0)

@@ -581,6 +581,12 @@ def _first_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, wha
             f"only {n_groups} groups of ads are left for the {what} split, which needs at least {n_splits}",
             fix=f"add data, or raise --{what}-size (it needs 1/{what}-size groups)",
         )
+    largest = int(pd.Series(y).value_counts().max())
+    if largest < n_splits:  # scikit-learn would raise a bare ValueError here
+        raise DataError(
+            f"the largest class has {largest} ads, too few to stratify a {what} split of 1/{n_splits} of each class",
+            fix=f"add data (at least {n_splits} ads in one class), or raise --{what}-size",
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only k members"

@@ -18,6 +18,7 @@ folder ``embed/<name>-<fingerprint>/`` with ``{train,val,test}.npy`` (rows in sp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -110,7 +111,7 @@ class Embedder:
         return self._model
 
     def encode(self, texts: Sequence[str], *, progress: bool = False, description: str = "embedding") -> np.ndarray:
-        """Embed ``texts``.
+        """Embed ``texts``; with ``chunking: mean``, each as the mean of its windows (``chunks``).
 
         Args:
             texts: n strings (duplicates allowed; each distinct text is encoded once).
@@ -120,6 +121,36 @@ class Embedder:
             float32 array of shape (n, dim), L2-normalised rows, in input order.
         """
         texts = [str(t) for t in texts]
+        if self.config.chunking == "none" or not texts:
+            return self._encode_texts(texts, progress=progress, description=description)
+        pieces = [self.chunks(t) for t in texts]
+        flat = [c for cs in pieces for c in cs]
+        vectors = self._encode_texts(flat, progress=progress, description=description)
+        stats = self.last_stats
+        bounds = np.cumsum([0] + [len(cs) for cs in pieces])
+        pooled = np.stack([vectors[a:b].mean(axis=0) for a, b in itertools.pairwise(bounds)])
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        self.last_stats = EmbedStats(len(texts), len(set(texts)), stats.n_cached, stats.n_encoded)
+        return pooled.astype(np.float32)
+
+    def chunks(self, text: str) -> list[str]:
+        """The windows of one text: exact substrings of ``max_seq_length`` tokens (prompt and special tokens
+        included), ``chunk_stride`` tokens apart, at most ``max_chunks``; a text that fits is its own window,
+        so it shares its cache entry with unchunked encoding."""
+        tokenizer = self.model.tokenizer
+        room = self.config.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
+        if self.prompt:
+            room -= len(tokenizer(self.prompt, add_special_tokens=False)["input_ids"])
+        room = max(room, 8)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= room:
+            return [text]
+        stride = min(self.config.chunk_stride, room)
+        starts = list(range(0, max(len(offsets) - room, 0) + stride, stride))[: self.config.max_chunks]
+        return [text[offsets[s][0] : offsets[min(s + room, len(offsets)) - 1][1]] for s in starts]
+
+    def _encode_texts(self, texts: list[str], *, progress: bool, description: str) -> np.ndarray:
         keys = [text_key(t) for t in texts]
         unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
         missing = self.cache.missing(list(unique))
@@ -189,6 +220,13 @@ def encoder_slug(model_ref: str, fingerprint: str) -> str:
     return f"{short_name(model_ref)}-{fingerprint[:8]}"
 
 
+def chunking_identity(config: EmbedConfig) -> dict[str, object] | None:
+    """The chunking part of a vector file's identity (None when ads are truncated)."""
+    if config.chunking == "none":
+        return None
+    return {"pooling": config.chunking, "stride": config.chunk_stride, "max_chunks": config.max_chunks}
+
+
 def _ids_sha1(frame: pd.DataFrame) -> str:
     return hashlib.sha1("\n".join(frame["id"].astype(str)).encode()).hexdigest()
 
@@ -240,6 +278,7 @@ def embed_splits(
             "text_prompt": text_emb.prompt,
             "label_prompt": label_emb.prompt,
             "max_seq_length": config.max_seq_length,
+            "chunking": chunking_identity(config),
             "precision": text_emb.precision,
             "text_column": text_column,
             "label_text": str(config.label_text),
@@ -312,6 +351,7 @@ def load_vectors(
         "text_prompt": text_prompt,
         "label_prompt": label_prompt,
         "max_seq_length": config.max_seq_length,
+        "chunking": chunking_identity(config),
         "text_column": text_column,
         "label_text": str(config.label_text),
     }

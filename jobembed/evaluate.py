@@ -9,13 +9,20 @@ centroid    argmax cosine to the class centroids of the training embeddings
 logreg      scikit-learn logistic regression on the embeddings
 mlp         jobembed's MLP head (early stopping + temperature calibration on validation)
 tfidf       word + char n-gram TF-IDF + logistic regression on the text column
+fusion      late fusion of calibrated TF-IDF + LR and MLP probabilities, weight chosen on validation
+stack       the MLP on the embedding plus out-of-fold TF-IDF + LR log-probabilities
+hier        the MLP with a second loss on the parent level of nested codes (ISCO sub-major in major)
 ==========  ===============================================================================
 
 Protocol: (1) fit on ``train`` (the MLP stops early on ``val``), score once on the held-out ``test``
 split, with bootstrap intervals that resample repost groups; (2) stratified, repost-grouped k-fold
 cross-validation over ``train + val``, mean ± std per metric (inside a fold the MLP holds out its own
 stratified, grouped early-stopping rows); (3) the winner by CV macro-F1 against every other system: exact
-McNemar on test and the Nadeau-Bengio corrected t-test on the folds.
+McNemar on test and the Nadeau-Bengio corrected t-test on the folds. Where labels nest (``hierarchy``),
+every system is also scored at the parent level from the same predictions (parent of the predicted class).
+Selective classification: per system, the confidence threshold that reaches ``report.target_accuracy`` on
+validation, and the coverage and accuracy it gives on test; calibration (ECE) on test before and after a
+temperature fit on validation.
 
 ``report.write_report`` turns the result into files; ``finetune`` can call this on its own encoder.
 """
@@ -37,15 +44,21 @@ from jobembed.config import PipelineConfig
 from jobembed.embed import RunVectors, encoder_slug, short_name
 from jobembed.errors import DataError
 from jobembed.head import MLPHead
+from jobembed.hierarchy import Hierarchy, find_hierarchy
+from jobembed.hybrid import HybridHead
 
-REPORT_FORMAT = "jobembed-report/2"
-BUNDLEABLE = ("mlp", "centroid", "zeroshot")
+REPORT_FORMAT = "jobembed-report/3"
+BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "centroid", "zeroshot")
+HYBRID_SYSTEMS = ("fusion", "stack")
 SYSTEM_TITLES = {
     "zeroshot": "zero-shot cosine (category texts)",
     "centroid": "centroid cosine",
     "logreg": "logistic regression on embeddings",
     "mlp": "MLP head",
     "tfidf": "TF-IDF + logistic regression",
+    "fusion": "late fusion of TF-IDF + LR and the MLP head",
+    "stack": "MLP head on embedding + out-of-fold TF-IDF + LR",
+    "hier": "MLP head with a parent-level loss (hierarchy)",
 }
 
 
@@ -117,35 +130,131 @@ def _fit_predict(
     val_idx: np.ndarray | None,
     X_eval: np.ndarray | None,
     texts_eval: list[str],
+    hierarchy: Hierarchy | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Fit one system on dev rows ``train_idx`` (``val_idx`` for early stopping) and predict the eval rows.
 
     Returns:
         (predicted labels for the eval rows, the fitted model)
     """
+    col = config.text_column
     y = dev["label"].to_numpy(dtype=str)
+    texts_dev = dev[col].tolist()
     if system.name == "tfidf":
         model = tfidf_logreg(config.report.tfidf, seed=config.prepare.seed)
-        model.fit(dev[config.text_column].iloc[train_idx].tolist(), y[train_idx])
+        model.fit([texts_dev[i] for i in train_idx], y[train_idx])
         return np.asarray(model.predict(texts_eval), dtype=str), model
     assert system.vectors is not None and X_dev is not None and X_eval is not None
     X_tr, y_tr = X_dev[train_idx], y[train_idx]
     X_val = X_dev[val_idx] if val_idx is not None and len(val_idx) else None
     y_val = y[val_idx] if X_val is not None else None
+    groups = dev["group"].to_numpy()[train_idx] if X_val is None else None
+    if system.name in HYBRID_SYSTEMS:
+        model = HybridHead(
+            mode=system.name, head=config.head, tfidf=config.report.tfidf, hybrid=config.report.hybrid
+        ).fit(
+            X_tr,
+            y_tr,
+            texts=[texts_dev[i] for i in train_idx],
+            X_val=X_val,
+            y_val=y_val,
+            texts_val=None if X_val is None else [texts_dev[i] for i in val_idx],
+            groups=groups,
+        )
+        return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
     if system.name == "zeroshot":
         model = CosineClassifier().fit_prototypes(system.vectors.labels, labels["label"].astype(str).tolist())
     elif system.name == "centroid":
         model = CentroidClassifier().fit(X_tr, y_tr)
     elif system.name == "logreg":
         model = embedding_logreg(seed=config.prepare.seed).fit(X_tr, y_tr)
-    elif system.name == "mlp":
-        groups = dev["group"].to_numpy()[train_idx] if X_val is None else None
-        model = MLPHead.from_config(config.head).fit(X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups)
+    elif system.name in ("mlp", "hier"):
+        head_config = config.head
+        parents = hierarchy.parents if hierarchy is not None and system.name == "hier" else None
+        if parents:  # with a flat label set `hier` is the flat MLP (the report's hierarchy note says so)
+            head_config = head_config.model_copy(update={"parent_weight": config.report.hierarchy_weight})
+        model = MLPHead.from_config(head_config).fit(
+            X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, parents=parents
+        )
     else:  # pragma: no cover - guarded by the config's enum
         raise ValueError(system.name)
     if isinstance(model, CosineClassifier) and X_val is not None:
         model.calibrate(X_val, y_val)
     return np.asarray(model.predict(X_eval), dtype=str), model
+
+
+def uncalibrated_proba(model: Any, X: np.ndarray | None) -> np.ndarray | None:
+    """An MLP head's probabilities at temperature 1 (None for other systems)."""
+    if isinstance(model, MLPHead):
+        return metrics.softmax(model.decision_function(X))
+    return None
+
+
+def predict_proba(system: System, model: Any, X: np.ndarray | None, texts: list[str]) -> np.ndarray:
+    """``(n, k)`` probabilities of a fitted system, columns in ``model.classes_`` order."""
+    if system.name == "tfidf":
+        return np.asarray(model.predict_proba(texts))
+    if system.name in HYBRID_SYSTEMS:
+        return model.predict_proba(X, texts=texts)
+    return np.asarray(model.predict_proba(X))
+
+
+def selective_scores(
+    *,
+    classes: np.ndarray,
+    proba_val: np.ndarray,
+    y_val: np.ndarray,
+    proba_test: np.ndarray,
+    y_test: np.ndarray,
+    target: float,
+    proba_test_uncalibrated: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Abstention and calibration of one system: threshold chosen on validation, scored on test.
+
+    ``proba_test_uncalibrated``: for heads that already serve temperature-scaled probabilities (the MLP), their
+    test probabilities at temperature 1, so the report shows calibration before and after scaling.
+
+    Returns:
+        ``target_accuracy``, ``threshold`` (None when validation never reaches the target), ``test`` (coverage,
+        accuracy at that threshold), ``val_curve`` and ``test_curve`` (``metrics.coverage_curve``), and
+        ``calibration``: test ECE before and after a temperature fit on validation, with reliability points.
+    """
+    threshold = metrics.threshold_for_accuracy(y_val, proba_val, classes, target)
+    known = np.isin(y_val, classes)
+    log_val = np.log(np.maximum(proba_val[known], 1e-12))
+    temperature = metrics.fit_temperature(log_val, np.searchsorted(classes, y_val[known])) if known.sum() > 1 else 1.0
+    scaled = metrics.softmax(np.log(np.maximum(proba_test, 1e-12)) / temperature)
+    test_known = np.isin(y_test, classes)
+    y_idx = np.searchsorted(classes, y_test[test_known])
+    if proba_test_uncalibrated is not None:  # served = scaled; "before" is the head at temperature 1
+        scaled, proba_before = proba_test, proba_test_uncalibrated
+    else:
+        proba_before = proba_test
+    return {
+        "target_accuracy": target,
+        "threshold": threshold,
+        "val": metrics.selective_at(y_val, proba_val, classes, threshold),
+        "test": metrics.selective_at(y_test, proba_test, classes, threshold),
+        "val_curve": metrics.coverage_curve(y_val, proba_val, classes),
+        "test_curve": metrics.coverage_curve(y_test, proba_test, classes),
+        "calibration": {
+            "temperature": temperature,
+            "ece_test": metrics.expected_calibration_error(proba_before[test_known], y_idx),
+            "ece_test_scaled": metrics.expected_calibration_error(scaled[test_known], y_idx),
+            "reliability": metrics.reliability(y_test, proba_before, classes),
+            "reliability_scaled": metrics.reliability(y_test, scaled, classes),
+        },
+    }
+
+
+def _parent_scores(
+    hierarchy: Hierarchy, y_true: np.ndarray, pred: np.ndarray, *, min_support: int
+) -> dict[str, float] | None:
+    if hierarchy.flat:
+        return None
+    return metrics.classification_metrics(
+        hierarchy.parent_of(y_true), hierarchy.parent_of(pred), min_support=min_support
+    )
 
 
 def _test_scores(
@@ -189,10 +298,12 @@ def cross_validate(
     X_dev: np.ndarray | None,
     folds: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[], None] | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> list[dict[str, float]]:
     """Per-fold metrics of one system over the dev pool (train + val); the test split is not involved.
 
-    Inside a fold the MLP holds out its own stratified, repost-grouped early-stopping rows.
+    Inside a fold the MLP holds out its own stratified, repost-grouped early-stopping rows. With a
+    hierarchy each fold also has ``parent_accuracy`` and ``parent_macro_f1`` (parent of the predicted class).
     """
     y_dev = dev["label"].to_numpy(dtype=str)
     out = []
@@ -207,8 +318,13 @@ def cross_validate(
             val_idx=None,
             X_eval=X_dev[te] if X_dev is not None else None,
             texts_eval=dev[config.text_column].iloc[te].tolist(),
+            hierarchy=hierarchy,
         )
-        out.append(metrics.classification_metrics(y_dev[te], pred, min_support=config.report.min_support))
+        fold = metrics.classification_metrics(y_dev[te], pred, min_support=config.report.min_support)
+        parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=config.report.min_support)
+        if parent is not None:
+            fold |= {"parent_accuracy": parent["accuracy"], "parent_macro_f1": parent["macro_f1"]}
+        out.append(fold)
         if on_fold:
             on_fold()
     return out
@@ -249,6 +365,9 @@ def evaluate_systems(
     n_train = len(splits["train"])
     train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(dev))
     systems = build_systems(config, vectors)
+    hierarchy = find_hierarchy(labels["label"].astype(str).tolist() + list(y_dev), mode=config.report.hierarchy)
+    val = splits["val"]
+    y_val = val["label"].to_numpy(dtype=str)
 
     results: dict[str, dict[str, Any]] = {}
     fitted: dict[str, Any] = {}
@@ -268,9 +387,21 @@ def evaluate_systems(
                 val_idx=val_idx,
                 X_eval=v.test if v is not None else None,
                 texts_eval=test[col].tolist(),
+                hierarchy=hierarchy,
             )
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
+            selective = None
+            if len(val):
+                selective = selective_scores(
+                    classes=np.asarray(model.classes_, dtype=str),
+                    proba_val=predict_proba(system, model, v.val if v is not None else None, val[col].tolist()),
+                    y_val=y_val,
+                    proba_test=predict_proba(system, model, v.test if v is not None else None, test[col].tolist()),
+                    y_test=y_test,
+                    target=config.report.target_accuracy,
+                    proba_test_uncalibrated=uncalibrated_proba(model, v.test if v is not None else None),
+                )
             fold_metrics = cross_validate(
                 system,
                 config=config,
@@ -279,6 +410,7 @@ def evaluate_systems(
                 X_dev=X_dev,
                 folds=folds,
                 on_fold=lambda: bar.advance(task),
+                hierarchy=hierarchy,
             )
             n_boot, groups = config.report.bootstrap, test["group"].to_numpy()
             results[system.key] = {
@@ -289,7 +421,11 @@ def evaluate_systems(
                 "title": SYSTEM_TITLES[system.name],
                 **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "cv": {"summary": metrics.summarize_folds(fold_metrics), "folds": fold_metrics},
+                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
+                "selective": selective,
             }
+            if system.name in HYBRID_SYSTEMS:
+                results[system.key]["fusion_weight"] = model.weight_
 
     ranking = sorted(results, key=lambda k: results[k]["cv"]["summary"]["macro_f1"]["mean"], reverse=True)
     winner = ranking[0]
@@ -321,6 +457,7 @@ def evaluate_systems(
             "cv_folds": len(folds),
             "text_column": col,
         },
+        "hierarchy": {"parents": hierarchy.parents, "note": hierarchy.note},
         "systems": results,
         "ranking": ranking,
         "winner": winner,
@@ -377,6 +514,10 @@ def evaluate_finetuned(
     )
     label_positive = source.get("positive") == "label"
     X_dev = np.concatenate([tuned.train, tuned.val])
+    hierarchy = find_hierarchy(
+        labels["label"].astype(str).tolist() + dev["label"].astype(str).tolist(), mode=config.report.hierarchy
+    )
+    val = splits["val"]
     out: dict[str, Any] = {}
     with ui.bar(enabled=progress) as bar:
         task = bar.add_task("fitting systems on the fine-tuned encoder", total=len(names))
@@ -392,6 +533,7 @@ def evaluate_finetuned(
                 val_idx=np.arange(n_train, len(dev)),
                 X_eval=tuned.test,
                 texts_eval=test[col].tolist(),
+                hierarchy=hierarchy,
             )
             if fitted is not None:
                 fitted[system.key] = model
@@ -407,6 +549,18 @@ def evaluate_finetuned(
                 "encoder": tuned.model,
                 "encoder_fingerprint": tuned.fingerprint,
                 **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
+                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
+                "selective": selective_scores(
+                    classes=np.asarray(model.classes_, dtype=str),
+                    proba_val=predict_proba(system, model, tuned.val, val[col].tolist()),
+                    y_val=val["label"].to_numpy(dtype=str),
+                    proba_test=predict_proba(system, model, tuned.test, test[col].tolist()),
+                    y_test=y_test,
+                    target=config.report.target_accuracy,
+                    proba_test_uncalibrated=uncalibrated_proba(model, tuned.test),
+                )
+                if len(val)
+                else None,
                 "cv": None,
                 "cv_note": f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} "
                 "train ads through its triplets",

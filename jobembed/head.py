@@ -14,7 +14,7 @@ import math
 import secrets
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,62 @@ def _check_y(y: Any, n_rows: int, what: str = "y") -> np.ndarray:
     return arr.astype(str)
 
 
+def holdout_split(
+    y_idx: np.ndarray, *, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation row indices: stratified by class and, with ``groups``, reposts on one side.
+
+    Classes with one example (or one group) stay in training; a class the split leaves only in validation
+    goes back to training whole, so every validation label is one a model fit on the training rows can predict.
+
+    Args:
+        y_idx: ``(n,)`` integer class indices.
+        fraction: the share to hold out (one fold of ``round(1 / fraction)``).
+        seed: the split's seed.
+        groups: ``(n,)`` repost-group ids, or None (every row its own group).
+
+    Raises:
+        DataError: too few rows or groups to hold anything out.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(y_idx)
+    groups = np.arange(n) if groups is None else pd.factorize(np.asarray(groups))[0]
+    # Fewer folds when even the largest class is smaller than the fold count (tiny data, CV folds of it):
+    # a bigger validation share beats no early stopping at all.
+    n_splits = max(2, min(round(1 / fraction), int(np.bincount(y_idx).max())))
+    if len(np.unique(groups)) < n_splits:
+        raise DataError(
+            f"too few examples ({n} rows in {len(np.unique(groups))} repost groups) to hold out a validation set",
+            fix="pass X_val/y_val to fit or add labelled ads",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only k members"
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
+        tr, va = next(splitter.split(np.zeros(n), y_idx, groups))
+    orphan_groups = np.unique(groups[va][~np.isin(y_idx[va], y_idx[tr])])
+    back = np.isin(groups, orphan_groups)
+    tr, va = np.flatnonzero(~np.isin(np.arange(n), va) | back), np.flatnonzero(np.isin(np.arange(n), va) & ~back)
+    if len(va) == 0 or len(tr) == 0:
+        raise DataError(
+            f"too few examples per class ({n} rows) to hold out a validation set",
+            fix="pass X_val/y_val to fit or add labelled ads",
+        )
+    return tr, va
+
+
+def parent_log_mask(classes: np.ndarray, parents: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(parent_classes, mask)``: mask ``(k, p)`` is 0 where class i belongs to parent j, -inf elsewhere.
+
+    A class missing from ``parents`` is its own parent (a merged "other" class has none).
+    """
+    of = [str(parents.get(str(c), str(c))) for c in classes]
+    parent_classes = np.asarray(sorted(set(of)), dtype=str)
+    mask = np.full((len(classes), len(parent_classes)), -np.inf, dtype=np.float32)
+    mask[np.arange(len(classes)), np.searchsorted(parent_classes, of)] = 0.0
+    return parent_classes, mask
+
+
 class MLPHead(ClassifierMixin, BaseEstimator):
     """Feed-forward classifier on ``(n, d)`` embeddings.
 
@@ -148,6 +204,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         device: ``"auto"`` (cuda, else mps, else cpu) or a torch device string.
         random_state: Seed for the holdout split, initialisation, shuffling and dropout; None draws one.
         verbose: 0 silent, 1 a progress bar over epochs, 2 one line per epoch on stderr.
+        parent_weight: Weight of a second loss on the parent level (the hierarchy head): the class
+            probabilities summed within each parent of ``fit``'s ``parents``, scored by NLL against the true
+            parent. 0 trains a flat head.
 
     Attributes:
         classes_: ``(k,)`` sorted str labels; column order of ``predict_proba``.
@@ -161,6 +220,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         calibration_: ``ece_before``, ``ece_after``, ``nll_before``, ``nll_after``, ``n_val``.
         class_weights_: ``(k,)`` loss weights used in training.
         device_: Device the head runs on, as a string.
+        parents_: ``{class: parent}`` the head was trained with (empty for a flat head).
     """
 
     def __init__(
@@ -180,6 +240,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         device: str = "auto",
         random_state: int | None = 13,
         verbose: int = 0,
+        parent_weight: float = 0.0,
     ) -> None:
         self.hidden_sizes = hidden_sizes
         self.dropout = dropout
@@ -195,6 +256,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.parent_weight = parent_weight
 
     @classmethod
     def from_config(cls, cfg: HeadConfig) -> MLPHead:
@@ -213,6 +275,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             validation_fraction=cfg.validation_fraction,
             device=cfg.device,
             random_state=cfg.seed,
+            parent_weight=cfg.parent_weight,
         )
 
     # ----------------------------------------------------------------------------------------- fit
@@ -245,43 +308,25 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise bad("class_weight", " | ".join(CLASS_WEIGHT_MODES))
         if not 0 < self.validation_fraction < 1:
             raise bad("validation_fraction", "a value in (0, 1)")
+        if not self.parent_weight >= 0:
+            raise bad("parent_weight", ">= 0")
         if self.random_state is not None and not (is_int(self.random_state) and self.random_state >= 0):
             raise bad("random_state", "a non-negative integer or None")
         return tuple(int(h) for h in hidden)
 
     def _holdout(self, y_idx: np.ndarray, seed: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Train/validation row indices: stratified by class and, with ``groups``, reposts on one side.
+        return holdout_split(y_idx, fraction=self.validation_fraction, seed=seed, groups=groups)
 
-        Classes with one example (or one group) stay in training; a class the split leaves only in validation
-        goes back to training whole, so every validation label is one the head can predict.
-        """
-        from sklearn.model_selection import StratifiedGroupKFold
-
-        n = len(y_idx)
-        groups = np.arange(n) if groups is None else pd.factorize(np.asarray(groups))[0]
-        # Fewer folds when even the largest class is smaller than the fold count (tiny data, CV folds of it):
-        # a bigger validation share beats no early stopping at all.
-        n_splits = max(2, min(round(1 / self.validation_fraction), int(np.bincount(y_idx).max())))
-        if len(np.unique(groups)) < n_splits:
-            raise DataError(
-                f"too few examples ({n} rows in {len(np.unique(groups))} repost groups) to hold out a validation set",
-                fix="pass X_val/y_val to fit or add labelled ads",
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only k members"
-            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
-            tr, va = next(splitter.split(np.zeros(n), y_idx, groups))
-        orphan_groups = np.unique(groups[va][~np.isin(y_idx[va], y_idx[tr])])
-        back = np.isin(groups, orphan_groups)
-        tr, va = np.flatnonzero(~np.isin(np.arange(n), va) | back), np.flatnonzero(np.isin(np.arange(n), va) & ~back)
-        if len(va) == 0 or len(tr) == 0:
-            raise DataError(
-                f"too few examples per class ({n} rows) to hold out a validation set",
-                fix="pass X_val/y_val to fit or add labelled ads",
-            )
-        return tr, va
-
-    def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None, groups: Any = None) -> MLPHead:
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        X_val: Any = None,
+        y_val: Any = None,
+        groups: Any = None,
+        parents: Mapping[str, str] | None = None,
+    ) -> MLPHead:
         """Train on embeddings, stop early on validation macro-F1, then calibrate the temperature.
 
         Args:
@@ -292,6 +337,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             y_val: ``(m,)`` validation labels; labels not in ``y`` are dropped with a warning.
             groups: ``(n,)`` repost-group ids of ``X``'s rows (``prepare``'s ``group`` column): the held-out
                 rows never share a group with the training rows, so early stopping is not fooled by copies.
+            parents: ``{class: parent class}`` for the parent-level loss (``parent_weight`` > 0); classes
+                missing from it are their own parent. Ignored when ``parent_weight`` is 0.
 
         Returns:
             ``self``.
@@ -330,6 +377,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             X_tr, y_tr, X_va, y_va = X, y_idx, X_va[known], np.searchsorted(classes, yv[known])
 
         self.classes_ = classes
+        # No mapping (a flat label set): a flat head, not one that counts each class twice.
+        self.parents_ = {str(c): str(parents.get(str(c), c)) for c in classes} if self.parent_weight and parents else {}
         self.n_features_in_ = X.shape[1]
         self.device_ = str(device)
         self.class_weights_ = class_weights(np.bincount(y_tr, minlength=len(classes)), self.class_weight)
@@ -368,7 +417,20 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         model = self.model_
         opt = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         weight = torch.tensor(self.class_weights_, dtype=torch.float32, device=device)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        ce = nn.CrossEntropyLoss(weight=weight)
+        if self.parent_weight and self.parents_:
+            # The parent's log-probability is the logsumexp of its children's: consistent with the class
+            # probabilities by construction, so "sub-major summed into major" is what the loss trains.
+            _, mask = parent_log_mask(self.classes_, self.parents_)
+            log_mask = torch.from_numpy(mask).to(device)
+            y_parent = torch.from_numpy(np.argmax(mask == 0, axis=1)).to(device)
+
+            def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                logp = torch.log_softmax(logits, dim=1)
+                parent_logp = torch.logsumexp(logp.unsqueeze(2) + log_mask.unsqueeze(0), dim=1)
+                return ce(logits, target) + self.parent_weight * nn.functional.nll_loss(parent_logp, y_parent[target])
+        else:
+            loss_fn = ce
         Xt, yt = torch.from_numpy(X_tr).to(device), torch.from_numpy(y_tr.astype(np.int64)).to(device)
         Xv, yv = torch.from_numpy(X_va).to(device), torch.from_numpy(y_va.astype(np.int64)).to(device)
         # Macro-F1 over the classes that have validation examples; others would count as 0 for nothing.
@@ -481,6 +543,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             "n_iter": self.n_iter_,
             "calibration": self.calibration_,
             "class_weights": [float(w) for w in self.class_weights_],
+            "parents": getattr(self, "parents_", {}),
             "history": self.history_,
             "sha256": file_sha256(path / WEIGHTS_FILE),
         }
@@ -534,5 +597,6 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         head.calibration_ = meta.get("calibration", {})
         head.class_weights_ = np.asarray(meta.get("class_weights", []), dtype=np.float64)
         head.history_ = meta.get("history", [])
+        head.parents_ = meta.get("parents", {})
         head.device_ = str(dev)
         return head

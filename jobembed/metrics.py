@@ -201,3 +201,94 @@ def summarize_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[
     """metric -> {mean, std} over folds (std with ddof=1, the spread a new split would show)."""
     frame = pd.DataFrame(list(fold_metrics))
     return {m: {"mean": float(frame[m].mean()), "std": float(frame[m].std(ddof=1))} for m in frame.columns}
+
+
+# ------------------------------------------------------------------------------ selective classification
+
+
+def coverage_curve(
+    y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], *, n_points: int = 100
+) -> dict[str, list[float]]:
+    """Accuracy of the most confident answers at each coverage (selective classification).
+
+    Answers are sorted by top-class probability; at coverage c the ``c * n`` most confident are kept.
+    Sampled at ``n_points`` evenly spaced coverages, each with the confidence threshold that keeps them.
+
+    Args:
+        y_true: ``(n,)`` true labels; proba: ``(n, k)`` probabilities; classes: ``(k,)`` their column labels.
+
+    Returns:
+        ``{"coverage", "accuracy", "threshold"}`` lists of equal length, coverage ascending.
+    """
+    y_true = np.asarray(y_true, dtype=str)
+    if len(y_true) == 0:
+        return {"coverage": [], "accuracy": [], "threshold": []}
+    conf, correct = _confidence_and_correct(y_true, proba, classes)
+    order = np.argsort(-conf, kind="stable")
+    cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    keep = np.unique(np.clip(np.ceil(np.linspace(1, n_points, n_points) / n_points * len(order)) - 1, 0, None))
+    keep = keep.astype(int)
+    return {
+        "coverage": [float((i + 1) / len(order)) for i in keep],
+        "accuracy": [float(cum_acc[i]) for i in keep],
+        "threshold": [float(conf[order][i]) for i in keep],
+    }
+
+
+def threshold_for_accuracy(
+    y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], target: float
+) -> float | None:
+    """The lowest confidence threshold whose kept answers (confidence >= it) reach ``target`` accuracy.
+
+    The threshold of the largest coverage at which the accuracy of the kept answers is still >= ``target``;
+    ties of confidence are kept or dropped together. None when no threshold reaches it.
+    """
+    y_true = np.asarray(y_true, dtype=str)
+    if len(y_true) == 0:
+        return None
+    conf, correct = _confidence_and_correct(y_true, proba, classes)
+    thresholds = np.unique(conf)[::-1]
+    kept_correct = np.array([correct[conf >= t].sum() for t in thresholds])
+    kept = np.array([(conf >= t).sum() for t in thresholds])
+    ok = np.flatnonzero(kept_correct / kept >= target)
+    return float(thresholds[ok.max()]) if len(ok) else None
+
+
+def selective_at(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], threshold: float | None) -> dict:
+    """Coverage (share answered) and accuracy of the answers with confidence >= ``threshold``."""
+    y_true = np.asarray(y_true, dtype=str)
+    if threshold is None or len(y_true) == 0:
+        return {"coverage": 0.0, "accuracy": float("nan"), "answered": 0}
+    conf, correct = _confidence_and_correct(y_true, proba, classes)
+    kept = conf >= threshold
+    return {
+        "coverage": float(kept.mean()),
+        "accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
+        "answered": int(kept.sum()),
+    }
+
+
+def threshold_from_curve(curve: dict[str, list[float]], target: float) -> float | None:
+    """The threshold of the largest coverage in a stored ``coverage_curve`` with accuracy >= ``target``."""
+    ok = [t for a, t in zip(curve["accuracy"], curve["threshold"], strict=True) if a >= target]
+    return min(ok) if ok else None
+
+
+def reliability(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], n_bins: int = 10) -> dict:
+    """Per confidence bin: mean confidence, accuracy and count (a reliability diagram's points)."""
+    conf, correct = _confidence_and_correct(np.asarray(y_true, dtype=str), proba, classes)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    rows = [(conf[bins == b].mean(), correct[bins == b].mean(), int((bins == b).sum())) for b in np.unique(bins)]
+    return {
+        "confidence": [float(r[0]) for r in rows],
+        "accuracy": [float(r[1]) for r in rows],
+        "n": [r[2] for r in rows],
+    }
+
+
+def _confidence_and_correct(
+    y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    proba = np.asarray(proba, dtype=np.float64)
+    pred = np.asarray(classes, dtype=str)[proba.argmax(axis=1)]
+    return proba.max(axis=1), pred == y_true

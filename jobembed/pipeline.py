@@ -40,8 +40,7 @@ from typing import Any
 
 from jobembed import data, distributed, embed, encoders, metrics
 from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
-from jobembed.baselines import CosineClassifier
-from jobembed.bundle import EncoderInfo, save_bundle
+from jobembed.bundle import EncoderInfo, load_head, save_bundle
 from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
 from jobembed.config import (
     BundleEncoderChoice,
@@ -550,7 +549,7 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         )
     winner = read_json(winner_dir / "winner.json")
     head_dir = winner_dir / "head"
-    head = MLPHead.load(head_dir) if winner["head_kind"] == "mlp" else CosineClassifier.load(head_dir)
+    head = load_head(head_dir, winner["head_kind"])
     splits, labels = _prepared(config)
     if finetuned:
         vectors = finetuned_vectors(config, splits, labels)
@@ -565,7 +564,7 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         encoder=_encoder_info(config, vectors),
         config=config,
         labels=labels,
-        metrics=winner["metrics"],
+        metrics={**winner["metrics"], "selective": winner.get("selective")},
         # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
         copy_encoder=config.bundle.copy_encoder or finetuned,
     )

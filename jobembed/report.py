@@ -4,10 +4,11 @@ Outputs in ``out_dir`` (the run's ``report/``), built under a temporary name and
 re-run never leaves tables or figures of systems it no longer has:
 
 - ``report.md``: the answer first, then every system with intervals, significance, per-class detail;
-- ``metrics.json``: everything in the report, for programs (format ``jobembed-report/2``);
+- ``metrics.json``: everything in the report, for programs (format ``jobembed-report/3``);
 - ``per_class/<system key>.csv``, ``figures/*.png``, ``config.yaml`` (the resolved config);
-- ``winner/``: the best system a bundle can serve (MLP head or cosine prototypes) as ``head/`` files plus
-  ``winner.json``; the ``bundle`` stage packages it with labels and the encoder reference.
+- ``winner/``: the best system a bundle can serve (MLP head, hybrid head or cosine prototypes) as ``head/``
+  files plus ``winner.json`` (with its validation coverage-accuracy curve, from which ``classify
+  --target-accuracy`` takes a threshold); the ``bundle`` stage packages it with labels and the encoder reference.
 
 Tables show readable system names (``mlp@multilingual-e5-small``); files use the unique keys, which add
 the encoder's fingerprint (``mlp@multilingual-e5-small-1a2b3c4d``).
@@ -28,11 +29,23 @@ import pandas as pd
 from jobembed import metrics as M
 from jobembed.artifacts import atomic_dir, write_json
 from jobembed.config import PipelineConfig, write_resolved
-from jobembed.evaluate import SYSTEM_TITLES, Evaluation
+from jobembed.evaluate import HYBRID_SYSTEMS, SYSTEM_TITLES, Evaluation
 
 WINNER_DIR = "winner"
 # The same kind of system as the winner, on the fine-tuned encoder (bundle.encoder: finetuned).
 WINNER_FINETUNED_DIR = "winner-finetuned"
+
+
+def head_kind(system: str) -> str:
+    """How a bundle stores a system's head: ``mlp``, ``hybrid`` or ``cosine``."""
+    return "mlp" if system in ("mlp", "hier") else "hybrid" if system in HYBRID_SYSTEMS else "cosine"
+
+
+def _selective_for_bundle(entry: dict[str, Any]) -> dict[str, Any] | None:
+    sel = entry.get("selective")
+    if not sel:
+        return None
+    return {k: sel[k] for k in ("target_accuracy", "threshold", "val", "val_curve")}
 
 
 def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfig, labels: pd.DataFrame) -> Path:
@@ -64,10 +77,11 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfi
                 {
                     "key": best,
                     "system": system["system"],
-                    "head_kind": "mlp" if system["system"] == "mlp" else "cosine",
+                    "head_kind": head_kind(system["system"]),
                     "encoder": system["encoder"],
                     "encoder_fingerprint": system["encoder_fingerprint"],
                     "metrics": {"test": system["test"], "cv": system["cv"]["summary"]},
+                    "selective": _selective_for_bundle(system),
                 },
             )
             _save_finetuned_winner(tmp, result, evaluation, kind=system["system"])
@@ -91,10 +105,11 @@ def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evalua
         {
             "key": key,
             "system": kind,
-            "head_kind": "mlp" if kind == "mlp" else "cosine",
+            "head_kind": head_kind(kind),
             "encoder": system["encoder"],
             "encoder_fingerprint": system["encoder_fingerprint"],
             "metrics": {"test": system["test"], "cv": None, "trained_on": result["finetuned"]["source"]},
+            "selective": _selective_for_bundle(system),
         },
     )
 
@@ -119,6 +134,7 @@ def _figures(folder: Path, evaluation: Evaluation) -> list[str]:
     fig.savefig(folder / "cv_macro_f1.png", dpi=120)
     plt.close(fig)
     written.append("figures/cv_macro_f1.png")
+    written += _selective_figures(folder, evaluation)
     for key in ranking:
         cm = M.confusion(y_test, preds[key], labels=label_order).astype(float)
         cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # row-normalised: recall per true class
@@ -136,6 +152,50 @@ def _figures(folder: Path, evaluation: Evaluation) -> list[str]:
         fig.savefig(folder.parent / name, dpi=110)
         plt.close(fig)
         written.append(name)
+    return written
+
+
+def _selective_figures(folder: Path, evaluation: Evaluation) -> list[str]:
+    """Coverage-accuracy curves of every system on test; reliability of the winner before/after temperature."""
+    results, ranking, winner = (
+        evaluation.metrics["systems"],
+        evaluation.metrics["ranking"],
+        evaluation.metrics["winner"],
+    )
+    with_sel = [k for k in ranking if results[k].get("selective")]
+    if not with_sel:
+        return []
+    target = results[with_sel[0]]["selective"]["target_accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in with_sel:
+        c = results[key]["selective"]["test_curve"]
+        ax.plot(c["coverage"], c["accuracy"], label=results[key]["display"], lw=2 if key == winner else 1)
+    ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("coverage (share of test ads answered, most confident first)")
+    ax.set_ylabel("accuracy of the answered ads")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Selective classification on test")
+    fig.tight_layout()
+    fig.savefig(folder / "coverage_accuracy.png", dpi=120)
+    plt.close(fig)
+    written = ["figures/coverage_accuracy.png"]
+    cal = (results[winner].get("selective") or {}).get("calibration")
+    if cal:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
+        for name, rel in (("before", cal["reliability"]), ("after temperature scaling", cal["reliability_scaled"])):
+            ece = cal["ece_test"] if name == "before" else cal["ece_test_scaled"]
+            ax.plot(rel["confidence"], rel["accuracy"], marker="o", label=f"{name} (ECE {ece:.3f})")
+        ax.set_xlabel("mean confidence in bin")
+        ax.set_ylabel("accuracy in bin")
+        ax.set_title(f"{results[winner]['display']}: reliability on test")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "reliability.png", dpi=120)
+        plt.close(fig)
+        written.append("figures/reliability.png")
     return written
 
 
@@ -225,6 +285,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
             f"| {res[pair['b']]['display']} | {m['a_only']} | {m['b_only']} | {m['p_value']:.3g} | "
             f"{t['mean_diff']:+.3f} | {_fmt_p(t['p_value'])} |"
         )
+    lines += _hierarchy_section(metrics)
+    lines += _selective_section(metrics)
     names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
     lines += [
         "",
@@ -246,10 +308,69 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
     if metrics.get("bundled"):
         lines += [
             "",
-            f"`winner/` holds **{res[metrics['bundled']]['display']}**, the best system a bundle can serve (MLP "
-            "head or cosine prototypes on an encoder); the `bundle` stage packages it in `../bundle/`.",
+            f"`winner/` holds **{res[metrics['bundled']]['display']}**, the best system a bundle can serve (MLP, "
+            "hybrid or hierarchy head, or cosine prototypes on an encoder); the `bundle` stage packages it in "
+            "`../bundle/`.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _hierarchy_section(metrics: dict[str, Any]) -> list[str]:
+    """Both levels from one model: every system's answers mapped to their parent class."""
+    h = metrics.get("hierarchy") or {}
+    res, ranking = metrics["systems"], metrics["ranking"]
+    lines = ["", "## Parent level (label hierarchy)", "", f"{h.get('note', 'no hierarchy information')}."]
+    if not h.get("parents"):
+        return lines
+    lines += [
+        "Each system's parent-level answer is the parent of its predicted class, so the two levels never "
+        "disagree. `hier` is the MLP trained with a second loss on the parent level.",
+        "",
+        "| system | CV parent macro-F1 | CV parent accuracy | test parent macro-F1 | test parent accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ranking:
+        cv, t = res[key]["cv"]["summary"], res[key].get("test_parent") or {}
+        pm, pa = cv.get("parent_macro_f1"), cv.get("parent_accuracy")
+        lines.append(
+            f"| {res[key]['display']} | {_fmt(pm['mean']) + ' ± ' + _fmt(pm['std']) if pm else '–'} | "
+            f"{_fmt(pa['mean']) + ' ± ' + _fmt(pa['std']) if pa else '–'} | {_fmt(t.get('macro_f1'))} | "
+            f"{_fmt(t.get('accuracy'))} |"
+        )
+    return lines
+
+
+def _selective_section(metrics: dict[str, Any]) -> list[str]:
+    """Abstention: the threshold chosen on validation and what it gives on test; calibration."""
+    res, ranking = metrics["systems"], metrics["ranking"]
+    rows = [k for k in ranking if res[k].get("selective")]
+    if not rows:
+        return []
+    target = res[rows[0]]["selective"]["target_accuracy"]
+    lines = [
+        "",
+        "## Knowing when to abstain",
+        "",
+        f"Per system, the lowest confidence threshold at which the answered validation ads reach {target:.0%} "
+        "accuracy; below it the ad goes to a person. Test shows what that threshold really gives (coverage = share "
+        "of test ads answered). ECE: expected calibration error on test before temperature scaling (the MLP heads at "
+        "temperature 1, other systems as they come) and after one temperature fit on validation (what the MLP heads "
+        "serve). `classify --target-accuracy` picks the threshold from the bundle's "
+        "validation curve.",
+        "",
+        "| system | threshold (val) | val coverage | test coverage | test accuracy of answered | test ECE | "
+        "ECE after temperature |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in rows:
+        s = res[key]["selective"]
+        c = s["calibration"]
+        lines.append(
+            f"| {res[key]['display']} | {_fmt(s['threshold'])} | {_fmt(s['val']['coverage'])} | "
+            f"{_fmt(s['test']['coverage'])} | {_fmt(s['test']['accuracy'])} | {_fmt(c['ece_test'])} | "
+            f"{_fmt(c['ece_test_scaled'])} |"
+        )
+    return lines
 
 
 def _finetuned_section(metrics: dict[str, Any]) -> list[str]:
@@ -342,4 +463,11 @@ def _answer(metrics: dict[str, Any]) -> list[str]:
             f"corrected CV t-test p = {_fmt_p(pv)}."
         )
     out.append(f"- Best by CV macro-F1: **{res[winner]['display']}** ({cv(winner)}).{sig}")
+    sel = res[winner].get("selective")
+    if sel and sel["threshold"] is not None:
+        out.append(
+            f"- Abstaining below confidence {sel['threshold']:.3f} (chosen on validation for "
+            f"{sel['target_accuracy']:.0%} accuracy), {res[winner]['display']} answers {sel['test']['coverage']:.0%} "
+            f"of the test ads at {sel['test']['accuracy']:.1%} accuracy."
+        )
     return out

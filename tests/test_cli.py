@@ -104,20 +104,30 @@ def test_run_writes_every_artifact(finished_run):
         "report/report.md",
         "report/metrics.json",
         "report/figures/cv_macro_f1.png",
+        "report/figures/coverage_accuracy.png",
+        "report/figures/reliability.png",
         "report/winner/winner.json",
         "bundle/bundle.json",
-        "bundle/head/head.safetensors",
     ):
         assert (finished_run / rel).is_file(), rel
+    kind = json.loads((finished_run / "bundle" / "bundle.json").read_text())["head"]["kind"]
+    weights = {"mlp": "head.safetensors", "cosine": "head.safetensors", "hybrid": "mlp/head.safetensors"}[kind]
+    assert (finished_run / "bundle" / "head" / weights).is_file()
     (embed_dir,) = [p for p in (finished_run / "embed").iterdir() if p.is_dir()]
     assert {p.name for p in embed_dir.iterdir()} >= {"train.npy", "val.npy", "test.npy", "labels.npy"}
     metrics = json.loads((finished_run / "report" / "metrics.json").read_text())
     systems = {r["system"] for r in metrics["systems"].values()}
-    assert systems == {"zeroshot", "centroid", "tfidf", "logreg", "mlp"}
+    assert systems == {"zeroshot", "centroid", "tfidf", "logreg", "mlp", "fusion"}
     assert metrics["winner"] == metrics["ranking"][0]
     assert len(next(iter(metrics["systems"].values()))["cv"]["folds"]) == 3
     report = (finished_run / "report" / "report.md").read_text()
     assert "## Answer" in report and "McNemar" in report
+    assert "## Knowing when to abstain" in report and "## Parent level" in report
+    assert "'other' has no parent" in metrics["hierarchy"]["note"]  # the merged rare class
+    winner = json.loads((finished_run / "report" / "winner" / "winner.json").read_text())
+    assert winner["selective"]["val_curve"]["coverage"][-1] == 1.0
+    bundle = json.loads((finished_run / "bundle" / "bundle.json").read_text())
+    assert bundle["metrics"]["selective"]["val_curve"] == winner["selective"]["val_curve"]
     manifest = json.loads((finished_run / "manifest.json").read_text())
     assert set(STAGES) <= set(manifest["stages"])
 

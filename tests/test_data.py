@@ -460,6 +460,12 @@ def test_too_few_groups_to_split_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, make_ads({"a": 2, "b": 2}))
 
 
+def test_classes_too_small_to_stratify_a_split_is_one_clear_error(tmp_path: Path) -> None:
+    """Reproduces: 6 classes of 5-6 ads ended in scikit-learn's bare ValueError (n_splits=8 > members)."""
+    with pytest.raises(DataError, match="largest class has 5 ads, too few to stratify a val split"):
+        run(tmp_path, make_ads({c: 6 for c in "abcdef"}))
+
+
 def test_single_class_is_an_error_in_prepare(tmp_path: Path) -> None:
     """Reproduces: single-class data passed prepare and failed two stages later."""
     with pytest.raises(DataError, match="only one class"):

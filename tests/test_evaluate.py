@@ -64,7 +64,7 @@ def test_every_system_with_unique_keys_and_readable_names():
     }
     result = evaluate_systems(config=_config(), splits=splits, labels=LABELS, vectors=vectors, progress=False)
     systems = result.metrics["systems"]
-    assert len(systems) == 1 + 4 * 2  # tfidf once, the others per encoder
+    assert len(systems) == 1 + 5 * 2  # tfidf once, the others (fusion included) per encoder
     assert "mlp@encoder-11111111" in systems and "mlp@encoder-22222222" in systems
     assert systems["mlp@encoder-11111111"]["display"] == "mlp@encoder-11111111"  # same short name: slug shown
     assert result.metrics["winner"] == result.metrics["ranking"][0]

@@ -10,8 +10,9 @@ validation triplets from the validation split only; the test split never reaches
   positive), the ``nearest``, a ``random`` one or the ``farthest`` (the hardest); or ``label``: the category's
   own name and description, which trains ads to land on their category.
 - **Negatives**: ads of the classes the frozen encoder confuses most with the anchor's class, ranked by
-  similarity to the anchor, keeping only those below ``relative_margin`` x the positive's similarity
-  (NV-Retriever's TopK-PercPos: closer ones are too often unlabelled positives), from other repost groups.
+  similarity to the anchor, keeping only those below ``relative_margin`` x the similarity of the anchor's
+  nearest same-class ad (NV-Retriever's TopK-PercPos with the nearest positive: closer ones are too often
+  unlabelled positives), from other repost groups.
 
 Retrieval is ``sentence_transformers.util.semantic_search`` over the precomputed vectors, one call per
 anchor class with the corpus restricted to that class's confused classes. ``util.mine_hard_negatives`` is
@@ -168,10 +169,13 @@ def mine_candidates(
                 stats["no_positive"] += 1
                 continue
             positive_id, positive_score = positive
-            # The positive-aware margin compares ad-to-ad scores. A category text sits farther from every ad than
-            # ads do from each other, so with label positives the bar is the anchor's nearest same-class ad.
+            # The positive-aware margin guards against unlabelled positives: a negative closer to the anchor than
+            # (a share of) its nearest same-class ad is suspect. The bar is that ad's score whatever positive is
+            # trained on: a category text sits farther from every ad than ads do from each other, and a random or
+            # farthest positive scores low, and either as the bar rejected most negatives (0 triplets with label
+            # positives, 73 of ~600 with random ones on pl-jobads).
             bar = positive_score
-            if strategy is PositiveStrategy.label:
+            if strategy is not PositiveStrategy.nearest:
                 nearest = _positive(
                     pool, anchor, 0, members, strategy=PositiveStrategy.nearest, rng=rng, label_vectors=None
                 )

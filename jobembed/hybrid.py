@@ -1,0 +1,335 @@
+"""Lexical + semantic heads: TF-IDF + logistic regression and the MLP head on embeddings, combined.
+
+TF-IDF + LR and the embedding MLP see different things (word and character n-grams of the ad vs a dense
+summary of its first tokens), and on pl-jobads they disagree on about a quarter of the ads. Two ways to
+combine them, both fit on the same training rows as every other system:
+
+- ``fusion``: late fusion of calibrated probabilities, ``log p = w log p_tfidf + (1 - w) log p_mlp`` (a
+  weighted geometric pool), renormalised and re-calibrated; ``w`` is chosen on validation by log-loss.
+- ``stack``: out-of-fold TF-IDF + LR log-probabilities appended to the embedding as MLP inputs; the MLP
+  learns per class when to trust the lexical model. Out-of-fold, so no training row's extra features come
+  from a model that saw its label.
+
+Data contract: ``fit(X, y, texts=...)`` with ``X`` ``(n, d)`` embeddings and ``texts`` the ``n`` texts the
+embeddings were made from; ``predict_proba(X, texts=...)`` ``(m, k)`` in ``classes_`` order.
+
+Saved as ``hybrid.json`` plus ``tfidf/`` (vocabularies in JSON, idf and LR weights in safetensors) and
+``mlp/`` (``MLPHead.save``): a server loads it without pickle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+from scipy.special import log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.utils.validation import check_is_fitted
+
+from jobembed.artifacts import file_sha256, read_json, write_json
+from jobembed.baselines import tfidf_logreg
+from jobembed.config import HeadConfig, HybridConfig, TfidfConfig
+from jobembed.errors import BundleError, DataError
+from jobembed.head import MLPHead, holdout_split
+from jobembed.metrics import fit_temperature, nll
+
+TFIDF_FORMAT = "jobembed-tfidf/1"
+HYBRID_FORMAT = "jobembed-hybrid/1"
+HYBRID_MODES = ("fusion", "stack")
+# Floor of a probability before its log: an LR probability of exactly 0 would make a log-feature of -inf.
+_EPS = 1e-6
+_TEMPERATURE_BOUNDS = (0.05, 20.0)
+# Vectorizer settings that travel in tfidf.json; everything else is the scikit-learn default.
+_VECTORIZER_PARAMS = ("analyzer", "ngram_range", "lowercase", "sublinear_tf", "norm", "use_idf", "smooth_idf")
+
+
+def _check_format(meta_path: Path, meta: dict[str, Any], expected: str) -> None:
+    if meta.get("format") != expected:
+        raise BundleError(
+            f"{meta_path}: unsupported format",
+            expected=expected,
+            found=str(meta.get("format")),
+            fix="re-create the bundle with this jobembed version",
+        )
+
+
+class TfidfLogReg(ClassifierMixin, BaseEstimator):
+    """Word + char n-gram TF-IDF into logistic regression (``baselines.tfidf_logreg``), savable without pickle.
+
+    Args:
+        config: the TF-IDF settings (n-gram ranges, features per vectorizer, C, iterations, tolerance).
+        random_state: the LR's seed.
+
+    Attributes:
+        classes_: ``(k,)`` sorted str labels.
+        vectorizers_: the fitted word and char vectorizers.
+        coef_: ``(k, f)`` LR weights (binary problems are expanded to two rows); intercept_: ``(k,)``.
+        temperature_: softmax temperature (``calibrate``; 1.0 until then).
+    """
+
+    def __init__(self, *, config: TfidfConfig | None = None, random_state: int = 13) -> None:
+        self.config = config
+        self.random_state = random_state
+
+    def fit(self, texts: Sequence[str], y: Sequence[str]) -> TfidfLogReg:
+        pipe = tfidf_logreg(self.config or TfidfConfig(), seed=self.random_state)
+        pipe.fit(list(texts), np.asarray(y, dtype=str))
+        lr = pipe.named_steps["logreg"]
+        self.vectorizers_ = [v for _, v in pipe.named_steps["tfidf"].transformer_list]
+        coef, intercept = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+        if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
+            coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        self.coef_, self.intercept_ = coef, intercept
+        self.classes_ = np.asarray(lr.classes_, dtype=str)
+        self.temperature_ = 1.0
+        return self
+
+    def _features(self, texts: Sequence[str]) -> sp.csr_matrix:
+        return sp.hstack([v.transform(list(texts)) for v in self.vectorizers_], format="csr")
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, k)`` logits; ``softmax`` of them is scikit-learn's multinomial ``predict_proba``."""
+        check_is_fitted(self, "coef_")
+        return np.asarray(self._features(texts) @ self.coef_.T) + self.intercept_
+
+    def predict_log_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return log_softmax(self.decision_function(texts) / self.temperature_, axis=1)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return softmax(self.decision_function(texts) / self.temperature_, axis=1)
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        return self.classes_[self.decision_function(texts).argmax(axis=1)]
+
+    def calibrate(self, texts: Sequence[str], y: Sequence[str]) -> TfidfLogReg:
+        """Fit the softmax temperature on held-out rows (labels unknown to the model are skipped)."""
+        y = np.asarray(y, dtype=str)
+        known = np.isin(y, self.classes_)
+        if known.sum() >= 2:
+            logits = self.decision_function([t for t, k in zip(texts, known, strict=True) if k])
+            self.temperature_ = fit_temperature(logits, np.searchsorted(self.classes_, y[known]))
+        return self
+
+    def save(self, path: Path) -> None:
+        """``path/tfidf.json`` (format, vectorizer settings and vocabularies, classes) + ``tfidf.safetensors``."""
+        check_is_fitted(self, "coef_")
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"coef": np.ascontiguousarray(self.coef_), "intercept": np.ascontiguousarray(self.intercept_)}
+        vectorizers = []
+        for i, v in enumerate(self.vectorizers_):
+            tensors[f"idf_{i}"] = np.ascontiguousarray(v.idf_)
+            params = {k: v.get_params()[k] for k in _VECTORIZER_PARAMS}
+            params["ngram_range"] = list(params["ngram_range"])
+            vocab = [""] * len(v.vocabulary_)
+            for term, j in v.vocabulary_.items():
+                vocab[j] = term
+            vectorizers.append({"params": params, "vocabulary": vocab})
+        save_file(tensors, str(path / "tfidf.safetensors"))
+        write_json(
+            path / "tfidf.json",
+            {
+                "format": TFIDF_FORMAT,
+                "classes": self.classes_.tolist(),
+                "temperature": self.temperature_,
+                "vectorizers": vectorizers,
+                "sha256": file_sha256(path / "tfidf.safetensors"),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> TfidfLogReg:
+        meta = read_json(path / "tfidf.json")
+        _check_format(path / "tfidf.json", meta, TFIDF_FORMAT)
+        weights = path / "tfidf.safetensors"
+        if file_sha256(weights) != meta["sha256"]:
+            raise BundleError(f"{weights} is corrupt (hash mismatch)", fix="re-create the bundle")
+        tensors = load_file(str(weights))
+        model = cls()
+        model.vectorizers_ = []
+        for i, spec in enumerate(meta["vectorizers"]):
+            params = {**spec["params"], "ngram_range": tuple(spec["params"]["ngram_range"])}
+            v = TfidfVectorizer(**params)
+            v.vocabulary_ = {term: j for j, term in enumerate(spec["vocabulary"])}
+            v.idf_ = tensors[f"idf_{i}"]
+            model.vectorizers_.append(v)
+        model.coef_, model.intercept_ = tensors["coef"], tensors["intercept"]
+        model.classes_ = np.asarray(meta["classes"], dtype=str)
+        model.temperature_ = float(meta["temperature"])
+        return model
+
+
+def _aligned_log_proba(model: TfidfLogReg, texts: Sequence[str], classes: np.ndarray) -> np.ndarray:
+    """``(n, len(classes))`` log-probabilities; a class the model never saw gets log(_EPS)."""
+    out = np.full((len(texts), len(classes)), np.log(_EPS))
+    out[:, np.searchsorted(classes, model.classes_)] = np.maximum(model.predict_log_proba(texts), np.log(_EPS))
+    return out
+
+
+class HybridHead(ClassifierMixin, BaseEstimator):
+    """TF-IDF + LR and the MLP head together (see the module docstring for the two modes).
+
+    Args:
+        mode: ``"fusion"`` or ``"stack"``.
+        head: the MLP's hyperparameters.
+        tfidf: the TF-IDF + LR settings.
+        hybrid: the fusion weight grid and the number of stacking folds.
+
+    Attributes:
+        classes_: ``(k,)`` sorted str labels.
+        tfidf_: the fitted ``TfidfLogReg`` (on all training rows).
+        mlp_: the fitted ``MLPHead`` (on the embedding, plus the TF-IDF log-probabilities when stacking).
+        weight_: fusion weight of TF-IDF (``fusion``; None when stacking).
+        temperature_: temperature of the fused distribution (``fusion``; 1.0 when stacking).
+        fusion_curve_: per grid weight, validation log-loss and macro-F1 (``fusion``).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "fusion",
+        head: HeadConfig | None = None,
+        tfidf: TfidfConfig | None = None,
+        hybrid: HybridConfig | None = None,
+    ) -> None:
+        self.mode = mode
+        self.head = head
+        self.tfidf = tfidf
+        self.hybrid = hybrid
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: Sequence[str],
+        *,
+        texts: Sequence[str],
+        X_val: np.ndarray | None = None,
+        y_val: Sequence[str] | None = None,
+        texts_val: Sequence[str] | None = None,
+        groups: Sequence[Any] | None = None,
+    ) -> HybridHead:
+        """Fit both parts; validation rows (given, or held out stratified and repost-grouped) stop the MLP early,
+        calibrate, and choose the fusion weight.
+
+        Args:
+            X: ``(n, d)`` embeddings; y: ``(n,)`` labels; texts: the ``n`` texts.
+            X_val, y_val, texts_val: validation rows, all three or none.
+            groups: ``(n,)`` repost groups, for the held-out rows and the stacking folds.
+        """
+        if self.mode not in HYBRID_MODES:
+            raise DataError(f"HybridHead mode={self.mode!r}", expected=" | ".join(HYBRID_MODES))
+        head, hybrid = self.head or HeadConfig(), self.hybrid or HybridConfig()
+        X, y, texts = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=str), list(texts)
+        if not (len(X) == len(y) == len(texts)):
+            raise DataError(f"X, y and texts differ in length ({len(X)}, {len(y)}, {len(texts)})")
+        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        if X_val is None:
+            y_idx = np.unique(y, return_inverse=True)[1]
+            tr, va = holdout_split(y_idx, fraction=head.validation_fraction, seed=head.seed, groups=groups)
+            X_val, y_val, texts_val = X[va], y[va], [texts[i] for i in va]
+            X, y, texts, groups = X[tr], y[tr], [texts[i] for i in tr], groups[tr]
+        y_val = np.asarray(y_val, dtype=str)
+        known = np.isin(y_val, np.unique(y))
+        X_val, y_val = np.asarray(X_val, dtype=np.float32)[known], y_val[known]
+        texts_val = [t for t, k in zip(texts_val, known, strict=True) if k]
+        self.classes_ = np.unique(y)
+        self.tfidf_ = TfidfLogReg(config=self.tfidf, random_state=head.seed).fit(texts, y)
+        if self.mode == "stack":
+            oof = self._out_of_fold(texts, y, groups, folds=hybrid.stack_folds, seed=head.seed)
+            val_feats = _aligned_log_proba(self.tfidf_, texts_val, self.classes_)
+            self.mlp_ = MLPHead.from_config(head).fit(
+                np.hstack([X, oof]).astype(np.float32),
+                y,
+                X_val=np.hstack([X_val, val_feats]).astype(np.float32),
+                y_val=y_val,
+            )
+            self.weight_, self.temperature_, self.fusion_curve_ = None, 1.0, []
+            return self
+        self.mlp_ = MLPHead.from_config(head).fit(X, y, X_val=X_val, y_val=y_val)
+        self.tfidf_.calibrate(texts_val, y_val)
+        lt, lm = self._parts(X_val, texts_val)
+        y_idx = np.searchsorted(self.classes_, y_val)
+        self.fusion_curve_ = []
+        for w in hybrid.fusion_weights:
+            z = w * lt + (1 - w) * lm
+            t = fit_temperature(z, y_idx, bounds=_TEMPERATURE_BOUNDS)
+            f1 = f1_score(y_idx, z.argmax(axis=1), average="macro", labels=np.unique(y_idx), zero_division=0)
+            self.fusion_curve_.append({"weight": w, "val_nll": nll(z, y_idx, t), "val_macro_f1": float(f1), "t": t})
+        best = min(self.fusion_curve_, key=lambda r: (r["val_nll"], abs(r["weight"] - 0.5)))
+        self.weight_, self.temperature_ = float(best["weight"]), float(best["t"])
+        return self
+
+    def _out_of_fold(self, texts: list[str], y: np.ndarray, groups: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
+        """``(n, k)`` TF-IDF + LR log-probabilities of each training row from a model that did not see it."""
+        out = np.full((len(y), len(self.classes_)), np.log(_EPS))
+        n_splits = max(2, min(folds, len(np.unique(groups))))
+        with warnings.catch_warnings():  # rare classes have fewer rows than folds: expected
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            splits = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(texts, y, groups)
+            for tr, te in splits:
+                if len(np.unique(y[tr])) < 2:
+                    continue
+                part = TfidfLogReg(config=self.tfidf, random_state=seed).fit([texts[i] for i in tr], y[tr])
+                out[te] = _aligned_log_proba(part, [texts[i] for i in te], self.classes_)
+        return out
+
+    def _parts(self, X: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated log-probabilities of TF-IDF + LR and of the MLP, both ``(n, k)``."""
+        lt = _aligned_log_proba(self.tfidf_, texts, self.classes_)
+        lm = np.log(np.maximum(self.mlp_.predict_proba(np.asarray(X, dtype=np.float32)), _EPS))
+        return lt, lm
+
+    def predict_proba(self, X: np.ndarray, *, texts: Sequence[str]) -> np.ndarray:
+        """``(n, k)`` probabilities in ``classes_`` order."""
+        check_is_fitted(self, "mlp_")
+        X, texts = np.asarray(X, dtype=np.float32), list(texts)
+        if len(X) != len(texts):
+            raise DataError(f"X has {len(X)} rows but {len(texts)} texts were given")
+        if self.mode == "stack":
+            feats = _aligned_log_proba(self.tfidf_, texts, self.classes_)
+            return self.mlp_.predict_proba(np.hstack([X, feats]).astype(np.float32))
+        lt, lm = self._parts(X, texts)
+        return softmax((self.weight_ * lt + (1 - self.weight_) * lm) / self.temperature_, axis=1)
+
+    def predict(self, X: np.ndarray, *, texts: Sequence[str]) -> np.ndarray:
+        return self.classes_[self.predict_proba(X, texts=texts).argmax(axis=1)]
+
+    def save(self, path: Path) -> None:
+        """``path/hybrid.json`` + ``path/tfidf/`` + ``path/mlp/``; no pickle anywhere."""
+        check_is_fitted(self, "mlp_")
+        path = Path(path)
+        self.tfidf_.save(path / "tfidf")
+        self.mlp_.save(path / "mlp")
+        write_json(
+            path / "hybrid.json",
+            {
+                "format": HYBRID_FORMAT,
+                "mode": self.mode,
+                "classes": self.classes_.tolist(),
+                "weight": self.weight_,
+                "temperature": self.temperature_,
+                "fusion_curve": self.fusion_curve_,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "auto") -> HybridHead:
+        path = Path(path)
+        if not (path / "hybrid.json").is_file():
+            raise BundleError(f"{path / 'hybrid.json'} not found", fix="re-create the bundle")
+        meta = read_json(path / "hybrid.json")
+        _check_format(path / "hybrid.json", meta, HYBRID_FORMAT)
+        model = cls(mode=meta["mode"])
+        model.tfidf_ = TfidfLogReg.load(path / "tfidf")
+        model.mlp_ = MLPHead.load(path / "mlp", device=device)
+        model.classes_ = np.asarray(meta["classes"], dtype=str)
+        model.weight_, model.temperature_ = meta["weight"], float(meta["temperature"])
+        model.fusion_curve_ = meta.get("fusion_curve", [])
+        return model
