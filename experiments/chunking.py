@@ -44,7 +44,11 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=2000, help="stratified sample; 0 = every ad")
     ap.add_argument("--timing-n", type=int, default=200)
     ap.add_argument("--encodings", default=",".join(ENCODINGS), help="a subset of " + ", ".join(ENCODINGS))
+    ap.add_argument("--summary", action="store_true", help="print the table of an earlier run's JSON and stop")
     args = ap.parse_args()
+    if args.summary:
+        print_table(json.loads((OUT / f"chunking-{args.max_rows or 'all'}.json").read_text()), args.timing_n)
+        return
     encodings = {k: ENCODINGS[k] for k in args.encodings.split(",")}
     max_rows = args.max_rows or None
     out: dict = {"runs": {}, "encode_seconds_cold": {}}
@@ -92,10 +96,10 @@ def main() -> None:
 def print_table(out: dict, timing_n: int) -> None:
     n_dev = out["n_dev"]
     print(
-        f"\n| text | encoding | encode s, {timing_n} ads (cold) | time vs truncate-256 | centroid CV macro-F1 | "
-        "vs truncate-256 (p) | MLP CV macro-F1 | vs truncate-256 (p) |"
+        f"\n| text | encoding | windows per ad | encode s, {timing_n} ads (cold) | time vs truncate-256 | "
+        "centroid CV macro-F1 | vs truncate-256 (p) | MLP CV macro-F1 | vs truncate-256 (p) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, run in out["runs"].items():
         column, name = key.split("/")
         base = out["runs"][f"{column}/truncate-256"]
@@ -106,7 +110,8 @@ def print_table(out: dict, timing_n: int) -> None:
             a, b = np.array(run[system]["folds"]), np.array(base[system]["folds"])
             versus = "" if key.endswith("truncate-256") else _versus(a, b, n_dev)
             cells += [f"{s['mean']:.3f} ± {s['std']:.3f}", versus]
-        print(f"| {column} | {name} | {sec:.1f} | {sec / base_sec:.2f}× | " + " | ".join(cells) + " |")
+        windows = out.get("windows", {}).get(key, timing_n) / timing_n
+        print(f"| {column} | {name} | {windows:.2f} | {sec:.1f} | {sec / base_sec:.2f}× | " + " | ".join(cells) + " |")
 
 
 def _versus(a: np.ndarray, b: np.ndarray, n_dev: int) -> str:
