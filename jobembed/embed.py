@@ -17,6 +17,7 @@ folder ``embed/<name>-<fingerprint>/`` with ``{train,val,test}.npy`` (rows in sp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -137,11 +138,7 @@ class Embedder:
         """The windows of one text: exact substrings of ``max_seq_length`` tokens (prompt and special tokens
         included), ``chunk_stride`` tokens apart, at most ``max_chunks``; a text that fits is its own window,
         so it shares its cache entry with unchunked encoding."""
-        tokenizer = self.model.tokenizer
-        room = self.config.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
-        if self.prompt:
-            room -= len(tokenizer(self.prompt, add_special_tokens=False)["input_ids"])
-        room = max(room, 8)
+        tokenizer, room = self.model.tokenizer, self._window_tokens
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = enc["offset_mapping"]
         if len(offsets) <= room:
@@ -149,6 +146,15 @@ class Embedder:
         stride = min(self.config.chunk_stride, room)
         starts = list(range(0, max(len(offsets) - room, 0) + stride, stride))[: self.config.max_chunks]
         return [text[offsets[s][0] : offsets[min(s + room, len(offsets)) - 1][1]] for s in starts]
+
+    @functools.cached_property
+    def _window_tokens(self) -> int:
+        """Text tokens per window: max_seq_length less the special tokens and the prompt (computed once)."""
+        tokenizer = self.model.tokenizer
+        room = self.config.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
+        if self.prompt:
+            room -= len(tokenizer(self.prompt, add_special_tokens=False)["input_ids"])
+        return max(room, 8)
 
     def _encode_texts(self, texts: list[str], *, progress: bool, description: str) -> np.ndarray:
         keys = [text_key(t) for t in texts]

@@ -8,7 +8,7 @@ lengths) is flat, and the report says so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,14 +47,3 @@ def find_hierarchy(labels: Sequence[str], *, mode: HierarchyMode | str = Hierarc
     if orphans:
         note += f"; {', '.join(repr(x) for x in orphans)} has no parent and stays its own"
     return Hierarchy(parents=parents, note=note)
-
-
-def summed_parent_proba(
-    proba: np.ndarray, classes: Sequence[str], parents: Mapping[str, str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(parent_proba (n, p), parent_classes (p,))``: class probabilities summed within each parent."""
-    of = np.asarray([parents.get(str(c), str(c)) for c in classes], dtype=str)
-    parent_classes = np.unique(of)
-    out = np.zeros((proba.shape[0], len(parent_classes)))
-    np.add.at(out.T, np.searchsorted(parent_classes, of), proba.T)
-    return out, parent_classes

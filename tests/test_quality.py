@@ -18,7 +18,7 @@ from jobembed.embed import Embedder, RunVectors
 from jobembed.errors import BundleError, JobembedError
 from jobembed.evaluate import evaluate_systems
 from jobembed.head import MLPHead
-from jobembed.hierarchy import find_hierarchy, summed_parent_proba
+from jobembed.hierarchy import find_hierarchy
 from jobembed.hybrid import HybridHead, TfidfLogReg
 from tests.synthetic import make_ads, make_labels
 
@@ -150,13 +150,6 @@ def test_hierarchy_by_code_prefix_or_flat(labels, n_parents, note):
     assert h.flat == (n_parents == 0)
     if not h.flat:
         assert list(h.parent_of(["12", "other"])) == ["1", "other"]
-
-
-def test_summed_parent_probabilities():
-    proba = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
-    out, parents = summed_parent_proba(proba, CODES, find_hierarchy(CODES).parents)
-    assert list(parents) == ["1", "2"]
-    np.testing.assert_allclose(out, [[0.3, 0.7], [0.8, 0.2]])
 
 
 def test_parent_loss_head_records_its_hierarchy_and_round_trips(tmp_path):
