@@ -20,30 +20,52 @@ import time
 import numpy as np
 from common import OUT, pl_jobads
 
-from jobembed.config import load_config
+from jobembed.config import PipelineConfig, load_config
 from jobembed.metrics import corrected_paired_ttest
 from jobembed.pipeline import run_stages
+
+SYSTEMS = "tfidf,logreg,mlp,fusion,stack,hier"
+
+
+def quality_config(
+    label: str = "isco_submajor",
+    *,
+    systems: list[str] | None = None,
+    max_rows: int | None = None,
+    max_seq_length: int = 256,
+    target_accuracy: float = 0.9,
+) -> PipelineConfig:
+    """The run this script makes (experiments/bench_serve.py bundles its winner)."""
+    return load_config(
+        None,
+        {
+            "name": f"quality-{label}" + (f"-{max_rows}" if max_rows else ""),
+            "runs_dir": str(OUT),
+            "text_column": "clean_text",
+            "prepare": pl_jobads(label, max_rows=max_rows),
+            "clean": {"backend": "rules", "language": "pl"},
+            "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": max_seq_length},
+            "report": {"systems": systems or SYSTEMS.split(","), "cv_folds": 5, "target_accuracy": target_accuracy},
+        },
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", default="isco_submajor")
-    ap.add_argument("--systems", default="tfidf,logreg,mlp,fusion,stack,hier")
+    ap.add_argument("--systems", default=SYSTEMS)
     ap.add_argument("--max-rows", type=int, default=None, help="stratified subsample (a quick check)")
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--target-accuracy", type=float, default=0.9)
     args = ap.parse_args()
-    name = f"quality-{args.label}" + (f"-{args.max_rows}" if args.max_rows else "")
-    overrides = {
-        "name": name,
-        "runs_dir": str(OUT),
-        "text_column": "clean_text",
-        "prepare": pl_jobads(args.label, max_rows=args.max_rows),
-        "clean": {"backend": "rules", "language": "pl"},
-        "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": args.max_seq_length},
-        "report": {"systems": args.systems.split(","), "cv_folds": 5, "target_accuracy": args.target_accuracy},
-    }
-    config = load_config(None, overrides)
+    config = quality_config(
+        args.label,
+        systems=args.systems.split(","),
+        max_rows=args.max_rows,
+        max_seq_length=args.max_seq_length,
+        target_accuracy=args.target_accuracy,
+    )
+    name = config.name
     t0 = time.perf_counter()
     run_stages(config, target="compare-report", progress=False)
     m = json.loads((config.run_dir / "report" / "metrics.json").read_text())

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from jobembed import __version__, encoders, metrics
 from jobembed.artifacts import atomic_dir, file_sha256, read_json, write_json
 from jobembed.baselines import CosineClassifier
-from jobembed.clean.core import Cleaner
+from jobembed.clean.core import Cleaner, CleanResult
 from jobembed.config import (
     ClassifyConfig,
     CleanBackend,
@@ -262,8 +262,11 @@ class Bundle:
         labels: pd.DataFrame,
         *,
         device: str = "auto",
+        backend: Literal["torch", "onnx-int8"] = "torch",
+        cache: bool = True,
     ) -> None:
         self.path, self.meta, self.head, self.labels, self.device = path, meta, head, labels, device
+        self.backend, self.use_cache = backend, cache
         self.names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
         self._embedder = None
         self._cleaner: Cleaner | None = None
@@ -335,7 +338,7 @@ class Bundle:
                     }
                 ),
             )
-            embedder = Embedder(cfg, prompt=enc.text_prompt)
+            embedder = Embedder(cfg, prompt=enc.text_prompt, backend=self.backend, cache=self.use_cache)
             expected = enc.copy_fingerprint if enc.ref.startswith("./") and enc.copy_fingerprint else enc.fingerprint
             if embedder.fingerprint != expected:
                 raise BundleError(
@@ -349,11 +352,19 @@ class Bundle:
 
     def predict_proba(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, n_classes) probabilities, columns in ``self.head.classes_`` order."""
-        texts = self.prepare_texts(list(texts), progress=progress)
-        X = self.embedder.encode(texts, progress=progress, description="classify")
+        return self.predict_proba_explained(texts, progress=progress)[0]
+
+    def predict_proba_explained(
+        self, texts: list[str], *, progress: bool = False
+    ) -> tuple[np.ndarray, CleanResult | None]:
+        """``predict_proba`` and what the head read: the cleaner's result (texts, spans), or None for raw text."""
+        cleaner = self.cleaner
+        cleaned = None if cleaner is None else cleaner.clean(list(texts), progress=progress)
+        seen = list(texts) if cleaned is None else cleaned.texts
+        X = self.embedder.encode(seen, progress=progress, description="classify")
         if isinstance(self.head, HybridHead):
-            return self.head.predict_proba(X, texts=texts)
-        return self.head.predict_proba(X)
+            return self.head.predict_proba(X, texts=seen), cleaned
+        return self.head.predict_proba(X), cleaned
 
     def threshold_for(self, target_accuracy: float) -> float:
         """The confidence threshold at which the answered validation ads reached ``target_accuracy``.
@@ -392,6 +403,11 @@ class Bundle:
         if config.target_accuracy is not None:
             config = config.model_copy(update={"min_confidence": self.threshold_for(config.target_accuracy)})
         proba = self.predict_proba(texts, progress=progress) if texts else np.zeros((0, len(self.head.classes_)))
+        return self.decide(texts, proba, config=config)
+
+    def decide(self, texts: list[str], proba: np.ndarray, *, config: ClassifyConfig) -> list[Prediction]:
+        """Answers from probabilities (rows in ``texts`` order): top-k, and the uncertain label below
+        ``config.min_confidence`` (``target_accuracy`` already turned into it by the caller)."""
         classes = np.asarray(self.head.classes_, dtype=str)
         out = []
         for text, row in zip(texts, proba, strict=True):
@@ -455,8 +471,20 @@ def read_bundle_meta(path: Path) -> BundleMeta:
         ) from None
 
 
-def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bundle:
-    """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash."""
+def load_bundle(
+    path: Path,
+    *,
+    device: str = "auto",
+    verify: bool = True,
+    backend: Literal["torch", "onnx-int8"] = "torch",
+    cache: bool = True,
+) -> Bundle:
+    """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash.
+
+    Args:
+        backend: how to run the encoder: torch, or an int8 ONNX Runtime export (``jobembed.onnx_backend``).
+        cache: False encodes every text afresh and keeps nothing (benchmarks).
+    """
     path = Path(path)
     meta = read_bundle_meta(path)
     if verify:
@@ -482,7 +510,7 @@ def load_bundle(path: Path, *, device: str = "auto", verify: bool = True) -> Bun
     missing = sorted(set(meta.classes) - set(labels["label"]))
     if missing:
         raise BundleError(f"{path}: labels.json lacks class {missing[0]!r} of the head", fix="re-create the bundle")
-    return Bundle(path, meta, head, labels, device=device)
+    return Bundle(path, meta, head, labels, device=device, backend=backend, cache=cache)
 
 
 def find_latest_bundle(runs_dir: Path) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from jobembed.config import (
     PositiveStrategy,
     Precision,
     RarePolicy,
+    ServeBackend,
     SystemName,
     TextColumn,
 )
@@ -976,6 +978,57 @@ def classify(
         console.print(table)
         return
     _classify_file(loaded, input, text_col=text_col, out=out, cfg=cfg, as_json=as_json, progress=not quiet)
+
+
+@app.command()
+@_friendly
+def serve(
+    ctx: typer.Context,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Bundle folder (default: newest under --runs-dir).")
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where to look for the newest bundle.")] = Path("runs"),
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML with a serve: section (see configs/serve.yaml).")
+    ] = None,
+    serve__host: Annotated[str | None, typer.Option("--host", help="Address to listen on [127.0.0.1].")] = None,
+    serve__port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Port [8000].")] = None,
+    serve__workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Worker processes, each with its own model [1].")
+    ] = None,
+    serve__backend: Annotated[
+        ServeBackend | None,
+        typer.Option("--backend", help="torch, or onnx-int8: the encoder exported to int8 ONNX (faster on CPU)."),
+    ] = None,
+    serve__batching: Annotated[
+        bool | None, typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests (default: on).")
+    ] = None,
+    serve__batch_wait_ms: Annotated[
+        float | None, typer.Option("--batch-wait-ms", min=0, help="Under load, wait this long for more requests [5].")
+    ] = None,
+    serve__cache: Annotated[
+        bool | None,
+        typer.Option("--cache/--no-cache", help="Answer repeated texts from the embedding cache (default: on)."),
+    ] = None,
+    serve__device: DeviceOpt = None,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /readyz, /metrics, and a page at /
+    to paste an ad. The bundle is verified first (format, file hashes, encoder fingerprint); API keys come from
+    JOBEMBED_API_KEYS (comma-separated)."""
+    from jobembed.bundle import find_latest_bundle
+    from jobembed.config import load_config
+    from jobembed.serve import check_bundle, run_server
+
+    overrides, flags = _overrides(dict(locals()), ctx)
+    cfg = load_config(config, overrides, flags=flags).serve
+    path = bundle or find_latest_bundle(runs_dir)
+    meta = check_bundle(path, cfg).meta
+    keys = "on" if os.environ.get("JOBEMBED_API_KEYS", "").strip() else "off"
+    console.print(
+        f"[green]serving[/] {path}: {meta.system} on {meta.encoder.source_ref}, {len(meta.classes)} categories, "
+        f"{cfg.backend} backend, {cfg.workers} worker(s), API keys {keys}: http://{cfg.host}:{cfg.port}/"
+    )
+    run_server(path, cfg)
 
 
 def _check_writable(out: Path) -> None:

@@ -363,6 +363,46 @@ class ClassifyConfig(_Strict):
     uncertain_label: str = "uncertain"
 
 
+class ServeBackend(StrEnum):
+    torch = "torch"
+    onnx_int8 = "onnx-int8"
+
+
+class ServeConfig(_Strict):
+    """``serve``: the HTTP API in front of a bundle (``jobembed serve``)."""
+
+    # Loopback by default: put a reverse proxy (TLS, rate limits) in front, or pass --host 0.0.0.0 on purpose.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Each worker holds its own copy of the encoder and uses all cores for one batch at a time, so on CPU one
+    # worker is the right start; more workers keep serving when one dies and help on many-core machines.
+    workers: int = Field(1, ge=1)
+    # torch, or the encoder exported to ONNX and quantised to int8 (the CPU lever; vectors within about 0.99
+    # cosine of torch's, measured by experiments/bench_serve.py as macro-F1 on the test split).
+    backend: ServeBackend = ServeBackend.torch
+    device: str = "auto"
+    # Micro-batching: requests that arrive while the encoder is busy, or within batch_wait_ms of each other
+    # under load, share one encode call. A lone request on an idle server never waits.
+    batching: bool = True
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    max_batch_texts: int = Field(64, ge=1)
+    # Answer repeated texts from the embedding cache (JOBEMBED_CACHE); off for benchmarks.
+    cache: bool = True
+    # Limits. pl-jobads' longest ad has 21,560 characters (median 1,267), and the encoder reads at most
+    # max_seq_length tokens (x max_chunks with chunking) of it anyway; 50,000 leaves room for any real ad.
+    # The body limit is what max_texts texts of typical length (a few kB each, JSON-escaped) need, many times over.
+    max_texts: int = Field(128, ge=1)
+    max_chars: int = Field(50_000, ge=1)
+    max_body_bytes: int = Field(8_000_000, ge=1024)
+    request_timeout_s: float = Field(60.0, gt=0)
+    # Browser origins allowed to call the API (CORS); empty: same-origin only (the page at / needs none).
+    cors_origins: list[str] = Field(default_factory=list)
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"host", "port", "workers", "backend", "device", "batching", "batch_wait_ms", "max_batch_texts", "cache"}
+    )
+
+
 class JudgeKind(StrEnum):
     llm = "llm"
     model = "model"
@@ -575,6 +615,7 @@ class PipelineConfig(_Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("name")
     @classmethod

@@ -23,9 +23,11 @@ import itertools
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -35,7 +37,7 @@ from jobembed.artifacts import read_json, write_json
 from jobembed.config import EmbedConfig, default_cache_dir
 from jobembed.data import SPLITS, label_texts
 from jobembed.errors import DataError
-from jobembed.store import open_store
+from jobembed.store import VectorTable, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +72,23 @@ class Embedder:
         config: the ``embed`` section (max_seq_length, batch size, device, precision, cache).
         prompt: the prefix to put before every text (already resolved, e.g. ``"query: "``) or None.
         model: the encoder reference; default ``config.model``.
+        backend: ``"torch"`` (the SentenceTransformer) or ``"onnx-int8"`` (``jobembed.onnx_backend``, for serving
+            on CPU); int8 vectors differ slightly, so they get their own cache namespace.
+        cache: False keeps nothing and reads nothing (a server measured without its cache).
     """
 
-    def __init__(self, config: EmbedConfig, *, prompt: str | None = None, model: str | None = None) -> None:
+    def __init__(
+        self,
+        config: EmbedConfig,
+        *,
+        prompt: str | None = None,
+        model: str | None = None,
+        backend: Literal["torch", "onnx-int8"] = "torch",
+        cache: bool = True,
+    ) -> None:
         self.config = config
         self.prompt = prompt or None
+        self.backend = backend
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.resolved = encoders.resolve(model or config.model, cache_dir=self.cache_dir)
         self.model_ref = self.resolved.ref
@@ -85,30 +99,36 @@ class Embedder:
             fingerprint=self.fingerprint,
             prompt=self.prompt,
             max_seq_length=config.max_seq_length,
-            precision=self.precision,
+            precision=self.precision if backend == "torch" else backend,
         )
         info = {
             "model": self.model_ref,
             "fingerprint": self.fingerprint,
             "prompt": self.prompt,
             "max_seq_length": config.max_seq_length,
-            "precision": self.precision,
+            "precision": self.precision if backend == "torch" else backend,
         }
-        self.cache = open_store(self.cache_dir).vectors(ns, info=info)
+        self.cache: VectorTable | _NoCache = open_store(self.cache_dir).vectors(ns, info=info) if cache else _NoCache()
         self.last_stats = EmbedStats()
         self._model = None
+        self._cache_warned = False
 
     @property
     def model(self):
         """The SentenceTransformer, loaded on first use (a warm cache never loads it)."""
         if self._model is None:
-            self._model = encoders.load_encoder(
+            model = encoders.load_encoder(
                 self.model_ref,
                 device=self.config.device,
                 max_seq_length=self.config.max_seq_length,
                 precision=self.precision,
                 cache_dir=self.cache_dir,
             )
+            if self.backend == "onnx-int8":
+                from jobembed.onnx_backend import load_onnx_int8
+
+                model = load_onnx_int8(model, fingerprint=self.fingerprint, cache_dir=self.cache_dir)
+            self._model = model
         return self._model
 
     def encode(self, texts: Sequence[str], *, progress: bool = False, description: str = "embedding") -> np.ndarray:
@@ -195,10 +215,34 @@ class Embedder:
                     convert_to_numpy=True,
                     show_progress_bar=False,
                 ).astype(np.float32, copy=False)
-                self.cache.put(chunk, vectors)
+                self._keep(chunk, vectors)
                 fresh.update(zip(chunk, vectors, strict=True))
                 bar.advance(task, len(chunk))
         return fresh
+
+    def _keep(self, keys: list[bytes], vectors: np.ndarray) -> None:
+        """Write to the cache; a full disk or a folder made read-only under us costs the cache, not the answer."""
+        try:
+            self.cache.put(keys, vectors)
+        except (sqlite3.Error, OSError) as e:
+            if not self._cache_warned:
+                logger.warning("cache %s: cannot write (%s); going on without keeping new vectors", self.cache_dir, e)
+                self._cache_warned = True
+
+
+class _NoCache:
+    """The cache interface with nothing in it and nothing kept (``Embedder(cache=False)``)."""
+
+    dim = None
+
+    def missing(self, keys: Sequence[bytes]) -> list[bytes]:
+        return list(dict.fromkeys(keys))
+
+    def get(self, keys: Sequence[bytes]) -> np.ndarray:
+        raise KeyError("the cache is off")
+
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        return None
 
 
 def make_embedders(config: EmbedConfig, *, model: str | None = None) -> tuple[Embedder, Embedder]:

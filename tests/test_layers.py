@@ -20,6 +20,7 @@ LAYERS = [
     "data",
     "builtin_e5",
     "encoders",
+    "onnx_backend",
     "clean",
     "embed",
     "metrics",
@@ -32,6 +33,7 @@ LAYERS = [
     "evaluate",
     "report",
     "bundle",
+    "serve",
     "pipeline",
     "cli",
 ]
