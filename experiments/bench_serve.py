@@ -1,7 +1,7 @@
 """Load on a real ``jobembed serve`` over loopback: texts/s and latency, micro-batching on/off, torch vs ONNX int8.
 
     .venv/bin/python experiments/bench_serve.py                     # CPU: the table of docs/benchmarks.md#serve
-    .venv/bin/python experiments/bench_serve.py --device cuda --backends torch   # on a GPU (batching on vs off)
+    bash experiments/gpu_serve.sh       # on a lent GPU: random-init XLM-R base, torch, batching on vs off
 
 1. Bundles late fusion of TF-IDF + LR and the MLP head, the CV winner of experiments/quality.py, on that run's data
    and settings (pl-jobads ISCO sub-major, rules-cleaned text, builtin multilingual-e5-small at 256 tokens): the
@@ -10,8 +10,8 @@
    the ONNX int8 encoder, same head (the int8 vectors are not cached: the cache is off).
 3. For each backend x batching on/off, one server process (``--no-cache``: every text is encoded), then a closed-loop
    httpx asyncio client at concurrency 1, 8 and 32 sending one real ad per request, each request a different
-   ad (never a repeat, so nothing could be answered from a cache). The baseline is the plain way (the original
-   project's): torch, one encode call per request (batching off).
+   ad (never a repeat, so nothing could be answered from a cache); every setting gets the same ads at each level.
+   The baseline is the plain way (the original project's): torch, one encode call per request (batching off).
 4. Memory: one server (the fastest backend, batching on, cache off) answers --memory-requests single-ad requests
    drawn with repetition at concurrency 8; its resident memory is sampled every 1,000 requests.
 
@@ -60,6 +60,46 @@ def build_bundle(label: str) -> tuple[Path, Path]:
     )
     run_stages(config, target="bundle", progress=False)
     return config.run_dir / "bundle", config.run_dir
+
+
+def random_init_bundle(shape: str, tokenizer: Path, texts: Path, device: str) -> tuple[Path, list[str]]:
+    """For a machine without weights (the lent GPU): a random-init encoder of ``shape`` (bench_finetune's builder)
+    with the e5 tokenizer, an MLP head fit on random labels, bundled; fp16 on CUDA as a GPU run would embed.
+    Throughput is all it measures: the answers mean nothing."""
+    import tempfile
+
+    from bench_finetune import build_model
+
+    from jobembed.bundle import EncoderInfo, save_bundle
+    from jobembed.embed import Embedder
+    from jobembed.head import MLPHead
+
+    root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    build_model(shape, tokenizer, 256, "cpu").save(str(root / "encoder"))
+    pool = pd.read_parquet(texts)["anchor"].drop_duplicates().sample(frac=1, random_state=3).tolist()
+    precision = "fp16" if device.startswith("cuda") else "fp32"
+    config = load_config(
+        None,
+        {
+            "text_column": "text",
+            "embed": {"model": str(root / "encoder"), "max_seq_length": 256, "device": device, "precision": precision},
+        },
+    )
+    embedder = Embedder(config.embed, prompt="query: ")
+    X = embedder.encode(pool[:400])
+    labels = [f"{i:02d}" for i in range(40)]
+    y = np.random.default_rng(0).choice(labels, len(X))
+    head = MLPHead(hidden_sizes=(256,), max_epochs=3, device=device).fit(X, y)
+    info = EncoderInfo(
+        model=str(root / "encoder"),
+        fingerprint=embedder.fingerprint,
+        precision=embedder.precision,
+        text_prompt="query: ",
+        max_seq_length=256,
+    )
+    frame = pd.DataFrame({"label": labels, "name": labels, "description": [""] * len(labels)})
+    bundle = save_bundle(root / "bundle", model=head, system="mlp", encoder=info, config=config, labels=frame)
+    return bundle, pool[400:]
 
 
 def quality(bundle_dir: Path, run_dir: Path) -> dict:
@@ -174,10 +214,20 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level (at least 4x it)")
     ap.add_argument("--memory-requests", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=2, help="server processes per setting (interleaved)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--random-init", metavar="SHAPE", help="no weights here (a lent GPU): xlmr-base, e5-small, tiny")
+    ap.add_argument("--tokenizer", type=Path, default=Path(".bench/tokenizer"), help="with --random-init")
+    ap.add_argument("--texts", type=Path, default=Path(".bench/triplets.parquet"), help="with --random-init")
     args = ap.parse_args()
 
-    bundle_dir, run_dir = build_bundle(args.label)
+    if args.random_init:
+        bundle_dir, pool = random_init_bundle(args.random_init, args.tokenizer, args.texts, args.device)
+        run_dir = None
+    else:
+        bundle_dir, run_dir = build_bundle(args.label)
+        pool = pd.read_parquet(run_dir / "prepare" / "train.parquet")["text"].drop_duplicates()
+        pool = pool.sample(frac=1, random_state=3).tolist()
     out: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "date": datetime.now(UTC).date().isoformat(),
@@ -185,42 +235,41 @@ def main() -> None:
         "bundle": str(bundle_dir),
         "device": args.device,
     }
-    if not args.skip_quality and args.device == "cpu":
+    if run_dir is not None and not args.skip_quality and args.device == "cpu":
         out["quality"] = quality(bundle_dir, run_dir)
-    pool = (
-        pd.read_parquet(run_dir / "prepare" / "train.parquet")["text"].drop_duplicates().sample(frac=1, random_state=3)
-    )
-    pool = pool.tolist()
     levels = [int(c) for c in args.concurrency.split(",")]
+    # every setting gets the same ads at each level; no ad is sent twice within a setting
+    slices, start = {}, 0
+    for c in levels:
+        n = max(args.requests, 4 * c)
+        slices[c], start = pool[start : start + n], start + n
     out["load"] = []
-    used = 0
-    for backend in args.backends.split(","):
-        for batching in (False, True):
-            flags = ["--backend", backend, "--no-cache", "--device", args.device]
-            flags.append("--batching" if batching else "--no-batching")
-            server = Server(bundle_dir, *flags)
-            try:
-                asyncio.run(load(server.url, pool[:8], 4))  # warm the threads and connections; not counted
-                for c in levels:
-                    n = max(args.requests, 4 * c)
-                    texts, used = pool[used : used + n], used + n
-                    if len(texts) < n:
-                        used, texts = n, pool[:n]
-                    texts0, calls0 = batch_totals(server.url)
-                    r = asyncio.run(load(server.url, texts, c))
-                    texts1, calls1 = batch_totals(server.url)
-                    mean_batch = (texts1 - texts0) / max(calls1 - calls0, 1)
-                    r.update(backend=backend, batching=batching, concurrency=c, mean_batch=mean_batch)
-                    out["load"].append(r)
-                    print(
-                        f"{backend:9s} batching {'on ' if batching else 'off'} c={c:2d}: "
-                        f"{r['texts_per_s']:6.1f} texts/s"
-                        f"  p50 {r['p50_ms']:7.0f}  p95 {r['p95_ms']:7.0f}  p99 {r['p99_ms']:7.0f} ms"
-                        f"  errors {r['errors']}",
-                        flush=True,
-                    )
-            finally:
-                server.stop()
+    # off, on, off, on, ...: server-to-server spread on this machine is large, so each setting runs --repeats times,
+    # interleaved, each in a fresh server process
+    order = [(b, batching) for b in args.backends.split(",") for _ in range(args.repeats) for batching in (False, True)]
+    for run, (backend, batching) in enumerate(order):
+        flags = ["--backend", backend, "--no-cache", "--device", args.device]
+        flags.append("--batching" if batching else "--no-batching")
+        server = Server(bundle_dir, *flags)
+        try:
+            asyncio.run(load(server.url, pool[-16:], 2))  # warm the threads and connections; not counted
+            for c in levels:
+                texts = slices[c]
+                texts0, calls0 = batch_totals(server.url)
+                r = asyncio.run(load(server.url, texts, c))
+                texts1, calls1 = batch_totals(server.url)
+                mean_batch = (texts1 - texts0) / max(calls1 - calls0, 1)
+                r.update(backend=backend, batching=batching, concurrency=c, mean_batch=mean_batch, run=run)
+                out["load"].append(r)
+                print(
+                    f"{backend:9s} batching {'on ' if batching else 'off'} c={c:2d}: "
+                    f"{r['texts_per_s']:6.1f} texts/s"
+                    f"  p50 {r['p50_ms']:7.0f}  p95 {r['p95_ms']:7.0f}  p99 {r['p99_ms']:7.0f} ms"
+                    f"  errors {r['errors']}",
+                    flush=True,
+                )
+        finally:
+            server.stop()
     if args.memory_requests:
         fastest = max(out["load"], key=lambda r: r["texts_per_s"])
         server = Server(bundle_dir, "--backend", fastest["backend"], "--no-cache", "--device", args.device)
@@ -237,7 +286,8 @@ def main() -> None:
             out["memory"] = {"backend": fastest["backend"], "samples": samples, "errors": errors}
         finally:
             server.stop()
-    (OUT / "bench_serve.json").write_text(json.dumps(out, indent=2))
+    name = "bench_serve.json" if args.device == "cpu" else f"bench_serve_{args.device.split(':')[0]}.json"
+    (Path(os.environ.get("OUT", OUT)) / name).write_text(json.dumps(out, indent=2))
     print_table(out)
 
 
@@ -249,18 +299,23 @@ def print_table(out: dict) -> None:
               f"ONNX int8 {q['onnx-int8']['macro_f1']:.4f} (difference "
               f"{q['onnx-int8']['macro_f1'] - q['torch']['macro_f1']:+.4f}); accuracy {q['torch']['accuracy']:.4f} vs "
               f"{q['onnx-int8']['accuracy']:.4f}.\n")  # fmt: skip
-    base = {r["concurrency"]: r["texts_per_s"] for r in out["load"] if r["backend"] == "torch" and not r["batching"]}
+    rows: dict[tuple, list[dict]] = {}
+    for r in out["load"]:
+        rows.setdefault((r["backend"], r["batching"], r["concurrency"]), []).append(r)
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+    base = {c: mean(rs, "texts_per_s") for (b, on, c), rs in rows.items() if b == "torch" and not on}
     print(
-        "| backend | batching | concurrency | texts/s | vs torch, no batching | mean batch | p50 ms | p95 ms | p99 ms "
-        "| errors |"
+        "| backend | batching | concurrency | texts/s (mean of runs: each run) | vs torch, no batching | mean batch "
+        "| p50 ms | p95 ms | p99 ms | errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in out["load"]:
-        ratio = f"{r['texts_per_s'] / base[r['concurrency']]:.2f}×" if r["concurrency"] in base else ""
+    for (backend, on, c), rs in rows.items():
+        each = ", ".join(f"{r['texts_per_s']:.1f}" for r in rs)
+        ratio = f"{mean(rs, 'texts_per_s') / base[c]:.2f}×" if c in base else ""
         print(
-            f"| {r['backend']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['texts_per_s']:.1f} | "
-            f"{ratio} | {r['mean_batch']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
-            f"{r['errors']} |"
+            f"| {backend} | {'on' if on else 'off'} | {c} | {mean(rs, 'texts_per_s'):.1f} ({each}) | {ratio} | "
+            f"{mean(rs, 'mean_batch'):.1f} | {mean(rs, 'p50_ms'):.0f} | {mean(rs, 'p95_ms'):.0f} | "
+            f"{mean(rs, 'p99_ms'):.0f} | {sum(r['errors'] for r in rs)} |"
         )
     if "memory" in out:
         m = out["memory"]

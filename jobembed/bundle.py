@@ -264,9 +264,10 @@ class Bundle:
         device: str = "auto",
         backend: Literal["torch", "onnx-int8"] = "torch",
         cache: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         self.path, self.meta, self.head, self.labels, self.device = path, meta, head, labels, device
-        self.backend, self.use_cache = backend, cache
+        self.backend, self.use_cache, self.batch_size = backend, cache, batch_size
         self.names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
         self._embedder = None
         self._cleaner: Cleaner | None = None
@@ -328,6 +329,7 @@ class Bundle:
                 max_seq_length=enc.max_seq_length,
                 device=self.device,
                 precision=precision,
+                **({} if self.batch_size is None else {"batch_size": self.batch_size}),
                 **(
                     {}
                     if enc.chunking is None
@@ -478,12 +480,14 @@ def load_bundle(
     verify: bool = True,
     backend: Literal["torch", "onnx-int8"] = "torch",
     cache: bool = True,
+    batch_size: int | None = None,
 ) -> Bundle:
     """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash.
 
     Args:
         backend: how to run the encoder: torch, or an int8 ONNX Runtime export (``jobembed.onnx_backend``).
         cache: False encodes every text afresh and keeps nothing (benchmarks).
+        batch_size: texts per forward pass (default: ``EmbedConfig.batch_size``).
     """
     path = Path(path)
     meta = read_bundle_meta(path)
@@ -510,7 +514,7 @@ def load_bundle(
     missing = sorted(set(meta.classes) - set(labels["label"]))
     if missing:
         raise BundleError(f"{path}: labels.json lacks class {missing[0]!r} of the head", fix="re-create the bundle")
-    return Bundle(path, meta, head, labels, device=device, backend=backend, cache=cache)
+    return Bundle(path, meta, head, labels, device=device, backend=backend, cache=cache, batch_size=batch_size)
 
 
 def find_latest_bundle(runs_dir: Path) -> Path:

@@ -1004,7 +1004,8 @@ def serve(
         bool | None, typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests (default: on).")
     ] = None,
     serve__batch_wait_ms: Annotated[
-        float | None, typer.Option("--batch-wait-ms", min=0, help="Under load, wait this long for more requests [5].")
+        float | None,
+        typer.Option("--batch-wait-ms", min=0, help="Under load, wait for more requests [GPU 5, CPU 0]."),
     ] = None,
     serve__cache: Annotated[
         bool | None,

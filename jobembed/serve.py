@@ -47,6 +47,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobembed import encoders
 from jobembed.bundle import Bundle, load_bundle
 from jobembed.config import ClassifyConfig, ServeConfig
 from jobembed.errors import JobembedError
@@ -278,7 +279,7 @@ class Service:
         self.batcher = MicroBatcher(
             self._run,
             enabled=config.batching,
-            wait_s=config.batch_wait_ms / 1000,
+            wait_s=batch_wait_s(config),
             max_texts=config.max_batch_texts,
             on_batch=self.metrics.batch.observe,
         )
@@ -287,7 +288,11 @@ class Service:
         """Verify and load the bundle, load the encoder (and cleaner) and run one warm-up text."""
         try:
             bundle = load_bundle(
-                self.path, device=self.config.device, backend=str(self.config.backend), cache=self.config.cache
+                self.path,
+                device=self.config.device,
+                backend=str(self.config.backend),
+                cache=self.config.cache,
+                batch_size=encode_batch_size(self.config),
             )
             bundle.predict_proba_explained([WARMUP_TEXT])
             self.bundle = bundle
@@ -339,6 +344,24 @@ class Service:
             except JobembedError as e:
                 raise ApiError(422, "target_accuracy", str(e).split(". Fix: ")[0], fix="send min_confidence") from None
         return cfg
+
+
+def _on_cpu(config: ServeConfig) -> bool:
+    return config.backend == "onnx-int8" or encoders.pick_device(config.device) == "cpu"  # ONNX runs on the CPU
+
+
+def encode_batch_size(config: ServeConfig) -> int | None:
+    """``serve.encode_batch_size``, or 1 on CPU and the bundle's own batch size on an accelerator."""
+    if config.encode_batch_size is not None:
+        return config.encode_batch_size
+    return 1 if _on_cpu(config) else None
+
+
+def batch_wait_s(config: ServeConfig) -> float:
+    """``serve.batch_wait_ms`` in seconds, or 0 on CPU and 5 ms on an accelerator."""
+    if config.batch_wait_ms is not None:
+        return config.batch_wait_ms / 1000
+    return 0.0 if _on_cpu(config) else 0.005
 
 
 def parse_request(body: bytes, config: ServeConfig) -> ClassifyRequest:

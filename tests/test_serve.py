@@ -344,6 +344,21 @@ def test_batcher_does_not_hold_a_lone_request_and_can_be_off():
     assert calls == [1] * 6  # off: one call per request
 
 
+@pytest.mark.parametrize(
+    ("settings", "batch", "wait"),
+    [
+        ({"device": "cpu"}, 1, 0.0),  # CPU: one text per forward pass, no waiting
+        ({"device": "cpu", "backend": "onnx-int8"}, 1, 0.0),
+        ({"device": "cpu", "encode_batch_size": 16, "batch_wait_ms": 2}, 16, 0.002),
+    ],
+)
+def test_cpu_defaults_for_batching(settings, batch, wait):
+    from jobembed.serve import batch_wait_s, encode_batch_size
+
+    config = ServeConfig(**settings)
+    assert encode_batch_size(config) == batch and batch_wait_s(config) == wait
+
+
 def test_concurrent_clients_all_get_their_own_answers(server, bundle_dir):
     texts = [f"Kierowca kat. C numer {i}, transport krajowy" for i in range(24)]
     expected = {t: p.label for t, p in zip(texts, load_bundle(bundle_dir).predict(texts), strict=True)}
