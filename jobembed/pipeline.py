@@ -107,15 +107,23 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
-def ancestors(name: str) -> list[str]:
-    """``name`` and every stage it needs, in run order."""
+def inputs_of(name: str, config: PipelineConfig) -> tuple[str, ...]:
+    """The stages ``name`` reads from under ``config``: a disabled fine-tune reads nothing, so triplets that
+    change (or were never made) leave it, and the compare-report after it, current."""
+    if name == "finetune" and not config.finetune.enabled:
+        return ()
+    return STAGES[name].inputs
+
+
+def ancestors(name: str, config: PipelineConfig) -> list[str]:
+    """``name`` and every stage it needs under ``config``, in run order."""
     needed: set[str] = set()
     todo = [name]
     while todo:
         current = todo.pop()
         if current not in needed:
             needed.add(current)
-            todo.extend(STAGES[current].inputs)
+            todo.extend(inputs_of(current, config))
     return [s for s in STAGES if s in needed]
 
 
@@ -146,7 +154,7 @@ class Plan:
                 "sections": {s: section_for_key(getattr(self.config, s)) for s in stage.sections},
                 "shared": {f: getattr(self.config, f) for f in stage.shared},
                 "identity": identity,
-                "inputs": {i: self.key(i) for i in stage.inputs},
+                "inputs": {i: self.key(i) for i in inputs_of(name, self.config)},
             }
             self._keys[name] = hash_obj(payload)
         return self._keys[name]
@@ -754,7 +762,7 @@ def run_stages(
     try:
         return _run(
             config,
-            names=ancestors(target) if target else list(STAGES),
+            names=ancestors(target, config) if target else list(STAGES),
             target=target,
             force=force,
             progress=progress,
@@ -795,7 +803,7 @@ def _run(
         key = plan.key(name)
         stage_dir = config.run_dir / stage.folder
         stamp = read_stamp(stage_dir)
-        upstream_ran = any(status.get(i) == "ran" for i in stage.inputs)
+        upstream_ran = any(status.get(i) == "ran" for i in inputs_of(name, config))
         forced = force and (target is None or name == target)
         current = stamp is not None and stamp.get("key") == key and not upstream_ran and not forced
         if many and everywhere:
@@ -816,7 +824,7 @@ def _run(
             config.run_dir,
             stage=name,
             config={s: getattr(config, s).model_dump(mode="json") for s in stage.sections},
-            inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in stage.inputs}},
+            inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in inputs_of(name, config)}},
             summary=summary if name in _SUMMARISED else None,
         )
         write_resolved(config, config.run_dir)

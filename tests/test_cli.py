@@ -151,6 +151,24 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
     assert tables == {"centroid", "mlp"}
 
 
+def test_changed_triplets_leave_the_report_current_when_finetune_is_off(finished_run, workspace):
+    """Reproduces: with finetune disabled, compare-report still hung off make-triplets, so a triplets setting (or a
+    new make-triplets version) re-ran the whole CV, and `compare-report` ran make-triplets first."""
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    cfg["name"] = "tiny-triplets"
+    cfg.setdefault("triplets", {})["negatives_per_anchor"] = 2
+    shutil.copytree(finished_run, workspace / "runs" / "tiny-triplets")
+    (workspace / "triplets.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("compare-report", workspace / "runs" / "tiny-triplets", "--config", workspace / "triplets.yaml")
+    assert result.exit_code == 0, result.output
+    assert "make-triplets" not in result.output and "compare-report: up to date" in result.output
+    result = invoke("run", "--config", workspace / "triplets.yaml", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "make-triplets: running" in result.output
+    for stage in ("finetune", "embed-finetuned", "compare-report", "bundle"):
+        assert f"{stage}: up to date" in result.output
+
+
 def test_encoder_rebuilt_in_place_reruns_every_stage_that_used_it(workspace, tiny_encoder_dir, tmp_path):
     """Reproduces: stage keys used the model name, so new weights in the same folder left stale results 'current'."""
     from tests.conftest import build_tiny_encoder
@@ -167,8 +185,9 @@ def test_encoder_rebuilt_in_place_reruns_every_stage_that_used_it(workspace, tin
     result = invoke("run", "-c", tmp_path / "c.yaml", "-q")
     assert result.exit_code == 0, result.output
     assert "prepare: up to date" in result.output
+    disabled = {"finetune", "embed-finetuned"}  # finetune is off in tiny.yaml: they use no encoder and stay current
     for stage in STAGES[1:]:
-        assert f"{stage}: running" in result.output
+        assert f"{stage}: {'up to date' if stage in disabled else 'running'}" in result.output
 
 
 def test_two_encoders_with_the_same_folder_name_get_unique_keys(workspace, tiny_encoder_dir, tmp_path):
