@@ -17,7 +17,9 @@ too many texts or too long a text, 401 without a valid API key (``JOBEMBED_API_K
 
 The encoder runs in one thread per worker. Requests are queued; the batcher takes every request already waiting
 (up to ``serve.max_batch_texts`` texts) into one encode call, and under load (the last batch held more than one
-request) waits ``serve.batch_wait_ms`` for more, so a lone request on an idle server is never held back.
+request) waits ``serve.batch_wait_ms`` for more (5 ms on an accelerator, 0 on CPU), so a lone request on an idle
+server is never held back. Inside a call the encoder takes ``serve.encode_batch_size`` texts per forward pass (1 on
+CPU, where padding costs more than batching saves; docs/benchmarks.md#serve).
 The bundle is read once at start; editing its files later changes nothing until a restart, which verifies them
 again and refuses a changed bundle.
 """
@@ -31,11 +33,10 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,11 @@ class ApiError(Exception):
 class _Job:
     texts: list[str]
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
 class BatchResult:
-    """One request's share of a batch: probabilities, the cleaner's output (or None), and cache counts."""
+    """One request's share of a batch: probabilities and what the head read (None for raw-text bundles)."""
 
     proba: np.ndarray
     clean_texts: list[str] | None
@@ -274,8 +274,6 @@ class Service:
         self.metrics = Metrics()
         self.bundle: Bundle | None = None
         self.error: str | None = None
-        self.ready = threading.Event()
-        self._lock = threading.Lock()
         self.batcher = MicroBatcher(
             self._run,
             enabled=config.batching,
@@ -296,7 +294,6 @@ class Service:
             )
             bundle.predict_proba_explained([WARMUP_TEXT])
             self.bundle = bundle
-            self.ready.set()
             logger.info("ready: bundle %s (%s, %s backend)", self.path, bundle.meta.system, self.config.backend)
         except JobembedError as e:
             self.error = str(e)
