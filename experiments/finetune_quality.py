@@ -40,7 +40,7 @@ from common import OUT, pl_jobads
 
 from jobembed import encoders, metrics
 from jobembed.config import load_config
-from jobembed.evaluate import System, _fit_predict, _test_scores
+from jobembed.evaluate import System, _test_scores, fit_on_train
 from jobembed.finetune import centroid_evaluator
 from jobembed.pipeline import _prepared, _vectors, centroid_data, finetuned_vectors, pin_models, run_stages
 
@@ -88,26 +88,11 @@ def config_for(*, seed: int, finetune: dict[str, Any] | None = None, triplets: d
 
 
 def _fit_all(config, splits, labels, vectors, systems) -> dict[str, np.ndarray]:
-    import pandas as pd
-
-    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
-    n_train = len(splits["train"])
-    X_dev = None if vectors is None else np.concatenate([vectors.train, vectors.val])
-    out = {}
-    for name in systems:
-        system = System(name, vectors, "x", "x")
-        out[name], _ = _fit_predict(
-            system,
-            config=config,
-            labels=labels,
-            dev=dev,
-            X_dev=X_dev,
-            train_idx=np.arange(n_train),
-            val_idx=np.arange(n_train, len(dev)),
-            X_eval=None if vectors is None else vectors.test,
-            texts_eval=splits["test"][config.text_column].tolist(),
-        )
-    return out
+    """Test predictions of each system, fit on train (val for early stopping), as compare-report does."""
+    return {
+        name: fit_on_train(System(name, vectors, "x", "x"), config=config, labels=labels, splits=splits)[0]
+        for name in systems
+    }
 
 
 def _scores(config, test, pred) -> dict[str, Any]:

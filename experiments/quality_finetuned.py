@@ -26,7 +26,7 @@ from finetune_quality import RESULTS, SEEDS, config_for
 from jobembed import metrics
 from jobembed.config import default_cache_dir
 from jobembed.embed import RunVectors, text_key
-from jobembed.evaluate import System, _fit_predict, _test_scores, predict_proba, selective_scores
+from jobembed.evaluate import System, _test_scores, fit_on_train, predict_proba, selective_scores
 from jobembed.hierarchy import find_hierarchy
 from jobembed.pipeline import _prepared, _vectors
 from jobembed.store import open_store
@@ -68,24 +68,8 @@ def main() -> None:
     store = open_store(default_cache_dir())
 
     def fit(name: str, vectors: RunVectors | None):
-        import pandas as pd
-
-        dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
-        n = len(splits["train"])
         system = System(name, vectors, "x", "x")
-        X_dev = None if vectors is None else np.concatenate([vectors.train, vectors.val])
-        pred, model = _fit_predict(
-            system,
-            config=config,
-            labels=labels,
-            dev=dev,
-            X_dev=X_dev,
-            train_idx=np.arange(n),
-            val_idx=np.arange(n, len(dev)),
-            X_eval=None if vectors is None else vectors.test,
-            texts_eval=test[col].tolist(),
-            hierarchy=hierarchy,
-        )
+        pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
         sel = selective_scores(
             classes=np.asarray(model.classes_, dtype=str),
             proba_val=predict_proba(

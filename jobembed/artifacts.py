@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jobembed.errors import BundleError
+
 logger = logging.getLogger(__name__)
 
 
@@ -173,3 +175,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_format(meta_path: Path, meta: dict[str, Any], expected: str, *, what: str = "format") -> None:
+    """Refuse a saved artifact whose JSON sidecar carries another format tag (one ``BundleError`` line)."""
+    if meta.get("format") != expected:
+        raise BundleError(
+            f"{meta_path}: unsupported {what}",
+            expected=expected,
+            found=str(meta.get("format")),
+            fix="re-create the bundle with this jobembed version",
+        )

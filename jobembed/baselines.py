@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from jobembed.artifacts import file_sha256, read_json, write_json
+from jobembed.artifacts import check_format, file_sha256, read_json, write_json
 from jobembed.config import TfidfConfig
 from jobembed.errors import BundleError, DataError
 from jobembed.metrics import fit_temperature, softmax
@@ -113,13 +113,7 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: Path) -> CosineClassifier:
         meta = read_json(path / "head.json")
-        if meta.get("format") != COSINE_FORMAT:
-            raise BundleError(
-                f"{path / 'head.json'}: unsupported head format",
-                expected=COSINE_FORMAT,
-                found=str(meta.get("format")),
-                fix="re-create the bundle with this jobembed version",
-            )
+        check_format(path / "head.json", meta, COSINE_FORMAT, what="head format")
         weights = path / "head.safetensors"
         if file_sha256(weights) != meta["sha256"]:
             raise BundleError(f"{weights} is corrupt (hash mismatch)", fix="re-create the bundle")

@@ -183,6 +183,35 @@ def _fit_predict(
     return np.asarray(model.predict(X_eval), dtype=str), model
 
 
+def fit_on_train(
+    system: System,
+    *,
+    config: PipelineConfig,
+    labels: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+    hierarchy: Hierarchy | None = None,
+) -> tuple[np.ndarray, Any]:
+    """The held-out protocol: fit ``system`` on train (val for early stopping and calibration), predict test.
+
+    Returns:
+        (test predictions in test-split order, the fitted model).
+    """
+    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    n_train, v = len(splits["train"]), system.vectors
+    return _fit_predict(
+        system,
+        config=config,
+        labels=labels,
+        dev=dev,
+        X_dev=None if v is None else np.concatenate([v.train, v.val]),
+        train_idx=np.arange(n_train),
+        val_idx=np.arange(n_train, len(dev)),
+        X_eval=None if v is None else v.test,
+        texts_eval=splits["test"][config.text_column].tolist(),
+        hierarchy=hierarchy,
+    )
+
+
 def uncalibrated_proba(model: Any, X: np.ndarray | None) -> np.ndarray | None:
     """An MLP head's probabilities at temperature 1 (None for other systems)."""
     if isinstance(model, MLPHead):
@@ -362,8 +391,6 @@ def evaluate_systems(
             fix="prepare data with at least two labels (check --label-col)",
         )
     folds = cv_folds(dev, n_folds=config.report.cv_folds, seed=config.prepare.seed)
-    n_train = len(splits["train"])
-    train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(dev))
     systems = build_systems(config, vectors)
     hierarchy = find_hierarchy(labels["label"].astype(str).tolist() + list(y_dev), mode=config.report.hierarchy)
     val = splits["val"]
@@ -376,19 +403,7 @@ def evaluate_systems(
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
             v = system.vectors
-            X_dev = np.concatenate([v.train, v.val]) if v is not None else None
-            pred, model = _fit_predict(
-                system,
-                config=config,
-                labels=labels,
-                dev=dev,
-                X_dev=X_dev,
-                train_idx=train_idx,
-                val_idx=val_idx,
-                X_eval=v.test if v is not None else None,
-                texts_eval=test[col].tolist(),
-                hierarchy=hierarchy,
-            )
+            pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
             selective = None
@@ -407,7 +422,7 @@ def evaluate_systems(
                 config=config,
                 labels=labels,
                 dev=dev,
-                X_dev=X_dev,
+                X_dev=np.concatenate([v.train, v.val]) if v is not None else None,
                 folds=folds,
                 on_fold=lambda: bar.advance(task),
                 hierarchy=hierarchy,
@@ -449,7 +464,7 @@ def evaluate_systems(
     summary = {
         "format": REPORT_FORMAT,
         "data": {
-            "train": n_train,
+            "train": len(splits["train"]),
             "val": len(splits["val"]),
             "test": len(test),
             "classes": len(set(y_dev) | set(y_test)),
@@ -499,7 +514,6 @@ def evaluate_finetuned(
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
     test = splits["test"]
     y_test = test["label"].to_numpy(dtype=str)
-    n_train = len(splits["train"])
     seen_test = ads_seen & set(test["id"].astype(str))
     if seen_test:  # make-triplets never reads the test split; an outside triplet file might
         raise DataError(
@@ -513,7 +527,6 @@ def evaluate_finetuned(
         f"{short_name(str(source['base_model']))}-finetuned" if source.get("base_model") else short_name(tuned.model)
     )
     label_positive = source.get("positive") == "label"
-    X_dev = np.concatenate([tuned.train, tuned.val])
     hierarchy = find_hierarchy(
         labels["label"].astype(str).tolist() + dev["label"].astype(str).tolist(), mode=config.report.hierarchy
     )
@@ -523,18 +536,7 @@ def evaluate_finetuned(
         task = bar.add_task("fitting systems on the fine-tuned encoder", total=len(names))
         for name in names:
             system = System(name, tuned, slug, display)
-            pred, model = _fit_predict(
-                system,
-                config=config,
-                labels=labels,
-                dev=dev,
-                X_dev=X_dev,
-                train_idx=np.arange(n_train),
-                val_idx=np.arange(n_train, len(dev)),
-                X_eval=tuned.test,
-                texts_eval=test[col].tolist(),
-                hierarchy=hierarchy,
-            )
+            pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
             if fitted is not None:
                 fitted[system.key] = model
             bar.advance(task)

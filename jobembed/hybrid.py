@@ -34,7 +34,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.validation import check_is_fitted
 
-from jobembed.artifacts import file_sha256, read_json, write_json
+from jobembed.artifacts import check_format, file_sha256, read_json, write_json
 from jobembed.baselines import tfidf_logreg
 from jobembed.config import HeadConfig, HybridConfig, TfidfConfig
 from jobembed.errors import BundleError, DataError
@@ -49,16 +49,6 @@ _EPS = 1e-6
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 # Vectorizer settings that travel in tfidf.json; everything else is the scikit-learn default.
 _VECTORIZER_PARAMS = ("analyzer", "ngram_range", "lowercase", "sublinear_tf", "norm", "use_idf", "smooth_idf")
-
-
-def _check_format(meta_path: Path, meta: dict[str, Any], expected: str) -> None:
-    if meta.get("format") != expected:
-        raise BundleError(
-            f"{meta_path}: unsupported format",
-            expected=expected,
-            found=str(meta.get("format")),
-            fix="re-create the bundle with this jobembed version",
-        )
 
 
 class TfidfLogReg(ClassifierMixin, BaseEstimator):
@@ -147,7 +137,7 @@ class TfidfLogReg(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: Path) -> TfidfLogReg:
         meta = read_json(path / "tfidf.json")
-        _check_format(path / "tfidf.json", meta, TFIDF_FORMAT)
+        check_format(path / "tfidf.json", meta, TFIDF_FORMAT)
         weights = path / "tfidf.safetensors"
         if file_sha256(weights) != meta["sha256"]:
             raise BundleError(f"{weights} is corrupt (hash mismatch)", fix="re-create the bundle")
@@ -325,7 +315,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         if not (path / "hybrid.json").is_file():
             raise BundleError(f"{path / 'hybrid.json'} not found", fix="re-create the bundle")
         meta = read_json(path / "hybrid.json")
-        _check_format(path / "hybrid.json", meta, HYBRID_FORMAT)
+        check_format(path / "hybrid.json", meta, HYBRID_FORMAT)
         model = cls(mode=meta["mode"])
         model.tfidf_ = TfidfLogReg.load(path / "tfidf")
         model.mlp_ = MLPHead.load(path / "mlp", device=device)

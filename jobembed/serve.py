@@ -551,9 +551,11 @@ def create_app(bundle_path: Path, config: ServeConfig | None = None, *, api_keys
         service.authorize(request.headers.get("authorization"))
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    page_html = resources.files("jobembed").joinpath("static/index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("jobembed").joinpath("static/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     return app
 
