@@ -1,7 +1,7 @@
 """Does `jobembed finetune` beat the frozen encoder on pl-jobads `isco_submajor`? (issue 8's quality figures)
 
-    .venv/bin/python experiments/finetune_quality.py             # main comparison, 3 seeds, then the variants
-    .venv/bin/python experiments/finetune_quality.py --only main # or: --only variants
+    .venv/bin/python experiments/finetune_quality.py             # main comparison (3 seeds), variants, floor
+    .venv/bin/python experiments/finetune_quality.py --only main # or: --only variants, --only floor
     .venv/bin/python experiments/finetune_quality.py --summary   # print the tables from what has been run
 
 Every unit's result is written to experiments/out/finetune_quality/<unit>.json as soon as it is done and skipped
@@ -23,6 +23,14 @@ text) and the loss (class-aware MNRL vs plain MNRL with the NoDuplicatesBatchSam
 compared on validation only, the CentroidEvaluator's centroid-cosine macro-F1 of the val ads against a stratified
 500-ad sample of train at 128 tokens, with the frozen encoder's figure on the same data as the reference: choosing
 among them is choosing a default, and defaults are chosen on validation.
+
+**The floor's recipe on this split** (`--only floor`, 3 seeds): issue 8's floor was measured outside the project,
+on other held-back ads. To compare lifts on the same split, the floor's recipe is rebuilt here with the plain
+libraries and nothing of jobembed's fine-tune: 1,728 label-mined triplets (a random training ad as anchor, a random
+same-class ad as positive, its TF-IDF-nearest other-class ad as negative), plain `SentenceTransformerTrainer` with
+default arguments, MultipleNegativesRankingLoss, one epoch at 128 tokens, batch 32, lr 3e-5. The same cleaned text,
+e5 prompt, re-embedding at 256 tokens, heads and test protocol as the main comparison; lifts are against the same
+frozen figures.
 """
 
 from __future__ import annotations
@@ -155,6 +163,107 @@ def main_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+FLOOR_RECIPE = {"triplets": 1728, "max_seq_length": 128, "batch_size": 32, "epochs": 1, "learning_rate": 3e-5}
+
+
+def floor_triplets(train, column: str, *, n: int, seed: int) -> dict[str, list[str]]:
+    """The floor's label-mined triplets: random anchors (from classes with 2+ ads), a random same-class positive,
+    the TF-IDF-nearest other-class ad as negative. Input: the train frame (``label`` and ``column``)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts, y = train[column].tolist(), train["label"].to_numpy(str)
+    rng = np.random.default_rng(seed)
+    members = {c: np.flatnonzero(y == c) for c in np.unique(y)}
+    eligible = np.flatnonzero([len(members[c]) > 1 for c in y])
+    anchors = rng.choice(eligible, size=min(n, len(eligible)), replace=False)
+    tfidf = TfidfVectorizer(sublinear_tf=True).fit_transform(texts)
+    sims = (tfidf[anchors] @ tfidf.T).toarray()
+    sims[y[anchors][:, None] == y[None, :]] = -np.inf
+    out: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
+    for row, a in enumerate(anchors):
+        same = members[y[a]]
+        out["anchor"].append(texts[a])
+        out["positive"].append(texts[rng.choice(same[same != a])])
+        out["negative"].append(texts[int(sims[row].argmax())])
+    return out
+
+
+def floor_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
+    """The floor's recipe (plain libraries) on this split, scored like a main seed."""
+    path = RESULTS / f"floor-s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from jobembed import embed
+
+    config = config_for(seed=seed)
+    run_stages(config, target="clean", progress=False)
+    splits, labels = _prepared(config)
+    column = str(config.text_column)
+    resolved = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir)
+    prompt, label_prompt = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
+    unit = RESULTS / f"floor-s{seed}"
+    started = time.perf_counter()
+    triplets = floor_triplets(splits["train"], column, n=FLOOR_RECIPE["triplets"], seed=seed)
+    model = SentenceTransformer(str(resolved.location), device="cpu")
+    model.max_seq_length = FLOOR_RECIPE["max_seq_length"]
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(unit / "checkpoints"),
+        num_train_epochs=FLOOR_RECIPE["epochs"],
+        per_device_train_batch_size=FLOOR_RECIPE["batch_size"],
+        learning_rate=FLOOR_RECIPE["learning_rate"],
+        seed=seed,
+        prompts=prompt,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict(triplets), loss=MultipleNegativesRankingLoss(model)
+    )
+    trainer.train()
+    tune_seconds = time.perf_counter() - started
+    model_dir = unit / "model"
+    model.save(str(model_dir))
+    # the prompts it was trained with, so `embed` gives every text the same prefix (as jobembed finetune writes)
+    (model_dir / encoders.PROMPTS_SIDECAR).write_text(json.dumps({"text_prompt": prompt, "label_prompt": label_prompt}))
+    tuned = config.embed.model_copy(update={"model": str(model_dir), "extra_models": []})
+    embed.embed_splits(
+        splits=splits, labels=labels, out_dir=unit / "embed", config=tuned, text_column=column, progress=False
+    )
+    vectors = embed.load_vectors(
+        unit / "embed", model=str(model_dir), config=tuned, splits=splits, labels=labels, text_column=column
+    )
+    preds = _fit_all(config, splits, labels, vectors, SYSTEMS)
+    y = splits["test"]["label"].to_numpy(str)
+    result = {
+        "seed": seed,
+        "finetune": {
+            "triplets": len(triplets["anchor"]),
+            "steps": trainer.state.global_step,
+            "seconds": round(tune_seconds, 1),
+            "final_loss": next(
+                (h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), None
+            ),
+        },
+        "systems": {name: _scores(config, splits["test"], pred) for name, pred in preds.items()},
+        "mcnemar_vs_frozen": {
+            name: metrics.mcnemar(y, pred, np.asarray(base["preds"][name])) for name, pred in preds.items()
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def frozen_val_reference() -> dict[str, float]:
     """The frozen encoder's val centroid figures on the variants' evaluator data (same sample, 128 tokens)."""
     path = RESULTS / "variant-frozen.json"
@@ -256,6 +365,46 @@ def summary() -> str:
             + ", ".join(f"{s['seconds']:.0f}" for s in seeds)
             + " s."
         )
+    floors = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("floor-s*.json"))]
+    if base_path.is_file() and floors:
+        base = json.loads(base_path.read_text())
+        head = (
+            "system",
+            "frozen",
+            "jobembed finetune: lift ± sd",
+            "floor's recipe per seed",
+            "lift ± sd",
+            "McNemar p vs frozen",
+            "accuracy lift, jobembed / floor's",
+        )
+        lines += [
+            "",
+            f"### The floor's recipe on this split (plain libraries), {len(floors)} seeds, test split",
+            "",
+            _row(*head),
+            _row(*["---"] * len(head)),
+        ]
+        for name in SYSTEMS:
+            frozen_f1 = base["systems"][name]["macro_f1"]
+
+            def lift(units: list[dict[str, Any]], metric: str = "macro_f1", name: str = name) -> str:
+                if not units:
+                    return ""
+                d = np.asarray([u["systems"][name][metric] for u in units]) - base["systems"][name][metric]
+                return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}"
+
+            per_seed = ", ".join(f"{f['systems'][name]['macro_f1']:.3f}" for f in floors)
+            ps = ", ".join(f"{f['mcnemar_vs_frozen'][name]['p_value']:.2g}" for f in floors)
+            accuracy = f"{lift(seeds, 'accuracy')} / {lift(floors, 'accuracy')}"
+            lines.append(_row(name, f"{frozen_f1:.3f}", lift(seeds), per_seed, lift(floors), ps, accuracy))
+        lines.append(
+            "Floor's recipe: "
+            + ", ".join(
+                f"seed {f['seed']}: {f['finetune']['triplets']} triplets, {f['finetune']['steps']} steps, "
+                f"final train loss {f['finetune']['final_loss']:.3f}, fine-tune {f['finetune']['seconds']:.0f} s"
+                for f in floors
+            )
+        )
     ref_path = RESULTS / "variant-frozen.json"
     variants = [json.loads(p.read_text()) for v in VARIANTS if (p := RESULTS / f"variant-{v}.json").is_file()]
     if ref_path.is_file() and variants:
@@ -298,7 +447,7 @@ def summary() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["main", "variants"], default=None)
+    parser.add_argument("--only", choices=["main", "variants", "floor"], default=None)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -313,6 +462,11 @@ def main() -> None:
             for name in VARIANTS:
                 variant(name)
                 print(f"variant {name} done", flush=True)
+        if args.only in (None, "floor"):
+            base = frozen(config_for(seed=SEEDS[0]))
+            for seed in SEEDS:
+                floor_seed(seed, base)
+                print(f"floor seed {seed} done", flush=True)
     text = summary()
     (OUT / "finetune_quality.md").write_text(text + "\n")
     print(text)

@@ -101,6 +101,7 @@ def write_manifest(
     config: dict[str, Any],
     inputs: dict[str, str],
     summary: dict[str, Any] | None = None,
+    version: int | None = None,
 ) -> None:
     """Add or refresh one stage's entry in ``run_dir/manifest.json``.
 
@@ -112,6 +113,7 @@ def write_manifest(
         config: the stage's resolved config (JSON-able).
         inputs: input name -> content hash.
         summary: what the stage reports about its run (JSON-able), e.g. make-triplets' calls, tokens and cost.
+        version: the stage's code version (``Stage.version``) that wrote it.
     """
     path = run_dir / "manifest.json"
     manifest: Any = None
@@ -132,6 +134,8 @@ def write_manifest(
         "config": config,
         "inputs": inputs,
     }
+    if version is not None:
+        manifest["stages"][stage]["version"] = version
     if summary:
         manifest["stages"][stage]["summary"] = summary
     write_json(path, manifest)

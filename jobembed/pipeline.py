@@ -2,8 +2,9 @@
 
 A ``Stage`` names its config sections, the stages whose outputs it reads, the one folder of the run it
 writes, and what else its result depends on (input files, model fingerprints). Its key hashes all of
-that plus its inputs' keys, so a change anywhere upstream (a config field, an edited input file, an encoder
-folder rebuilt in place with other weights) changes every key downstream. ``run_stages`` runs a target
+that plus its inputs' keys and its code version, so a change anywhere upstream (a config field, an edited input
+file, an encoder folder rebuilt in place with other weights, a jobembed release that changes what a stage writes)
+changes every key downstream. ``run_stages`` runs a target
 stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
 work, one ``register(Stage(...))`` below, and one config section.
 
@@ -18,7 +19,7 @@ The graph today::
 Run folder (``runs/<name>/``), each stage writing only under its own folder::
 
     config.yaml        the resolved pipeline config; later commands on the run start from it
-    manifest.json      per stage: resolved config, input keys, package versions, git commit
+    manifest.json      per stage: resolved config, input keys, code version, package versions, git commit
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
@@ -84,6 +85,10 @@ class Stage:
         identity: what else the result depends on (input file hashes, model fingerprints), JSON-able.
         shared: pipeline-level fields it reads (``text_column``).
         help: one line for ``--help`` and the README.
+        version: the stage's code version, in its key. Bump it (and say why next to it) when a change to the
+            stage's code changes what it writes for the same config and inputs: runs made by the older code then
+            re-run that stage and every stage after it, instead of keeping an output the new code would not make.
+            Not bumped for speed-ups, messages or refactors that write the same thing.
     """
 
     name: str
@@ -94,6 +99,7 @@ class Stage:
     identity: Callable[[PipelineConfig], Any] = lambda config: None
     shared: tuple[str, ...] = ()
     help: str = ""
+    version: int = 1
 
 
 STAGES: dict[str, Stage] = {}
@@ -131,7 +137,7 @@ def ancestors(name: str, config: PipelineConfig) -> list[str]:
 
 
 class Plan:
-    """Stage keys for one config: ``hash(stage, its sections, shared fields, identity, input keys)``."""
+    """Stage keys for one config: ``hash(stage, code version, its sections, shared fields, identity, input keys)``."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -151,6 +157,7 @@ class Plan:
             self.identities[name] = identity
             payload = {
                 "stage": name,
+                "version": stage.version,
                 "sections": {s: section_for_key(getattr(self.config, s)) for s in stage.sections},
                 "shared": {f: getattr(self.config, f) for f in stage.shared},
                 "identity": identity,
@@ -634,6 +641,9 @@ register(
         identity=_triplets_identity,
         shared=("text_column",),
         help="mine anchor/positive/negative triplets in train (and val) and judge them: llm, model or none",
+        # 2: the margin rule measures a candidate against the anchor's nearest same-class ad, not against its own
+        # positive (random positives kept 73 of 576 triplets under the old rule), so older runs keep other triplets.
+        version=2,
     )
 )
 register(
@@ -819,12 +829,13 @@ def _run(
         if not main:
             status[name] = "ran"
             continue
-        mark_stage_done(stage_dir, key, identity=plan.identities.get(name))
+        mark_stage_done(stage_dir, key, identity=plan.identities.get(name), version=stage.version)
         write_manifest(
             config.run_dir,
             stage=name,
             config={s: getattr(config, s).model_dump(mode="json") for s in stage.sections},
             inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in inputs_of(name, config)}},
+            version=stage.version,
             summary=summary if name in _SUMMARISED else None,
         )
         write_resolved(config, config.run_dir)

@@ -169,6 +169,32 @@ def test_changed_triplets_leave_the_report_current_when_finetune_is_off(finished
         assert f"{stage}: up to date" in result.output
 
 
+def test_a_new_stage_version_reruns_that_stage_and_what_reads_it(finished_run, workspace, monkeypatch):
+    """Reproduces: a code fix that changed what make-triplets keeps left older runs' triplets 'current' (the key
+    held only config, inputs and identity); the stale stamp had to be deleted by hand."""
+    import dataclasses
+
+    from jobembed import pipeline
+
+    run = workspace / "runs" / "tiny-version"
+    shutil.copytree(finished_run, run)
+    cfg = yaml.safe_load((workspace / "tiny.yaml").read_text()) | {"name": "tiny-version"}
+    (workspace / "version.yaml").write_text(yaml.safe_dump(cfg))
+    bumped = pipeline.STAGES["embed"].version + 1
+    monkeypatch.setitem(pipeline.STAGES, "embed", dataclasses.replace(pipeline.STAGES["embed"], version=bumped))
+    result = invoke("run", "--config", workspace / "version.yaml", "--quiet")
+    assert result.exit_code == 0, result.output
+    for stage in ("embed", "train-head", "make-triplets", "compare-report", "bundle"):
+        assert f"{stage}: running" in result.output, stage
+    for stage in ("prepare", "clean", "finetune"):  # upstream of embed, or (disabled) reading no stage
+        assert f"{stage}: up to date" in result.output, stage
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["embed"]["version"] == bumped
+    assert json.loads((run / "embed" / "stage.json").read_text())["version"] == bumped
+    result = invoke("run", "--config", workspace / "version.yaml", "--quiet")
+    assert result.exit_code == 0 and "running" not in result.output, result.output
+
+
 def test_encoder_rebuilt_in_place_reruns_every_stage_that_used_it(workspace, tiny_encoder_dir, tmp_path):
     """Reproduces: stage keys used the model name, so new weights in the same folder left stale results 'current'."""
     from tests.conftest import build_tiny_encoder
