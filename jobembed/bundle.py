@@ -368,6 +368,28 @@ class Bundle:
             return self.head.predict_proba(X, texts=seen), cleaned
         return self.head.predict_proba(X), cleaned
 
+    def classify_config(
+        self,
+        *,
+        top_k: int | None = None,
+        min_confidence: float | None = None,
+        target_accuracy: float | None = None,
+    ) -> ClassifyConfig:
+        """The bundle's ``classify`` section with a caller's choices on top (None keeps the bundle's), for the CLI
+        and the server alike. An explicit ``min_confidence`` without ``target_accuracy`` beats the bundle's
+        target; a target is turned into its validation threshold here, so a bad one fails before any encoding.
+
+        Raises:
+            BundleError, JobembedError: as ``threshold_for``.
+        """
+        flags = {"top_k": top_k, "min_confidence": min_confidence, "target_accuracy": target_accuracy}
+        cfg = self.classify_defaults.model_copy(update={k: v for k, v in flags.items() if v is not None})
+        if min_confidence is not None and target_accuracy is None:
+            cfg = cfg.model_copy(update={"target_accuracy": None})
+        if cfg.target_accuracy is not None:
+            cfg = cfg.model_copy(update={"min_confidence": self.threshold_for(cfg.target_accuracy)})
+        return cfg
+
     def threshold_for(self, target_accuracy: float) -> float:
         """The confidence threshold at which the answered validation ads reached ``target_accuracy``.
 

@@ -959,10 +959,7 @@ def classify(
         _check_writable(out)
     path = bundle or find_latest_bundle(runs_dir)
     loaded = load_bundle(path, device=device or "auto")
-    flags = {"top_k": top_k, "min_confidence": min_confidence, "target_accuracy": target_accuracy}
-    cfg = loaded.classify_defaults.model_copy(update={k: v for k, v in flags.items() if v is not None})
-    if min_confidence is not None and target_accuracy is None:
-        cfg = cfg.model_copy(update={"target_accuracy": None})  # an explicit threshold beats the bundle's target
+    cfg = loaded.classify_config(top_k=top_k, min_confidence=min_confidence, target_accuracy=target_accuracy)
     if text is not None:
         if not text.strip():
             raise JobembedError("the text is empty", fix="pass the vacancy text in quotes")

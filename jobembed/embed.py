@@ -95,18 +95,19 @@ class Embedder:
         self.fingerprint = encoders.fingerprint_of(self.resolved)
         self.device = encoders.pick_device(config.device)
         self.precision = encoders.resolve_precision(str(config.precision), self.device)
+        vector_precision = self.precision if backend == "torch" else backend  # int8 vectors: their own namespace
         ns = cache_namespace(
             fingerprint=self.fingerprint,
             prompt=self.prompt,
             max_seq_length=config.max_seq_length,
-            precision=self.precision if backend == "torch" else backend,
+            precision=vector_precision,
         )
         info = {
             "model": self.model_ref,
             "fingerprint": self.fingerprint,
             "prompt": self.prompt,
             "max_seq_length": config.max_seq_length,
-            "precision": self.precision if backend == "torch" else backend,
+            "precision": vector_precision,
         }
         self.cache: VectorTable | _NoCache = open_store(self.cache_dir).vectors(ns, info=info) if cache else _NoCache()
         self.last_stats = EmbedStats()

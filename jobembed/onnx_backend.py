@@ -32,7 +32,6 @@ from jobembed.errors import JobembedError
 
 logger = logging.getLogger(__name__)
 
-ONNX_FORMAT = "jobembed-onnx-int8/1"
 _POOLINGS = {"mean", "cls", "max"}
 
 

@@ -4,9 +4,9 @@ A ``Stage`` names its config sections, the stages whose outputs it reads, the on
 writes, and what else its result depends on (input files, model fingerprints). Its key hashes all of
 that plus its inputs' keys and its code version, so a change anywhere upstream (a config field, an edited input
 file, an encoder folder rebuilt in place with other weights, a jobembed release that changes what a stage writes)
-changes every key downstream. ``run_stages`` runs a target
-stage and whatever it needs that is not current, and skips the rest. Adding a stage is one module for its
-work, one ``register(Stage(...))`` below, and one config section.
+changes every key downstream. ``run_stages`` runs a target stage and whatever it needs that is not current, and
+skips the rest. Adding a stage is one module for its work, one ``register(Stage(...))`` below, and one config
+section.
 
 The graph today::
 

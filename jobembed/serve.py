@@ -329,18 +329,12 @@ class Service:
         return self.bundle
 
     def classify_config(self, req: ClassifyRequest) -> ClassifyConfig:
-        bundle = self.require_ready()
-        cfg = bundle.classify_defaults
-        flags = {"top_k": req.top_k, "min_confidence": req.min_confidence, "target_accuracy": req.target_accuracy}
-        cfg = cfg.model_copy(update={k: v for k, v in flags.items() if v is not None})
-        if req.min_confidence is not None and req.target_accuracy is None:
-            cfg = cfg.model_copy(update={"target_accuracy": None})  # an explicit threshold beats the bundle's target
-        if cfg.target_accuracy is not None:
-            try:
-                cfg = cfg.model_copy(update={"min_confidence": bundle.threshold_for(cfg.target_accuracy)})
-            except JobembedError as e:
-                raise ApiError(422, "target_accuracy", str(e).split(". Fix: ")[0], fix="send min_confidence") from None
-        return cfg
+        try:
+            return self.require_ready().classify_config(
+                top_k=req.top_k, min_confidence=req.min_confidence, target_accuracy=req.target_accuracy
+            )
+        except JobembedError as e:
+            raise ApiError(422, "target_accuracy", str(e).split(". Fix: ")[0], fix="send min_confidence") from None
 
 
 def _on_cpu(config: ServeConfig) -> bool:

@@ -111,6 +111,14 @@ def build_tiny_encoder(path: Path, *, seed: int = TINY_SEED) -> Path:
     return path
 
 
+def encoder_info(embedder, model: str):
+    """The ``EncoderInfo`` a bundle stores for vectors made by ``embedder`` (an ``embed.Embedder``) of ``model``."""
+    from jobembed.bundle import EncoderInfo
+
+    e = embedder
+    return EncoderInfo(model, e.fingerprint, e.precision, e.prompt, e.config.max_seq_length)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SentenceTransformer folder (32-dim, 2 layers, max 128 tokens), built once per session."""

@@ -12,6 +12,7 @@ from jobembed.embed import Embedder
 from jobembed.encoders import model_fingerprint
 from jobembed.errors import BundleError
 from jobembed.head import MLPHead
+from tests.conftest import encoder_info
 from tests.synthetic import make_ads
 
 LABELS = pd.DataFrame({"label": ["a", "b"], "name": ["Alpha", "Beta"], "description": ["", ""]})
@@ -31,13 +32,7 @@ def setup(tiny_encoder_dir):
     y = np.where(ads["label"] == "83", "a", "b")
     embedder = Embedder(config.embed, prompt=None)
     X = embedder.encode(ads["text"].tolist())
-    info = EncoderInfo(
-        model=str(tiny_encoder_dir),
-        fingerprint=embedder.fingerprint,
-        precision=embedder.precision,
-        text_prompt=None,
-        max_seq_length=64,
-    )
+    info = encoder_info(embedder, str(tiny_encoder_dir))
     return config, ads, X, y, info
 
 
@@ -160,7 +155,7 @@ def test_copied_builtin_e5_bundle_loads_and_predicts(tmp_path, real_cache, monke
     embedder = Embedder(config.embed, prompt="query: ")
     texts = ["Kierowca kat. C+E", "Pielęgniarka na oddział"] * 3
     X = embedder.encode(texts)
-    info = EncoderInfo(ref, embedder.fingerprint, embedder.precision, "query: ", 64)
+    info = encoder_info(embedder, ref)
     path = _save(tmp_path / "b", config, info, CentroidClassifier().fit(X, ["a", "b"] * 3), copy_encoder=True)
     shutil.move(str(path), tmp_path / "elsewhere")
     bundle = load_bundle(tmp_path / "elsewhere")

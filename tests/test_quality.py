@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from jobembed import metrics
 from jobembed.baselines import tfidf_logreg
-from jobembed.bundle import EncoderInfo, load_bundle, save_bundle
+from jobembed.bundle import load_bundle, save_bundle
 from jobembed.cli import app
 from jobembed.config import ClassifyConfig, EmbedConfig, HeadConfig, HybridConfig, PipelineConfig, TfidfConfig
 from jobembed.embed import Embedder, RunVectors
@@ -20,6 +20,7 @@ from jobembed.evaluate import evaluate_systems
 from jobembed.head import MLPHead
 from jobembed.hierarchy import find_hierarchy
 from jobembed.hybrid import HybridHead, TfidfLogReg
+from tests.conftest import encoder_info
 from tests.synthetic import make_ads, make_labels
 
 TFIDF = TfidfConfig(max_features=500)
@@ -243,7 +244,7 @@ def _bundle_setup(tiny_encoder_dir, tmp_path, mode):
     texts, y = ads["text"].tolist(), ads["label"].to_numpy(dtype=str)
     X = embedder.encode(texts)
     model = HybridHead(mode=mode, head=HEAD, tfidf=TFIDF, hybrid=HybridConfig(stack_folds=3)).fit(X, y, texts=texts)
-    info = EncoderInfo(str(tiny_encoder_dir), embedder.fingerprint, embedder.precision, None, 64)
+    info = encoder_info(embedder, str(tiny_encoder_dir))
     val_proba = model.predict_proba(X, texts=texts)
     selective = {"val_curve": metrics.coverage_curve(y, val_proba, model.classes_), "target_accuracy": 0.9}
     labels = make_labels().rename(columns={"code": "label"})[["label", "name"]].assign(description="")

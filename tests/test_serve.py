@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import yaml
 
-from jobembed.bundle import EncoderInfo, load_bundle, save_bundle
+from jobembed.bundle import load_bundle, save_bundle
 from jobembed.config import PipelineConfig, ServeConfig
 from jobembed.embed import Embedder
 from jobembed.head import MLPHead
 from jobembed.serve import ApiError, MicroBatcher, parse_request
+from tests.conftest import encoder_info
 from tests.synthetic import make_ads, make_labels
 
 LIMITS = {"max_texts": 4, "max_chars": 2000, "max_body_bytes": 4096}
@@ -51,13 +52,7 @@ def bundle_dir(tmp_path_factory, tiny_encoder_dir) -> Path:
     embedder = Embedder(config.embed, prompt=None)
     X = embedder.encode(Cleaner(config.clean).clean(ads["text"].tolist()).texts)
     head = MLPHead(hidden_sizes=(16,), max_epochs=40).fit(X, ads["label"].astype(str).to_numpy())
-    info = EncoderInfo(
-        model=str(tiny_encoder_dir),
-        fingerprint=embedder.fingerprint,
-        precision=embedder.precision,
-        text_prompt=None,
-        max_seq_length=64,
-    )
+    info = encoder_info(embedder, str(tiny_encoder_dir))
     return save_bundle(
         root / "bundle",
         model=head,
