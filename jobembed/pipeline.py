@@ -43,6 +43,7 @@ from jobembed import data, distributed, embed, encoders, metrics
 from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
 from jobembed.bundle import EncoderInfo, load_head, save_bundle
 from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
+from jobembed.clean.gliner import WINDOWS_VERSION
 from jobembed.config import (
     BundleEncoderChoice,
     CleanBackend,
@@ -191,8 +192,15 @@ def _embed_identity(config: PipelineConfig) -> dict[str, str]:
 
 
 def _clean_identity(config: PipelineConfig) -> dict[str, object]:
-    """The cleaner's backend, pattern files and (gliner2) model fingerprint and schema."""
-    return Cleaner(config.clean).info()
+    """The cleaner's backend, pattern files and (gliner2) model fingerprint, schema and windowing version.
+
+    The windowing version is here rather than in the stage's code version so that only gliner2 runs re-clean
+    when windows change (rules runs, and everything downstream of them, keep their keys).
+    """
+    info = Cleaner(config.clean).info()
+    if info["backend"] == str(CleanBackend.gliner2):
+        info["windows_version"] = WINDOWS_VERSION
+    return info
 
 
 def _triplets_identity(config: PipelineConfig) -> dict[str, str]:

@@ -147,6 +147,29 @@ def test_plain_gliner2_crashes_on_a_long_ad_and_windows_do_not(tiny_gliner_dir):
     assert max(s.start for s in spans) > len(ad) // 2, "spans past the first window must be found"
 
 
+@pytest.mark.parametrize("overlap", [4, 16])
+def test_windows_overlap_even_where_the_cut_word_costs_more_than_the_overlap(tiny_gliner_dir, overlap):
+    # A pasted URL costs ~18 subwords of the tiny tokenizer; shifting the ad word by word puts a window's last
+    # word on every kind of word, URLs included, whatever vocabulary the session's tokenizer learnt.
+    model, _ = load_gliner(str(tiny_gliner_dir))
+    extractor = Extractor(model, entities=ENTITIES, window_tokens=200, window_overlap=overlap)
+    for shift in range(12):
+        ad = "Nurse " * shift + _long_ad(20)
+        windows = extractor.windows(ad)
+        assert len(windows) > 2
+        assert all(b.start_char < a.end_char for a, b in itertools.pairwise(windows)), f"no overlap at shift {shift}"
+
+
+def test_only_gliner2_clean_keys_carry_the_windowing_version(tiny_gliner_dir):
+    from jobembed.clean.gliner import WINDOWS_VERSION
+    from jobembed.pipeline import _clean_identity
+
+    gliner = load_config(None, {"clean": _clean_config(tiny_gliner_dir).model_dump(mode="json")})
+    rules = load_config(None, {"clean.backend": "rules"})
+    assert _clean_identity(gliner)["windows_version"] == WINDOWS_VERSION
+    assert "windows_version" not in _clean_identity(rules)  # a windowing fix does not re-run rules runs
+
+
 def test_windows_fit_the_encoder_limit_even_when_asked_for_more(tiny_gliner_dir):
     model, _ = load_gliner(str(tiny_gliner_dir))
     extractor = Extractor(model, entities=ENTITIES, window_tokens=4096, window_overlap=16)

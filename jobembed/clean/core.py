@@ -38,7 +38,7 @@ import yaml
 
 from jobembed import encoders, ui
 from jobembed.artifacts import atomic_write_text, write_json
-from jobembed.clean.gliner import Extractor, ScoredSpan, load_gliner
+from jobembed.clean.gliner import WINDOWS_VERSION, Extractor, ScoredSpan, load_gliner
 from jobembed.clean.pii import pii_report, pii_spans
 from jobembed.clean.rules import RulesCleaner
 from jobembed.clean.spans import Span, dedupe_spans
@@ -185,7 +185,14 @@ class Cleaner:
 
     def _extraction_key(self) -> str:
         c = self.config
-        payload = [self.model_fingerprint, self.entities, self.threshold, c.window_tokens, c.window_overlap]
+        payload = [
+            self.model_fingerprint,
+            self.entities,
+            self.threshold,
+            c.window_tokens,
+            c.window_overlap,
+            WINDOWS_VERSION,
+        ]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     # ------------------------------------------------------------------------------ work

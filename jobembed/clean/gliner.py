@@ -107,6 +107,10 @@ def position_limit(model) -> int:
     return int(limit)
 
 
+# Bumped when `Extractor.windows` cuts an ad differently, so cached extractions from older windows are not reused.
+WINDOWS_VERSION = 2
+
+
 class Extractor:
     """A GLiNER2 model and a schema, extracting spans from whole ads in subword-sized windows.
 
@@ -115,7 +119,8 @@ class Extractor:
         entities: ``[{"name", "description", "threshold"}]``.
         threshold: the default span threshold.
         window_tokens: text subword tokens per window (capped by the encoder's limit minus the prompt).
-        window_overlap: subword tokens shared by consecutive windows.
+        window_overlap: subword tokens shared by consecutive windows (always at least the cut word, unless it
+            costs over half a window).
         batch_size: windows per forward pass.
     """
 
@@ -175,8 +180,11 @@ class Extractor:
             )  # fmt: skip
             if j >= len(words):
                 break
+            # Step back over the last words worth `overlap` subwords, and always over at least the cut word
+            # when it is no more than half a window (a URL costs more than a small overlap): without that,
+            # consecutive windows would share nothing and a span cut by the edge would be lost.
             k, back = j, 0
-            while k - 1 > i and back + cost[k - 1] <= self.overlap:
+            while k - 1 > i and (back + cost[k - 1] <= self.overlap or (k == j and cost[k - 1] <= self.budget // 2)):
                 k -= 1
                 back += cost[k]
             i = k
