@@ -488,7 +488,9 @@ def make_triplets(
     ] = None,
     triplets__relative_margin: Annotated[
         float | None,
-        typer.Option("--margin", min=0.01, max=1.0, help="Negatives score below this x the positive's score."),
+        typer.Option(
+            "--margin", min=0.01, max=1.0, help="Negatives score below this x the anchor's nearest same-class ad's."
+        ),
     ] = None,
     triplets__noise_filter: Annotated[
         NoiseFilter | None, typer.Option("--noise-filter", help="model judge: cleanlab's filter_by method.")

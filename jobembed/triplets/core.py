@@ -334,8 +334,8 @@ def report_md(r: dict[str, Any]) -> str:
         "# Triplets",
         "",
         f"Judge: **{r['judge']}**; positives: {r['positive']}; up to {r['negatives_per_anchor']} negatives per anchor "
-        f"below {r['relative_margin']:.0%} of the positive's similarity; encoder {r['encoder']['model']} "
-        f"({r['encoder']['fingerprint'][:8]}).",
+        f"below {r['relative_margin']:.0%} of the anchor's nearest same-class similarity; "
+        f"encoder {r['encoder']['model']} ({r['encoder']['fingerprint'][:8]}).",
     ]
     if r["judge_kind"] == "model":
         lines.append(
