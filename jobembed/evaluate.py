@@ -520,6 +520,13 @@ def evaluate_finetuned(
             f"the fine-tuned encoder's triplets hold {len(seen_test)} test ads (e.g. {sorted(seen_test)[0]})",
             fix="fine-tune on triplets mined without the test split (jobembed make-triplets)",
         )
+    cv_note = (
+        f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} train ads through its "
+        "triplets"
+        if ads_seen
+        else "not run: the encoder's triplets carry no ad ids, so whose labels it saw is unknown, and whether test "
+        "ads are among them could not be checked (make-triplets writes the ids)"
+    )
     names = [s for s in map(str, config.report.systems) if s != "tfidf"]
     slug = encoder_slug(tuned.model, tuned.fingerprint)
     # "multilingual-e5-small-finetuned", not the folder's name ("model")
@@ -564,8 +571,7 @@ def evaluate_finetuned(
                 if len(val)
                 else None,
                 "cv": None,
-                "cv_note": f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} "
-                "train ads through its triplets",
+                "cv_note": cv_note,
             }
             versus = {}
             for other in (frozen_key_of.get(name), "tfidf"):

@@ -194,6 +194,24 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(ft_workspace, tmp_pa
     assert log[-1]["epoch"] == pytest.approx(40, abs=0.01)
 
 
+def test_a_triplet_file_without_ids_is_reported_as_unchecked(ft_workspace, tmp_path):
+    cfg = yaml.safe_load((ft_workspace / "ft.yaml").read_text())
+    cfg["name"] = "ft-bare"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(cfg))
+    run = ft_workspace / "runs" / "ft-bare"
+    assert invoke("make-triplets", run, "-c", tmp_path / "mine.yaml", "-q").exit_code == 0
+    bare = tmp_path / "bare.parquet"  # an outside file: texts only, as from another tool
+    pd.read_parquet(run / "triplets" / "train.parquet")[["anchor", "positive", "negative"]].to_parquet(bare)
+    cfg["finetune"] |= {"enabled": True, "triplets": str(bare)}
+    cfg["report"] = {"cv_folds": 3, "bootstrap": 50, "tfidf": {"max_features": 2000}}
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("run", "-c", tmp_path / "bare.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "finetune" / "finetune.json").read_text())["ads_seen"] == 0
+    tuned = json.loads((run / "report" / "metrics.json").read_text())["finetuned"]["systems"]
+    assert tuned and all(r["cv"] is None and "carry no ad ids" in r["cv_note"] for r in tuned.values())
+
+
 def test_a_fine_tuned_folder_keeps_the_prompts_it_was_trained_with(tmp_path):
     from jobembed.encoders import PROMPTS_SIDECAR, resolve_prompts
 
