@@ -400,6 +400,25 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that a run can resume from, or None.
+
+    The Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a newer checkpoint without
+    it (or with half of it); resuming from that one would fail, so it is skipped (not deleted: the resumed run
+    saves that step again over it).
+    """
+    if not folder.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
+
+
 def finetune(
     *,
     triplets: Triplets,
@@ -428,7 +447,6 @@ def finetune(
         BatchSamplers,
         SentenceTransformerTrainingArguments,
     )
-    from transformers.trainer_utils import get_last_checkpoint
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     resolved = encoders.resolve(model_ref, cache_dir=cache_dir)
@@ -505,7 +523,7 @@ def finetune(
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
         data_collator=speed["data_collator"],
     )
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started

@@ -212,6 +212,20 @@ def test_a_triplet_file_without_ids_is_reported_as_unchecked(ft_workspace, tmp_p
     assert tuned and all(r["cv"] is None and "carry no ad ids" in r["cv_note"] for r in tuned.values())
 
 
+def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
+    from jobembed.finetune import last_complete_checkpoint
+
+    for step, state in ((10, "{}"), (20, None), (30, '{"global_st')):  # 20: killed before the state, 30: during it
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path) is None
+
+
 def test_a_fine_tuned_folder_keeps_the_prompts_it_was_trained_with(tmp_path):
     from jobembed.encoders import PROMPTS_SIDECAR, resolve_prompts
 
