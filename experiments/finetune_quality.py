@@ -408,6 +408,11 @@ def _row(*cells: object) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
+def _table(title: str, head: tuple[str, ...]) -> list[str]:
+    """A titled Markdown table's opening lines: blank, title, blank, header, rule."""
+    return ["", title, "", _row(*head), _row(*["---"] * len(head))]
+
+
 def _ci(entry: dict[str, Any]) -> str:
     lo, hi = entry["macro_f1_ci95"]
     return f"{entry['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -422,11 +427,7 @@ def summary() -> str:
         base = json.loads(base_path.read_text())
         head = ("system", "frozen macro-F1 [95% CI]", "fine-tuned per seed", "mean lift ± sd", "McNemar p per seed")
         lines += [
-            "",
-            f"### Main comparison: test split ({base['n_test']} ads), {len(seeds)} fine-tuning seeds",
-            "",
-            _row(*head),
-            _row(*["---"] * len(head)),
+            *_table(f"### Main comparison: test split ({base['n_test']} ads), {len(seeds)} fine-tuning seeds", head),
         ]
         for name in SYSTEMS:
             tuned = np.asarray([s["systems"][name]["macro_f1"] for s in seeds])
@@ -474,11 +475,7 @@ def summary() -> str:
             "accuracy lift, jobembed / floor's",
         )
         lines += [
-            "",
-            f"### The floor's recipe on this split (plain libraries), {len(floors)} seeds, test split",
-            "",
-            _row(*head),
-            _row(*["---"] * len(head)),
+            *_table(f"### The floor's recipe on this split (plain libraries), {len(floors)} seeds, test split", head),
         ]
         for name in SYSTEMS:
             frozen_f1 = base["systems"][name]["macro_f1"]
@@ -516,11 +513,7 @@ def summary() -> str:
             "seconds",
         )
         lines += [
-            "",
-            f"### Variants: validation, one seed, {VARIANT_BUDGET['max_triplets']} triplets",
-            "",
-            _row(*head),
-            _row(*["---"] * len(head)),
+            *_table(f"### Variants: validation, one seed, {VARIANT_BUDGET['max_triplets']} triplets", head),
             _row("frozen encoder", "", "", f"{ref['macro_f1']:.3f}", "", f"{ref['accuracy']:.3f}", "", ""),
         ]
         for v in variants:
@@ -541,13 +534,7 @@ def summary() -> str:
     zeroshot = [json.loads(p.read_text()) for v in ZEROSHOT_UNITS if (p := RESULTS / f"zeroshot-{v}.json").is_file()]
     if zeroshot:
         head = ("variant", "triplets", "loss", "val zero-shot macro-F1", "val zero-shot acc", "val centroid macro-F1")
-        lines += [
-            "",
-            "### Zero-shot: validation, seed 13",
-            "",
-            _row(*head),
-            _row(*["---"] * len(head)),
-        ]
+        lines += _table("### Zero-shot: validation, seed 13", head)
         for z in zeroshot:
             loss = "" if z["variant"] == "frozen" else z["loss"] + (" class-aware" if z["class_aware"] else "")
             lines.append(
