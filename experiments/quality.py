@@ -5,10 +5,10 @@
 
 prepare -> clean (rules) -> embed (builtin e5-small, 256 tokens) -> compare-report with TF-IDF + LR, the MLP
 head, late fusion, stacking and the hierarchy head on the same splits and the same 5 CV folds of the dev pool
-(train + validation). Every choice inside a system (fusion weight, temperature, early stopping, abstention
-threshold) is made on validation rows (the validation split for the test fit, a held-out part of the fold's
-training rows inside CV); the test split is scored once. Prints the tables of docs/results.md#quality; raw
-numbers in experiments/out/quality-<label>/report/metrics.json.
+(train + validation). Every choice inside a system (fusion weight, temperature, early stopping) is made on
+validation rows (the validation split for the test fit, a held-out part of the fold's training rows inside CV); the
+abstention threshold on the out-of-fold answers of the CV; the test split is scored once. Prints the tables of
+docs/results.md#quality; raw numbers in experiments/out/quality-<label>/report/metrics.json.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def print_tables(m: dict) -> None:
                 f"{versus(s, tfidf, 'parent_macro_f1')} | {s['test_parent']['macro_f1']:.3f} |"
             )
     print(
-        "\n| system | threshold for target (val) | val coverage | test coverage | test accuracy of answered | "
-        "test ECE before | after temperature (val) |"
+        "\n| system | threshold for target (out-of-fold) | dev coverage (out-of-fold) | test coverage | "
+        "test accuracy of answered | test ECE before | after temperature (val) |"
     )
     print("|---|---|---|---|---|---|---|")
     for key in m["ranking"]:
@@ -135,7 +135,7 @@ def print_tables(m: dict) -> None:
         thr = "–" if sel["threshold"] is None else f"{sel['threshold']:.3f}"
         c = sel["calibration"]
         print(
-            f"| {s['display']} | {thr} | {sel['val']['coverage']:.3f} | {sel['test']['coverage']:.3f} | "
+            f"| {s['display']} | {thr} | {sel['oof']['coverage']:.3f} | {sel['test']['coverage']:.3f} | "
             f"{sel['test']['accuracy']:.3f} | {c['ece_test']:.3f} | {c['ece_test_scaled']:.3f} |"
         )
 

@@ -391,26 +391,30 @@ class Bundle:
         return cfg
 
     def threshold_for(self, target_accuracy: float) -> float:
-        """The confidence threshold at which the answered validation ads reached ``target_accuracy``.
+        """The confidence threshold at which the bundled system's out-of-fold answers reached ``target_accuracy``.
 
-        Read from the validation coverage-accuracy curve compare-report stored in the bundle.
+        Computed by ``metrics.threshold_from_scores`` on the out-of-fold ``(confidence, correct)`` pairs
+        compare-report stored in the bundle: the same rule and data as the report's threshold, so for the report's
+        target the two are the same number.
 
         Raises:
-            BundleError: the bundle has no curve (made by train-head, or before jobembed-report/3).
-            JobembedError: validation never reached the target at any threshold.
+            BundleError: the bundle has no out-of-fold answers (made by train-head, or from a system that was not
+                cross-validated, such as the fine-tuned encoder's).
+            JobembedError: the out-of-fold answers never reached the target at any threshold.
         """
-        selective = self.meta.metrics.get("selective")
-        if not selective or not selective.get("val_curve"):
+        selective = self.meta.metrics.get("selective") or {}
+        scores = selective.get("oof_scores")
+        if not scores or not scores.get("confidence"):
             raise BundleError(
-                f"{self.path}: the bundle has no validation coverage-accuracy curve for --target-accuracy",
-                fix="use a bundle made by `jobembed bundle` after compare-report, or pass --min-confidence",
+                f"{self.path}: the bundle has no out-of-fold answers to choose a --target-accuracy threshold on",
+                fix="use a bundle made by `jobembed bundle` from a cross-validated system, or pass --min-confidence",
             )
-        curve = selective["val_curve"]
-        threshold = metrics.threshold_from_curve(curve, target_accuracy)
+        threshold = metrics.threshold_from_scores(scores["confidence"], scores["correct"], target_accuracy)
         if threshold is None:
+            best = metrics.accuracy_by_threshold(scores["confidence"], scores["correct"])[1].max()
             raise JobembedError(
-                f"--target-accuracy {target_accuracy}: no confidence threshold reached it on validation "
-                f"(the most confident answers reached {max(curve['accuracy']):.3f})",
+                f"--target-accuracy {target_accuracy}: no confidence threshold reached it on the out-of-fold answers "
+                f"(the best any threshold reached was {best:.3f})",
                 fix="ask for a lower target accuracy, or pass --min-confidence",
             )
         return threshold

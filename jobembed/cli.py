@@ -843,7 +843,8 @@ def run(
 
 
 def selective_lines(metrics: dict[str, Any]) -> list[str]:
-    """The bundled system's coverage-accuracy curve in a few points, and the threshold chosen on validation."""
+    """The bundled system's coverage-accuracy curve in a few points, and the threshold chosen on out-of-fold
+    answers."""
     key = metrics.get("bundled")
     sel = metrics["systems"][key].get("selective") if key else None
     if not sel or not sel["test_curve"]["coverage"]:
@@ -855,10 +856,13 @@ def selective_lines(metrics: dict[str, Any]) -> list[str]:
         points.append(f"{curve['coverage'][i]:.0%} → {curve['accuracy'][i]:.1%}")
     out = [f"coverage → accuracy of {r['display']} on test, most confident first: " + ", ".join(points)]
     if sel["threshold"] is None:
-        out.append(f"  no confidence threshold reached {sel['target_accuracy']:.0%} accuracy on validation")
+        out.append(
+            f"  no confidence threshold reached {sel['target_accuracy']:.0%} accuracy on the out-of-fold answers"
+        )
     else:
         out.append(
-            f"  abstaining below confidence {sel['threshold']:.3f} (validation, for {sel['target_accuracy']:.0%}): "
+            f"  abstaining below confidence {sel['threshold']:.3f} (out-of-fold answers of the CV, for "
+            f"{sel['target_accuracy']:.0%}): "
             f"{sel['test']['coverage']:.0%} of test ads answered at {sel['test']['accuracy']:.1%} accuracy; "
             f"`classify --target-accuracy {sel['target_accuracy']}` uses it "
             "(figure: report/figures/coverage_accuracy.png)"
@@ -933,8 +937,9 @@ def classify(
             "--target-accuracy",
             min=0.01,
             max=1.0,
-            help="Answer only as confidently as reached this accuracy on validation (the threshold comes from the "
-            "bundle's coverage-accuracy curve); the rest are 'uncertain'. Overrides --min-confidence.",
+            help="Answer only as confidently as reached this accuracy on the bundled system's out-of-fold answers "
+            "(the report's rule, on the answers stored in the bundle); the rest are 'uncertain'. Overrides "
+            "--min-confidence.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,

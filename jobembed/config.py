@@ -324,8 +324,10 @@ class ReportConfig(_Strict):
     hierarchy: HierarchyMode = HierarchyMode.auto
     # The `hier` system's weight of the parent-level loss.
     hierarchy_weight: float = Field(0.5, ge=0)
-    # Selective classification: the confidence threshold that reaches this accuracy on validation is reported
-    # with the coverage and accuracy it gives on test, and the bundle keeps the validation curve for classify.
+    # Selective classification: the confidence threshold at which the out-of-fold answers of the CV reach this
+    # accuracy is reported with the coverage and accuracy it gives on test; the bundle keeps those answers, so
+    # classify --target-accuracy computes thresholds by the same rule (validation confidences are optimistic: the
+    # validation split stopped and calibrated the heads).
     target_accuracy: float = Field(0.9, gt=0, le=1)
 
     @field_validator("systems")
@@ -357,8 +359,8 @@ class ClassifyConfig(_Strict):
     top_k: int = Field(3, ge=1)
     # Below this top probability the answer is `uncertain_label`; 0 always answers.
     min_confidence: float = Field(0.0, ge=0, le=1)
-    # Instead of min_confidence: the threshold at which the bundle's validation answers reached this accuracy
-    # (compare-report's coverage-accuracy curve, stored in the bundle); None uses min_confidence.
+    # Instead of min_confidence: the threshold at which the bundled system's out-of-fold answers (stored in the
+    # bundle by compare-report) reached this accuracy; None uses min_confidence.
     target_accuracy: float | None = Field(None, gt=0, le=1)
     uncertain_label: str = "uncertain"
 

@@ -20,9 +20,9 @@ cross-validation over ``train + val``, mean ± std per metric (inside a fold the
 stratified, grouped early-stopping rows); (3) the winner by CV macro-F1 against every other system: exact
 McNemar on test and the Nadeau-Bengio corrected t-test on the folds. Where labels nest (``hierarchy``),
 every system is also scored at the parent level from the same predictions (parent of the predicted class).
-Selective classification: per system, the confidence threshold that reaches ``report.target_accuracy`` on
-validation, and the coverage and accuracy it gives on test; calibration (ECE) on test before and after a
-temperature fit on validation.
+Selective classification: per system, the confidence threshold at which its out-of-fold answers over the dev
+pool (from the CV above) reach ``report.target_accuracy``, and the coverage and accuracy it gives on test;
+calibration (ECE) on test before and after a temperature fit on validation.
 
 ``report.write_report`` turns the result into files; ``finetune`` can call this on its own encoder.
 """
@@ -43,11 +43,11 @@ from jobembed.baselines import CentroidClassifier, CosineClassifier, embedding_l
 from jobembed.config import PipelineConfig
 from jobembed.embed import RunVectors, encoder_slug, short_name
 from jobembed.errors import DataError
-from jobembed.head import MLPHead
+from jobembed.head import MLPHead, holdout_split
 from jobembed.hierarchy import Hierarchy, find_hierarchy
 from jobembed.hybrid import HybridHead
 
-REPORT_FORMAT = "jobembed-report/3"
+REPORT_FORMAT = "jobembed-report/4"
 BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "centroid", "zeroshot")
 HYBRID_SYSTEMS = ("fusion", "stack")
 SYSTEM_TITLES = {
@@ -96,6 +96,8 @@ class Evaluation:
         per_class: system key -> per-class precision/recall/F1 on test.
         label_order: every label (label set and test labels), in the order of tables and figures.
         y_test: ``(n_test,)`` true labels.
+        oof: system key -> ``(confidence, correct)`` of every dev ad from cross-validation (the abstention
+            threshold is chosen on it; the bundle keeps its winner's, so classify computes the same threshold).
     """
 
     metrics: dict[str, Any]
@@ -104,6 +106,7 @@ class Evaluation:
     per_class: dict[str, pd.DataFrame]
     label_order: list[str]
     y_test: np.ndarray
+    oof: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def build_systems(config: PipelineConfig, vectors: Mapping[str, RunVectors]) -> list[System]:
@@ -148,7 +151,8 @@ def _fit_predict(
     X_tr, y_tr = X_dev[train_idx], y[train_idx]
     X_val = X_dev[val_idx] if val_idx is not None and len(val_idx) else None
     y_val = y[val_idx] if X_val is not None else None
-    groups = dev["group"].to_numpy()[train_idx] if X_val is None else None
+    # Repost groups always: the stack's out-of-fold TF-IDF features and any held-out rows keep reposts together.
+    groups = dev["group"].to_numpy()[train_idx]
     if system.name in HYBRID_SYSTEMS:
         model = HybridHead(
             mode=system.name, head=config.head, tfidf=config.report.tfidf, hybrid=config.report.hybrid
@@ -178,9 +182,26 @@ def _fit_predict(
         )
     else:  # pragma: no cover - guarded by the config's enum
         raise ValueError(system.name)
-    if isinstance(model, CosineClassifier) and X_val is not None:
-        model.calibrate(X_val, y_val)
+    if isinstance(model, CosineClassifier):
+        _calibrate_cosine(model, X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, head=config.head)
     return np.asarray(model.predict(X_eval), dtype=str), model
+
+
+def _calibrate_cosine(model: CosineClassifier, X_tr, y_tr, *, X_val, y_val, groups, head) -> None:
+    """The softmax temperature of a cosine classifier: on the validation rows, or inside a CV fold on a
+    repost-grouped slice of the fold's training rows (as the MLP holds out its own), so out-of-fold confidences
+    come from the same recipe as the served model's. The slice stays in the centroids: predictions, and so every
+    CV figure, are those of the classifier fit on all of the fold's training rows."""
+    if X_val is not None:
+        model.calibrate(X_val, y_val)
+        return
+    try:
+        _, va = holdout_split(
+            np.unique(y_tr, return_inverse=True)[1], fraction=head.validation_fraction, seed=head.seed, groups=groups
+        )
+    except DataError:  # too few groups to hold any out: the prior temperature stays
+        return
+    model.calibrate(X_tr[va], y_tr[va])
 
 
 def fit_on_train(
@@ -231,6 +252,7 @@ def predict_proba(system: System, model: Any, X: np.ndarray | None, texts: list[
 def selective_scores(
     *,
     classes: np.ndarray,
+    oof: tuple[np.ndarray, np.ndarray] | None,
     proba_val: np.ndarray,
     y_val: np.ndarray,
     proba_test: np.ndarray,
@@ -238,17 +260,26 @@ def selective_scores(
     target: float,
     proba_test_uncalibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Abstention and calibration of one system: threshold chosen on validation, scored on test.
+    """Abstention and calibration of one system: threshold chosen on out-of-fold answers, scored on test.
 
-    ``proba_test_uncalibrated``: for heads that already serve temperature-scaled probabilities (the MLP), their
-    test probabilities at temperature 1, so the report shows calibration before and after scaling.
+    The validation split stops the MLP early, calibrates it and picks the fusion weight, so its confidences are
+    optimistic: a threshold read off them answers below the target. The threshold is instead the one at which the
+    system's out-of-fold answers over the dev pool (each ad predicted by the fold model that did not see it or its
+    reposts, in cross-validation) reach ``target``; the test split shows what it gives.
+
+    Args:
+        oof: ``(confidence, correct)`` of every dev ad from cross-validation; None when the system was not
+            cross-validated (the threshold is then None).
+        proba_val / y_val: validation probabilities, only for the calibration diagnostic (a temperature fit on them).
+        proba_test_uncalibrated: for heads that already serve temperature-scaled probabilities (the MLP), their
+            test probabilities at temperature 1, so the report shows calibration before and after scaling.
 
     Returns:
-        ``target_accuracy``, ``threshold`` (None when validation never reaches the target), ``test`` (coverage,
-        accuracy at that threshold), ``val_curve`` and ``test_curve`` (``metrics.coverage_curve``), and
-        ``calibration``: test ECE before and after a temperature fit on validation, with reliability points.
+        ``target_accuracy``, ``threshold``, ``oof`` and ``test`` (coverage, accuracy, answered at that threshold),
+        ``oof_curve`` and ``test_curve`` (``metrics.coverage_curve``), and ``calibration``: test ECE before and after
+        a temperature fit on validation, with reliability points.
     """
-    threshold = metrics.threshold_for_accuracy(y_val, proba_val, classes, target)
+    threshold = metrics.threshold_from_scores(*oof, target) if oof is not None else None
     known = np.isin(y_val, classes)
     log_val = np.log(np.maximum(proba_val[known], 1e-12))
     temperature = metrics.fit_temperature(log_val, np.searchsorted(classes, y_val[known])) if known.sum() > 1 else 1.0
@@ -262,9 +293,10 @@ def selective_scores(
     return {
         "target_accuracy": target,
         "threshold": threshold,
-        "val": metrics.selective_at(y_val, proba_val, classes, threshold),
+        "chosen_on": "out-of-fold" if oof is not None else None,
+        "oof": metrics.selective_from_scores(*oof, threshold) if oof is not None else None,
         "test": metrics.selective_at(y_test, proba_test, classes, threshold),
-        "val_curve": metrics.coverage_curve(y_val, proba_val, classes),
+        "oof_curve": metrics.curve_from_scores(*oof) if oof is not None else None,
         "test_curve": metrics.coverage_curve(y_test, proba_test, classes),
         "calibration": {
             "temperature": temperature,
@@ -328,16 +360,24 @@ def cross_validate(
     folds: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[], None] | None = None,
     hierarchy: Hierarchy | None = None,
-) -> list[dict[str, float]]:
-    """Per-fold metrics of one system over the dev pool (train + val); the test split is not involved.
+) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
+    """Per-fold metrics of one system over the dev pool (train + val), and its out-of-fold answers; the test
+    split is not involved.
 
     Inside a fold the MLP holds out its own stratified, repost-grouped early-stopping rows. With a
     hierarchy each fold also has ``parent_accuracy`` and ``parent_macro_f1`` (parent of the predicted class).
+
+    Returns:
+        ``(fold metrics, (confidence, correct))``: the second pair has one entry per dev row, from the fold model
+        that held the row (and its reposts) out; the abstention threshold is chosen on it.
     """
     y_dev = dev["label"].to_numpy(dtype=str)
     out = []
+    confidence, correct = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
     for tr, te in folds:
-        pred, _ = _fit_predict(
+        X_eval = X_dev[te] if X_dev is not None else None
+        texts_eval = dev[config.text_column].iloc[te].tolist()
+        pred, model = _fit_predict(
             system,
             config=config,
             labels=labels,
@@ -345,10 +385,12 @@ def cross_validate(
             X_dev=X_dev,
             train_idx=tr,
             val_idx=None,
-            X_eval=X_dev[te] if X_dev is not None else None,
-            texts_eval=dev[config.text_column].iloc[te].tolist(),
+            X_eval=X_eval,
+            texts_eval=texts_eval,
             hierarchy=hierarchy,
         )
+        proba = predict_proba(system, model, X_eval, texts_eval)
+        confidence[te], correct[te] = metrics.confidence_and_correct(y_dev[te], proba, model.classes_)
         fold = metrics.classification_metrics(y_dev[te], pred, min_support=config.report.min_support)
         parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=config.report.min_support)
         if parent is not None:
@@ -356,7 +398,7 @@ def cross_validate(
         out.append(fold)
         if on_fold:
             on_fold()
-    return out
+    return out, (confidence, correct)
 
 
 def evaluate_systems(
@@ -399,6 +441,7 @@ def evaluate_systems(
     results: dict[str, dict[str, Any]] = {}
     fitted: dict[str, Any] = {}
     test_preds: dict[str, np.ndarray] = {}
+    oof: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with ui.bar(enabled=progress) as bar:
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
@@ -406,18 +449,7 @@ def evaluate_systems(
             pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
-            selective = None
-            if len(val):
-                selective = selective_scores(
-                    classes=np.asarray(model.classes_, dtype=str),
-                    proba_val=predict_proba(system, model, v.val if v is not None else None, val[col].tolist()),
-                    y_val=y_val,
-                    proba_test=predict_proba(system, model, v.test if v is not None else None, test[col].tolist()),
-                    y_test=y_test,
-                    target=config.report.target_accuracy,
-                    proba_test_uncalibrated=uncalibrated_proba(model, v.test if v is not None else None),
-                )
-            fold_metrics = cross_validate(
+            fold_metrics, oof[system.key] = cross_validate(
                 system,
                 config=config,
                 labels=labels,
@@ -427,6 +459,18 @@ def evaluate_systems(
                 on_fold=lambda: bar.advance(task),
                 hierarchy=hierarchy,
             )
+            selective = None
+            if len(val):
+                selective = selective_scores(
+                    classes=np.asarray(model.classes_, dtype=str),
+                    oof=oof[system.key],
+                    proba_val=predict_proba(system, model, v.val if v is not None else None, val[col].tolist()),
+                    y_val=y_val,
+                    proba_test=predict_proba(system, model, v.test if v is not None else None, test[col].tolist()),
+                    y_test=y_test,
+                    target=config.report.target_accuracy,
+                    proba_test_uncalibrated=uncalibrated_proba(model, v.test if v is not None else None),
+                )
             n_boot, groups = config.report.bootstrap, test["group"].to_numpy()
             results[system.key] = {
                 "system": system.name,
@@ -479,7 +523,7 @@ def evaluate_systems(
         "bundled": next((k for k in ranking if results[k]["system"] in BUNDLEABLE), None),
         "pairwise": pairwise,
     }
-    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test)
+    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test, oof)
 
 
 def evaluate_finetuned(
@@ -559,8 +603,10 @@ def evaluate_finetuned(
                 "encoder_fingerprint": tuned.fingerprint,
                 **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
+                # Not cross-validated (its triplets saw train labels): no out-of-fold answers, so no threshold.
                 "selective": selective_scores(
                     classes=np.asarray(model.classes_, dtype=str),
+                    oof=None,
                     proba_val=predict_proba(system, model, tuned.val, val[col].tolist()),
                     y_val=val["label"].to_numpy(dtype=str),
                     proba_test=predict_proba(system, model, tuned.test, test[col].tolist()),

@@ -223,9 +223,79 @@ def coverage_curve(
     y_true = np.asarray(y_true, dtype=str)
     if len(y_true) == 0:
         return {"coverage": [], "accuracy": [], "threshold": []}
-    conf, correct = _confidence_and_correct(y_true, proba, classes)
+    return curve_from_scores(*confidence_and_correct(y_true, proba, classes), n_points=n_points)
+
+
+def threshold_for_accuracy(
+    y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], target: float
+) -> float | None:
+    """The lowest confidence threshold whose kept answers (confidence >= it) reach ``target`` accuracy.
+
+    ``threshold_from_scores`` on the top-class probability and whether it is right.
+    """
+    y_true = np.asarray(y_true, dtype=str)
+    if len(y_true) == 0:
+        return None
+    conf, correct = confidence_and_correct(y_true, proba, classes)
+    return threshold_from_scores(conf, correct, target)
+
+
+def threshold_from_scores(confidence: Sequence[float], correct: Sequence[bool], target: float) -> float | None:
+    """The lowest confidence threshold at which the answers kept (confidence >= it) reach ``target`` accuracy.
+
+    The one rule for every threshold jobembed reports or serves: the report computes it on out-of-fold
+    confidences, and a bundle stores those confidences so ``classify`` and ``serve`` compute the same number for
+    any target. Ties of confidence are kept or dropped together. None when no threshold reaches the target.
+
+    Args:
+        confidence: ``(n,)`` top-class probabilities; correct: ``(n,)`` whether that class was the true one.
+    """
+    thresholds, accuracy = accuracy_by_threshold(confidence, correct)
+    ok = np.flatnonzero(accuracy >= target)
+    return float(thresholds[ok.max()]) if len(ok) else None
+
+
+def accuracy_by_threshold(confidence: Sequence[float], correct: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """``(thresholds, accuracy)``: every distinct confidence, highest first, and the accuracy of the answers at or
+    above it (answers tied at a confidence are kept or dropped together)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    right = np.asarray(correct, dtype=bool)
+    if len(conf) == 0:
+        return np.zeros(0), np.zeros(0)
     order = np.argsort(-conf, kind="stable")
-    cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    conf, right = conf[order], right[order]
+    last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])  # the last answer of each distinct confidence
+    return conf[last], np.cumsum(right)[last] / (last + 1)
+
+
+def selective_at(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], threshold: float | None) -> dict:
+    """Coverage (share answered) and accuracy of the answers with confidence >= ``threshold``."""
+    y_true = np.asarray(y_true, dtype=str)
+    if threshold is None or len(y_true) == 0:
+        return selective_from_scores([], [], None)
+    return selective_from_scores(*confidence_and_correct(y_true, proba, classes), threshold)
+
+
+def selective_from_scores(confidence: Sequence[float], correct: Sequence[bool], threshold: float | None) -> dict:
+    """``selective_at`` on ``(confidence, correct)`` pairs (out-of-fold answers, say)."""
+    conf, right = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if threshold is None or len(conf) == 0:
+        return {"coverage": 0.0, "accuracy": float("nan"), "answered": 0}
+    kept = conf >= threshold
+    return {
+        "coverage": float(kept.mean()),
+        "accuracy": float(right[kept].mean()) if kept.any() else float("nan"),
+        "answered": int(kept.sum()),
+    }
+
+
+def curve_from_scores(confidence: Sequence[float], correct: Sequence[bool], *, n_points: int = 100) -> dict:
+    """``coverage_curve`` on ``(confidence, correct)`` pairs."""
+    conf, right = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if len(conf) == 0:
+        return {"coverage": [], "accuracy": [], "threshold": []}
+    order = np.argsort(-conf, kind="stable")
+    cum_acc = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
     keep = np.unique(np.clip(np.ceil(np.linspace(1, n_points, n_points) / n_points * len(order)) - 1, 0, None))
     keep = keep.astype(int)
     return {
@@ -235,48 +305,9 @@ def coverage_curve(
     }
 
 
-def threshold_for_accuracy(
-    y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], target: float
-) -> float | None:
-    """The lowest confidence threshold whose kept answers (confidence >= it) reach ``target`` accuracy.
-
-    The threshold of the largest coverage at which the accuracy of the kept answers is still >= ``target``;
-    ties of confidence are kept or dropped together. None when no threshold reaches it.
-    """
-    y_true = np.asarray(y_true, dtype=str)
-    if len(y_true) == 0:
-        return None
-    conf, correct = _confidence_and_correct(y_true, proba, classes)
-    thresholds = np.unique(conf)[::-1]
-    kept_correct = np.array([correct[conf >= t].sum() for t in thresholds])
-    kept = np.array([(conf >= t).sum() for t in thresholds])
-    ok = np.flatnonzero(kept_correct / kept >= target)
-    return float(thresholds[ok.max()]) if len(ok) else None
-
-
-def selective_at(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], threshold: float | None) -> dict:
-    """Coverage (share answered) and accuracy of the answers with confidence >= ``threshold``."""
-    y_true = np.asarray(y_true, dtype=str)
-    if threshold is None or len(y_true) == 0:
-        return {"coverage": 0.0, "accuracy": float("nan"), "answered": 0}
-    conf, correct = _confidence_and_correct(y_true, proba, classes)
-    kept = conf >= threshold
-    return {
-        "coverage": float(kept.mean()),
-        "accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
-        "answered": int(kept.sum()),
-    }
-
-
-def threshold_from_curve(curve: dict[str, list[float]], target: float) -> float | None:
-    """The threshold of the largest coverage in a stored ``coverage_curve`` with accuracy >= ``target``."""
-    ok = [t for a, t in zip(curve["accuracy"], curve["threshold"], strict=True) if a >= target]
-    return min(ok) if ok else None
-
-
 def reliability(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str], n_bins: int = 10) -> dict:
     """Per confidence bin: mean confidence, accuracy and count (a reliability diagram's points)."""
-    conf, correct = _confidence_and_correct(np.asarray(y_true, dtype=str), proba, classes)
+    conf, correct = confidence_and_correct(np.asarray(y_true, dtype=str), proba, classes)
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
     rows = [(conf[bins == b].mean(), correct[bins == b].mean(), int((bins == b).sum())) for b in np.unique(bins)]
     return {
@@ -286,9 +317,10 @@ def reliability(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]
     }
 
 
-def _confidence_and_correct(
+def confidence_and_correct(
     y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(confidence, correct)``: each row's top-class probability and whether that class is ``y_true``."""
     proba = np.asarray(proba, dtype=np.float64)
     pred = np.asarray(classes, dtype=str)[proba.argmax(axis=1)]
     return proba.max(axis=1), pred == y_true

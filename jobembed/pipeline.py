@@ -651,7 +651,9 @@ register(
         help="mine anchor/positive/negative triplets in train (and val) and judge them: llm, model or none",
         # 2: the margin rule measures a candidate against the anchor's nearest same-class ad, not against its own
         # positive (random positives kept 73 of 576 triplets under the old rule), so older runs keep other triplets.
-        version=2,
+        # 3: a reused anchor's bar is its nearest ad (was its n-th), random positives draw from their own generator
+        # (anchors no longer move with the positive strategy), and the model judge's folds keep reposts together.
+        version=3,
     )
 )
 register(
@@ -686,6 +688,9 @@ register(
         run=_run_compare_report,
         shared=("text_column",),
         help="every system on the same splits: test, k-fold CV, intervals, significance",
+        # 2: abstention thresholds on out-of-fold answers (were validation's), stored for the bundle; the stack's
+        # out-of-fold features grouped by repost.
+        version=2,
     )
 )
 register(

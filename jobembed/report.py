@@ -4,11 +4,12 @@ Outputs in ``out_dir`` (the run's ``report/``), built under a temporary name and
 re-run never leaves tables or figures of systems it no longer has:
 
 - ``report.md``: the answer first, then every system with intervals, significance, per-class detail;
-- ``metrics.json``: everything in the report, for programs (format ``jobembed-report/3``);
+- ``metrics.json``: everything in the report, for programs (format ``jobembed-report/4``);
 - ``per_class/<system key>.csv``, ``figures/*.png``, ``config.yaml`` (the resolved config);
 - ``winner/``: the best system a bundle can serve (MLP head, hybrid head or cosine prototypes) as ``head/``
-  files plus ``winner.json`` (with its validation coverage-accuracy curve, from which ``classify
-  --target-accuracy`` takes a threshold); the ``bundle`` stage packages it with labels and the encoder reference.
+  files plus ``winner.json`` (with the out-of-fold confidences its abstention threshold was chosen on, from which
+  ``classify --target-accuracy`` computes the same threshold); the ``bundle`` stage packages it with labels and
+  the encoder reference.
 
 Tables show readable system names (``mlp@multilingual-e5-small``); files use the unique keys, which add
 the encoder's fingerprint (``mlp@multilingual-e5-small-1a2b3c4d``).
@@ -41,11 +42,16 @@ def head_kind(system: str) -> str:
     return "mlp" if system in ("mlp", "hier") else "hybrid" if system in HYBRID_SYSTEMS else "cosine"
 
 
-def _selective_for_bundle(entry: dict[str, Any]) -> dict[str, Any] | None:
+def _selective_for_bundle(entry: dict[str, Any], oof: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any] | None:
+    """What a bundle needs for ``classify --target-accuracy``: the out-of-fold ``(confidence, correct)`` pairs the
+    report's threshold was chosen on (so any target's threshold is computed by the same rule), and that threshold."""
     sel = entry.get("selective")
     if not sel:
         return None
-    return {k: sel[k] for k in ("target_accuracy", "threshold", "val", "val_curve")}
+    out = {k: sel[k] for k in ("target_accuracy", "threshold", "chosen_on", "oof", "oof_curve")}
+    if oof is not None:
+        out["oof_scores"] = {"confidence": [float(c) for c in oof[0]], "correct": [bool(c) for c in oof[1]]}
+    return out
 
 
 def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfig, labels: pd.DataFrame) -> Path:
@@ -81,7 +87,7 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfi
                     "encoder": system["encoder"],
                     "encoder_fingerprint": system["encoder_fingerprint"],
                     "metrics": {"test": system["test"], "cv": system["cv"]["summary"]},
-                    "selective": _selective_for_bundle(system),
+                    "selective": _selective_for_bundle(system, evaluation.oof.get(best)),
                 },
             )
             _save_finetuned_winner(tmp, result, evaluation, kind=system["system"])
@@ -109,7 +115,7 @@ def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evalua
             "encoder": system["encoder"],
             "encoder_fingerprint": system["encoder_fingerprint"],
             "metrics": {"test": system["test"], "cv": None, "trained_on": result["finetuned"]["source"]},
-            "selective": _selective_for_bundle(system),
+            "selective": _selective_for_bundle(system, None),
         },
     )
 
@@ -341,7 +347,7 @@ def _hierarchy_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def _selective_section(metrics: dict[str, Any]) -> list[str]:
-    """Abstention: the threshold chosen on validation and what it gives on test; calibration."""
+    """Abstention: the threshold chosen on out-of-fold answers and what it gives on test; calibration."""
     res, ranking = metrics["systems"], metrics["ranking"]
     rows = [k for k in ranking if res[k].get("selective")]
     if not rows:
@@ -351,22 +357,24 @@ def _selective_section(metrics: dict[str, Any]) -> list[str]:
         "",
         "## Knowing when to abstain",
         "",
-        f"Per system, the lowest confidence threshold at which the answered validation ads reach {target:.0%} "
-        "accuracy; below it the ad goes to a person. Test shows what that threshold really gives (coverage = share "
-        "of test ads answered). ECE: expected calibration error on test before temperature scaling (the MLP heads at "
-        "temperature 1, other systems as they come) and after one temperature fit on validation (what the MLP heads "
-        "serve). `classify --target-accuracy` picks the threshold from the bundle's "
-        "validation curve.",
+        f"Per system, the lowest confidence threshold at which its out-of-fold answers over the dev pool reach "
+        f"{target:.0%} accuracy (each ad answered, in cross-validation, by the fold model that did not see it or its "
+        "reposts); below it the ad goes to a person. Not the validation split: it stopped the MLP early, calibrated it "
+        "and picked the fusion weight, so its confidences are optimistic. Test shows what the threshold really gives "
+        "(coverage = share of test ads answered). ECE: expected calibration error on test before temperature scaling "
+        "(the MLP heads at temperature 1, other systems as they come) and after one temperature fit on validation "
+        "(what the MLP heads serve). `classify --target-accuracy` computes its threshold from the same out-of-fold "
+        "answers, stored in the bundle.",
         "",
-        "| system | threshold (val) | val coverage | test coverage | test accuracy of answered | test ECE | "
-        "ECE after temperature |",
+        "| system | threshold (out-of-fold) | dev coverage (out-of-fold) | test coverage | test accuracy of answered "
+        "| test ECE | ECE after temperature |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in rows:
         s = res[key]["selective"]
         c = s["calibration"]
         lines.append(
-            f"| {res[key]['display']} | {_fmt(s['threshold'])} | {_fmt(s['val']['coverage'])} | "
+            f"| {res[key]['display']} | {_fmt(s['threshold'])} | {_fmt((s['oof'] or {}).get('coverage'))} | "
             f"{_fmt(s['test']['coverage'])} | {_fmt(s['test']['accuracy'])} | {_fmt(c['ece_test'])} | "
             f"{_fmt(c['ece_test_scaled'])} |"
         )
@@ -466,7 +474,7 @@ def _answer(metrics: dict[str, Any]) -> list[str]:
     sel = res[winner].get("selective")
     if sel and sel["threshold"] is not None:
         out.append(
-            f"- Abstaining below confidence {sel['threshold']:.3f} (chosen on validation for "
+            f"- Abstaining below confidence {sel['threshold']:.3f} (chosen on out-of-fold answers for "
             f"{sel['target_accuracy']:.0%} accuracy), {res[winner]['display']} answers {sel['test']['coverage']:.0%} "
             f"of the test ads at {sel['test']['accuracy']:.1%} accuracy."
         )

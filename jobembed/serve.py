@@ -74,7 +74,11 @@ class ClassifyRequest(BaseModel):
         None, ge=0, le=1, description="Below this top probability the label is 'uncertain' [bundle's]."
     )
     target_accuracy: float | None = Field(
-        None, gt=0, le=1, description="Instead of min_confidence: the threshold that reached this accuracy on val."
+        None,
+        gt=0,
+        le=1,
+        description="Instead of min_confidence: the threshold at which the bundled system's out-of-fold answers "
+        "reached this accuracy.",
     )
     explain: bool = Field(False, description="Also return what the head read (cleaned text and extracted spans).")
 

@@ -125,11 +125,32 @@ def test_run_writes_every_artifact(finished_run):
     assert "## Knowing when to abstain" in report and "## Parent level" in report
     assert "'other' has no parent" in metrics["hierarchy"]["note"]  # the merged rare class
     winner = json.loads((finished_run / "report" / "winner" / "winner.json").read_text())
-    assert winner["selective"]["val_curve"]["coverage"][-1] == 1.0
+    assert winner["selective"]["oof_curve"]["coverage"][-1] == 1.0
     bundle = json.loads((finished_run / "bundle" / "bundle.json").read_text())
-    assert bundle["metrics"]["selective"]["val_curve"] == winner["selective"]["val_curve"]
-    manifest = json.loads((finished_run / "manifest.json").read_text())
-    assert set(STAGES) <= set(manifest["stages"])
+    assert bundle["metrics"]["selective"]["oof_scores"] == winner["selective"]["oof_scores"]
+    dev = metrics["data"]["train"] + metrics["data"]["val"]
+    assert len(winner["selective"]["oof_scores"]["confidence"]) == dev  # every dev ad, answered out of fold
+
+
+def test_classify_uses_the_threshold_the_report_printed(finished_run):
+    """Reproduces: the report printed the exact validation threshold while classify and serve read one off 100
+    sampled curve points: two thresholds for one target."""
+    from jobembed import metrics as metrics_module
+    from jobembed.bundle import load_bundle
+    from jobembed.errors import JobembedError
+
+    metrics = json.loads((finished_run / "report" / "metrics.json").read_text())
+    sel = metrics["systems"][metrics["bundled"]]["selective"]
+    bundle = load_bundle(finished_run / "bundle", device="cpu")
+    if sel["threshold"] is None:
+        with pytest.raises(JobembedError, match="no confidence threshold reached it"):
+            bundle.threshold_for(sel["target_accuracy"])
+    else:
+        assert bundle.threshold_for(sel["target_accuracy"]) == sel["threshold"]
+    scores = bundle.meta.metrics["selective"]["oof_scores"]
+    thresholds, accuracy = metrics_module.accuracy_by_threshold(scores["confidence"], scores["correct"])
+    i = len(thresholds) // 2
+    assert bundle.threshold_for(float(accuracy[i])) <= thresholds[i]
 
 
 def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finished_run, workspace):

@@ -180,8 +180,33 @@ def test_coverage_curve_and_threshold_for_a_target_accuracy():
     assert metrics.threshold_for_accuracy(y, proba, classes, 0.8) == pytest.approx(0.7)  # 4 of 5 answered right
     assert metrics.threshold_for_accuracy(y, proba, classes, 1.0) == pytest.approx(0.9)
     assert metrics.selective_at(y, proba, classes, 0.9) == {"coverage": 0.5, "accuracy": 1.0, "answered": 3}
-    assert metrics.threshold_from_curve(curve, 0.8) == pytest.approx(0.7)
-    assert metrics.threshold_from_curve(curve, 1.01) is None
+    conf_right = metrics.confidence_and_correct(y, proba, classes)
+    assert metrics.threshold_from_scores(*conf_right, 0.8) == pytest.approx(0.7)
+    assert metrics.threshold_from_scores(*conf_right, 1.01) is None
+    assert metrics.threshold_from_scores([0.9, 0.9, 0.5], [True, False, True], 0.6) == 0.5  # ties kept together
+
+
+def test_stacking_folds_keep_reposts_together_when_a_validation_split_is_given(monkeypatch):
+    """Reproduces: with a validation split, evaluate passed no groups, so the stack's out-of-fold TF-IDF features of
+    an ad came from a model that had seen its repost (one group per row)."""
+    from jobembed.evaluate import System, fit_on_train
+
+    splits, vectors = _splits()
+    for frame in splits.values():
+        frame["group"] = np.arange(len(frame)) // 3 + 1000 * len(frame)  # reposts in threes
+    seen = []
+    original = HybridHead._out_of_fold
+
+    def spy(self, texts, y, groups, **kwargs):
+        seen.append(np.asarray(groups))
+        return original(self, texts, y, groups, **kwargs)
+
+    monkeypatch.setattr(HybridHead, "_out_of_fold", spy)
+    config = PipelineConfig.model_validate({"text_column": "text", "report": {"hybrid": {"stack_folds": 3}}})
+    config = config.model_copy(update={"head": HEAD, "report": config.report.model_copy(update={"tfidf": TFIDF})})
+    labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
+    fit_on_train(System("stack", vectors, "enc"), config=config, labels=labels, splits=splits)
+    assert len(seen) == 1 and (seen[0] == splits["train"]["group"].to_numpy()).all()
 
 
 # ------------------------------------------------------------------------------ compare-report
@@ -222,9 +247,9 @@ def test_report_scores_hybrids_parents_and_abstention_on_the_same_splits():
         assert len(r["cv"]["folds"]) == 3 and "parent_macro_f1" in r["cv"]["summary"]
         assert r["test_parent"]["accuracy"] >= r["test"]["accuracy"]  # a right class has the right parent
         sel = r["selective"]
-        assert sel["target_accuracy"] == 0.95 and len(sel["val_curve"]["coverage"]) > 0
+        assert sel["target_accuracy"] == 0.95 and len(sel["oof_curve"]["coverage"]) > 0
         if sel["threshold"] is not None:
-            assert sel["val"]["accuracy"] >= 0.95
+            assert sel["oof"]["accuracy"] >= 0.95
         assert 0 <= sel["calibration"]["ece_test"] <= 1
         if r["system"] in ("fusion", "stack"):
             assert key in result.models and isinstance(result.models[key], HybridHead)
@@ -232,7 +257,57 @@ def test_report_scores_hybrids_parents_and_abstention_on_the_same_splits():
     assert fusion["fusion_weight"] in HybridConfig().fusion_weights
 
 
+def test_the_abstention_threshold_is_chosen_on_out_of_fold_answers():
+    """Reproduces: the threshold came from the validation split, which had stopped the MLP early, calibrated it
+    and picked the fusion weight, so its confidences were optimistic. It is now the one at which every dev ad,
+    answered by the CV fold model that did not see it, reaches the target."""
+    from jobembed.evaluate import _fit_predict, cv_folds, predict_proba
+
+    splits, vectors = _splits()
+    config = PipelineConfig.model_validate(
+        {
+            "text_column": "text",
+            "report": {"systems": ["centroid", "mlp", "fusion"], "cv_folds": 3, "bootstrap": 0, "target_accuracy": 0.8},
+        }
+    )
+    config = config.model_copy(update={"head": HEAD, "report": config.report.model_copy(update={"tfidf": TFIDF})})
+    labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
+    result = evaluate_systems(config=config, splits=splits, labels=labels, vectors={"enc": vectors}, progress=False)
+    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    X_dev, y_dev = np.concatenate([vectors.train, vectors.val]), dev["label"].to_numpy(dtype=str)
+    from jobembed.evaluate import build_systems
+
+    for system in build_systems(config, {"enc": vectors}):
+        conf, right = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
+        for tr, te in cv_folds(dev, n_folds=3, seed=config.prepare.seed):
+            texts = dev["text"].iloc[te].tolist()
+            _, model = _fit_predict(
+                system, config=config, labels=labels, dev=dev, X_dev=X_dev, train_idx=tr, val_idx=None,
+                X_eval=X_dev[te], texts_eval=texts,
+            )  # fmt: skip
+            conf[te], right[te] = metrics.confidence_and_correct(
+                y_dev[te], predict_proba(system, model, X_dev[te], texts), model.classes_
+            )
+        sel = result.metrics["systems"][system.key]["selective"]
+        assert sel["chosen_on"] == "out-of-fold"
+        assert sel["threshold"] == metrics.threshold_from_scores(conf, right, 0.8)
+        np.testing.assert_array_equal(result.oof[system.key][0], conf)
+
+
 # --------------------------------------------------------------------------------------- bundles
+
+
+def info_of(bundle):
+    from jobembed.bundle import EncoderInfo
+
+    e = bundle.meta.encoder
+    return EncoderInfo(e.source_ref, e.fingerprint, e.precision, e.text_prompt, e.max_seq_length)
+
+
+def bundle_config(bundle):
+    return PipelineConfig.model_validate(
+        {"text_column": "text", "embed": {"model": bundle.meta.encoder.source_ref, "max_seq_length": 64}}
+    )
 
 
 def _bundle_setup(tiny_encoder_dir, tmp_path, mode):
@@ -245,8 +320,8 @@ def _bundle_setup(tiny_encoder_dir, tmp_path, mode):
     X = embedder.encode(texts)
     model = HybridHead(mode=mode, head=HEAD, tfidf=TFIDF, hybrid=HybridConfig(stack_folds=3)).fit(X, y, texts=texts)
     info = encoder_info(embedder, str(tiny_encoder_dir))
-    val_proba = model.predict_proba(X, texts=texts)
-    selective = {"val_curve": metrics.coverage_curve(y, val_proba, model.classes_), "target_accuracy": 0.9}
+    conf, right = metrics.confidence_and_correct(y, model.predict_proba(X, texts=texts), model.classes_)
+    selective = {"oof_scores": {"confidence": conf.tolist(), "correct": right.tolist()}, "target_accuracy": 0.9}
     labels = make_labels().rename(columns={"code": "label"})[["label", "name"]].assign(description="")
     path = save_bundle(
         tmp_path / "bundle",
@@ -272,29 +347,30 @@ def test_hybrid_bundle_classifies_like_the_fitted_head(tiny_encoder_dir, tmp_pat
 def test_target_accuracy_takes_the_threshold_from_the_bundle(tiny_encoder_dir, tmp_path):
     path, _model, _X, texts = _bundle_setup(tiny_encoder_dir, tmp_path, "fusion")
     bundle = load_bundle(path, device="cpu")
-    curve = bundle.meta.metrics["selective"]["val_curve"]
+    scores = bundle.meta.metrics["selective"]["oof_scores"]
     threshold = bundle.threshold_for(0.9)
-    assert threshold == metrics.threshold_from_curve(curve, 0.9)
+    assert threshold == metrics.threshold_from_scores(scores["confidence"], scores["correct"], 0.9)
     preds = bundle.predict(texts, config=ClassifyConfig(target_accuracy=0.9))
     assert all(p.uncertain == (p.confidence < threshold) for p in preds)
     runner = CliRunner()
     ok = runner.invoke(app, ["classify", texts[0], "--bundle", str(path), "--target-accuracy", "0.9", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output.strip().splitlines()[-1])["uncertain"] == (preds[0].confidence < threshold)
-    # a bundle without a stored curve: one line, with the fix
-    meta = json.loads((path / "bundle.json").read_text())
-    meta["metrics"] = {}
-    (path / "bundle.json").write_text(json.dumps(meta))
-    bad = runner.invoke(app, ["classify", texts[0], "--bundle", str(path), "--target-accuracy", "0.9"])
-    assert bad.exit_code == 1 and "coverage-accuracy curve" in bad.output and "Traceback" not in bad.output
+    # a bundle without out-of-fold answers: one line, with the fix
+    bare = save_bundle(
+        tmp_path / "bare", model=bundle.head, system="fusion", encoder=info_of(bundle), config=bundle_config(bundle),
+        labels=bundle.labels, metrics={},
+    )  # fmt: skip
+    bad = runner.invoke(app, ["classify", texts[0], "--bundle", str(bare), "--target-accuracy", "0.9"])
+    assert bad.exit_code == 1 and "no out-of-fold answers" in bad.output and "Traceback" not in bad.output
 
 
 def test_unreachable_target_accuracy_is_one_clear_error(tiny_encoder_dir, tmp_path):
     path, *_ = _bundle_setup(tiny_encoder_dir, tmp_path, "fusion")
     bundle = load_bundle(path, device="cpu")
-    bundle.meta.metrics["selective"]["val_curve"]["accuracy"] = [0.5] * len(
-        bundle.meta.metrics["selective"]["val_curve"]["accuracy"]
-    )
+    scores = bundle.meta.metrics["selective"]["oof_scores"]
+    scores["correct"] = [i % 2 == 0 for i in range(len(scores["correct"]))]  # half right at every confidence
+    scores["confidence"] = [0.5] * len(scores["confidence"])
     with pytest.raises(JobembedError, match="no confidence threshold reached it"):
         bundle.threshold_for(0.9)
 

@@ -32,12 +32,17 @@ from tests.synthetic import make_ads, make_labels
 
 LIMITS = {"max_texts": 4, "max_chars": 2000, "max_body_bytes": 4096}
 AD = "Kierowca kat. C+E, transport międzynarodowy, prawo jazdy, tel. 600 100 200"
-VAL_CURVE = {"threshold": [0.0, 0.3, 0.5], "accuracy": [0.5, 0.8, 0.95], "coverage": [1.0, 0.6, 0.2]}
+# Out-of-fold answers: 20 at confidence 0.5 (19 right), 20 at 0.3 (13 right), 60 at 0.0 (18 right): accuracy 0.95,
+# 0.8 and 0.5 from the top, so a 0.9 target gives threshold 0.5 and 0.99 none.
+OOF_SCORES = {
+    "confidence": [0.5] * 20 + [0.3] * 20 + [0.0] * 60,
+    "correct": [True] * 19 + [False] + [True] * 13 + [False] * 7 + [True] * 18 + [False] * 42,
+}
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, tiny_encoder_dir) -> Path:
-    """A bundle on cleaned text (rules cleaner) with an MLP head and a validation coverage curve."""
+    """A bundle on cleaned text (rules cleaner) with an MLP head and out-of-fold answers for --target-accuracy."""
     root = tmp_path_factory.mktemp("serve")
     config = PipelineConfig.model_validate(
         {
@@ -60,7 +65,7 @@ def bundle_dir(tmp_path_factory, tiny_encoder_dir) -> Path:
         encoder=info,
         config=config,
         labels=make_labels().rename(columns={"code": "label"}),
-        metrics={"selective": {"val_curve": VAL_CURVE}},
+        metrics={"selective": {"oof_scores": OOF_SCORES}},
     )
 
 
@@ -148,7 +153,7 @@ def test_classify_answers_like_the_bundle(server, bundle_dir):
 def test_thresholds_from_the_request_and_the_bundle(server):
     sure = _classify(server.url, {"texts": [AD], "min_confidence": 0.99}).json()["predictions"][0]
     assert sure["uncertain"] is True and sure["label"] == "uncertain" and sure["top_k"]
-    # target_accuracy 0.9 -> the bundle's validation curve gives 0.5
+    # target_accuracy 0.9 -> the bundle's out-of-fold answers give 0.5
     r = _classify(server.url, {"texts": [AD], "target_accuracy": 0.9}).json()
     assert r["min_confidence"] == 0.5
     never = _classify(server.url, {"texts": [AD], "target_accuracy": 0.99})

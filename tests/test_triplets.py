@@ -147,6 +147,31 @@ def test_the_margin_is_measured_against_the_nearest_same_class_ad_whatever_the_p
         assert row.negative_score < 0.95 * (pool.vectors[others] @ pool.vectors[a]).max() + 1e-6
 
 
+def test_a_reused_anchor_keeps_its_nearest_ad_as_the_margin_bar():
+    """Reproduces: an anchor used again trains on its next-nearest ad, and the margin bar became that ad's score
+    instead of the nearest's (the documented rule), dropping negatives the rule keeps."""
+    unit = lambda v: np.asarray(v, dtype=float) / np.linalg.norm(v)  # noqa: E731
+    a = [unit([1, 0, 0]), unit([0.9, 0.436, 0]), unit([0.5, 0, 0.866])]  # a0: nearest a1 (0.9), then a2 (0.5)
+    b = [unit([0.7, -0.714, 0]), unit([0.6, -0.8, 0])]  # 0.7 and 0.6 from a0: below 0.95 x 0.9, above 0.95 x 0.5
+    pool = Pool(np.array(["a0", "a1", "a2", "b0", "b1"]), np.array(list("aaabb")), np.arange(5), np.stack(a + b))
+    config = TripletsConfig(negatives_per_anchor=1, relative_margin=0.95)
+    found, _ = mine_candidates(pool, config=config, max_anchors_per_class=3, min_anchors_per_class=6)
+    second = found[(found["anchor_id"] == "a0") & (found["positive_id"] == "a2")]  # a0's second use
+    assert len(second) == 1 and second["negative_id"].iloc[0] == "b0"
+
+
+def test_random_positives_leave_every_class_with_the_same_anchors():
+    """Reproduces: one random generator drew anchors and random positives, so `--positive random` also changed which
+    ads of the later classes were anchors, and comparing positive strategies compared other anchors too."""
+    pool = _pool(n_per_class=12)
+    anchors = {}
+    for strategy in ("nearest", "random"):
+        config = TripletsConfig(positive=strategy, confused_classes=0, relative_margin=1.0)
+        found, _ = mine_candidates(pool, config=config, max_anchors_per_class=4, min_anchors_per_class=1)
+        anchors[strategy] = found.groupby("anchor_label")["anchor_id"].apply(frozenset).to_dict()
+    assert anchors["nearest"] == anchors["random"]
+
+
 # ------------------------------------------------------------------------------------------ prompts and replies
 
 CATS = [llm.Category("83", "Drivers", "Drive trucks"), llm.Category("22", "Health professionals", "Nurses")]
@@ -542,6 +567,32 @@ def test_model_judge_finds_flipped_labels():
     found = set(np.flatnonzero(model.flagged))
     assert len(found & set(flipped)) >= 9 and len(found - set(flipped)) <= 3
     assert all(model.suggested()[i] == str(y[i]) for i in found & set(flipped))
+
+
+def test_model_judge_flags_a_label_error_repeated_across_reposts():
+    """Reproduces: the model judge's out-of-fold probabilities used ungrouped folds, so a wrong label carried by
+    several reposts was predicted from its own copies and never flagged."""
+    rng = np.random.default_rng(1)
+    words = {"0": "kierowca ciężarówki transport", "1": "pielęgniarka szpital oddział", "2": "programista python"}
+    y = np.repeat(["0", "1", "2"], 30)
+    texts = [f"{words[c]} {' '.join(rng.choice(['praca', 'umowa', 'etat', 'zespół'], 3))}" for c in y]
+    groups = np.arange(len(y))
+    # One driver's ad posted four times, every copy filed as a nurse's (the same words each time).
+    repost = "kierowca ciężarówki transport międzynarodowy xq7 kat ce"
+    texts += [repost] * 4
+    content = np.append(y, ["0"] * 4)  # what the ads are about: the vectors follow it, a linear model cannot memorise
+    y = np.append(y, ["1"] * 4)
+    groups = np.append(groups, [len(groups)] * 4)
+    vectors = rng.normal(size=(3, 8))[content.astype(int)] * 3 + rng.normal(size=(len(y), 8))
+    flagged = {}
+    for grouped in (False, True):
+        classes, probs, _ = judges.out_of_fold_probs(
+            train_vectors=vectors, train_texts=texts, train_labels=y, others=[], tfidf=True, folds=5, seed=0,
+            groups=groups if grouped else None,
+        )  # fmt: skip
+        model = judges.label_model(np.arange(len(y)).astype(str), y, classes, probs)
+        flagged[grouped] = int(model.flagged[-4:].sum())
+    assert flagged[True] == 4 and flagged[False] < 4
 
 
 def test_dry_run_batch_file_and_import_batch(tri_workspace, fake, tmp_path, monkeypatch):

@@ -154,6 +154,7 @@ def label_probs(inputs: TripletInputs, config: TripletsConfig) -> tuple[np.ndarr
         tfidf=config.model_tfidf,
         folds=config.cv_folds,
         seed=config.seed,
+        groups=inputs.frames["train"]["group"].to_numpy(),
     )
     return classes, train_probs, val_probs
 

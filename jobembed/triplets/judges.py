@@ -123,12 +123,15 @@ def out_of_fold_probs(
     tfidf: bool,
     folds: int,
     seed: int,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """``(classes, train_probs, [other_probs...])``: k-fold probabilities on train, a full-train fit for the rest.
 
-    Logistic regression on the embeddings, averaged with TF-IDF + LR on the texts when ``tfidf``.
+    Logistic regression on the embeddings, averaged with TF-IDF + LR on the texts when ``tfidf``. The folds keep
+    each repost group (``groups``, prepare's ``group`` column; None: every ad its own) on one side: a label error
+    repeated across reposts would otherwise be predicted from its own copy and never flagged.
     """
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
     def unit(x: np.ndarray) -> np.ndarray:  # embedding_logreg's C is set for unit-norm vectors
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if len(x) else x
@@ -139,7 +142,9 @@ def out_of_fold_probs(
     )
     classes = np.unique(train_labels)
     smallest = int(pd.Series(train_labels).value_counts().min())
-    cv = StratifiedKFold(n_splits=max(2, min(folds, max(smallest, 2))), shuffle=True, random_state=seed)
+    groups = np.arange(len(train_labels)) if groups is None else pd.factorize(np.asarray(groups))[0]
+    n_splits = max(2, min(folds, max(smallest, 2), len(np.unique(groups))))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     views: list[tuple[Any, Any, list[Any]]] = [(embedding_logreg(seed=seed), train_vectors, [v for v, _ in others])]
     if tfidf:
         views.append(
@@ -155,7 +160,9 @@ def out_of_fold_probs(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the least populated class has only n members", convergence notes
         for model, X, X_others in views:
-            train_probs += cross_val_predict(model, X, train_labels, cv=cv, method="predict_proba", n_jobs=jobs)
+            train_probs += cross_val_predict(
+                model, X, train_labels, groups=groups, cv=cv, method="predict_proba", n_jobs=jobs
+            )
             if any(len(x) for x in X_others):
                 fitted = model.fit(X, train_labels)
                 for i, x in enumerate(X_others):

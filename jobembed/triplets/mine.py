@@ -138,7 +138,10 @@ def mine_candidates(
         ``(candidates, stats)``: the frame of ``COLUMNS`` and counts for the report (anchors without a
         positive, slots with fewer negatives than asked, the confused classes used).
     """
+    # One generator for the anchors, another for random positives: drawing positives must not move which ads of
+    # the next classes become anchors, or comparing positive strategies would compare other anchors too.
     rng = np.random.default_rng(config.seed)
+    positive_rng = np.random.default_rng([config.seed, 1])
     strategy = PositiveStrategy(config.positive)
     if strategy is PositiveStrategy.label and not label_vectors:
         raise ValueError("positive: label needs the category vectors")
@@ -164,7 +167,9 @@ def mine_candidates(
             )
         for (anchor, use), hits in zip(slots, found, strict=True):
             stats["anchor_slots"] += 1
-            positive = _positive(pool, anchor, use, members, strategy=strategy, rng=rng, label_vectors=label_vectors)
+            positive = _positive(
+                pool, anchor, use, members, strategy=strategy, rng=positive_rng, label_vectors=label_vectors
+            )
             if positive is None:
                 stats["no_positive"] += 1
                 continue
@@ -173,11 +178,12 @@ def mine_candidates(
             # (a share of) its nearest same-class ad is suspect. The bar is that ad's score whatever positive is
             # trained on: a category text sits farther from every ad than ads do from each other, and a random or
             # farthest positive scores low, and either as the bar rejected most negatives (0 triplets with label
-            # positives, 73 of ~600 with random ones on pl-jobads).
+            # positives, 73 of ~600 with random ones on pl-jobads). A reused anchor trains on its next-nearest ad,
+            # but the bar stays its nearest one.
             bar = positive_score
-            if strategy is not PositiveStrategy.nearest:
+            if strategy is not PositiveStrategy.nearest or use:
                 nearest = _positive(
-                    pool, anchor, 0, members, strategy=PositiveStrategy.nearest, rng=rng, label_vectors=None
+                    pool, anchor, 0, members, strategy=PositiveStrategy.nearest, rng=positive_rng, label_vectors=None
                 )
                 bar = nearest[1] if nearest is not None else float("inf")
             negatives = []
