@@ -15,7 +15,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
@@ -141,20 +143,17 @@ def write_manifest(
     write_json(path, manifest)
 
 
-def read_stamp(stage_dir: Path) -> dict[str, Any] | None:
-    """The ``stage.json`` a finished stage left in its folder, or None (absent or unreadable)."""
-    stamp = stage_dir / "stage.json"
-    try:
-        data = read_json(stamp)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+PAUSE_ENV = "JOBEMBED_TEST_PAUSE_AT"
 
 
-def mark_stage_done(stage_dir: Path, key: str, **extra: Any) -> None:
-    write_json(
-        stage_dir / "stage.json", {"key": key, "finished": datetime.now(UTC).isoformat(timespec="seconds"), **extra}
-    )
+def pause_for_test(point: str) -> None:
+    """A test-only hook: when ``$JOBEMBED_TEST_PAUSE_AT`` names ``point``, print a marker line and block until a
+    signal arrives, so interrupt tests send their SIGINT/SIGKILL at a known step, not at a random moment."""
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    print(f"jobembed-test-paused: {point}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 @contextlib.contextmanager

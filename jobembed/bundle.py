@@ -23,7 +23,10 @@ and wrongly. Everything wrong is one ``BundleError`` line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,7 +58,9 @@ from jobembed.hybrid import HybridHead
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "jobembed-bundle/2"
+# /3: bundle.json carries meta_sha256, the digest of its own fields, so an edit to a setting that changes answers
+# (encoder.max_seq_length, classify.min_confidence, the abstention answers) is refused as any edited file is.
+BUNDLE_FORMAT = "jobembed-bundle/3"
 _BUNDLE_NAME = BUNDLE_FORMAT.split("/")[0]
 
 
@@ -118,6 +123,14 @@ class BundleMeta(_Meta):
     classify: ClassifyConfig
     files: dict[str, str] = Field(min_length=1)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # SHA-256 of every other field (meta_digest): bundle.json is covered by the hash check like the files it lists.
+    meta_sha256: str = ""
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of bundle.json's fields other than ``meta_sha256``, as canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -191,7 +204,8 @@ def save_bundle(
             files=files,
             metrics=metrics or {},
         )
-        write_json(tmp / "bundle.json", meta.model_dump(mode="json"))
+        fields = meta.model_dump(mode="json")
+        write_json(tmp / "bundle.json", fields | {"meta_sha256": meta_digest(fields)})
     return Path(out_dir)
 
 
@@ -240,6 +254,8 @@ class Prediction:
     confidence: float
     uncertain: bool
     top_k: list[dict[str, Any]]
+    # Why the answer is uncertain when confidence is not the reason (nothing left to read); None otherwise.
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -247,8 +263,18 @@ class Prediction:
             "name": self.name,
             "confidence": round(self.confidence, 4),
             "uncertain": self.uncertain,
+            "reason": self.reason,
             "top_k": self.top_k,
         }
+
+
+_WORD = re.compile(r"\w")
+
+
+def nothing_to_read(text: str) -> bool:
+    """True for a text with no letter or digit (emoji, punctuation, or what the cleaner left of a contact line): any
+    label for it would be the head's prior, not an answer."""
+    return _WORD.search(text) is None
 
 
 class Bundle:
@@ -264,10 +290,12 @@ class Bundle:
         device: str = "auto",
         backend: Literal["torch", "onnx-int8"] = "torch",
         cache: bool = True,
+        memory_cache: int | None = None,
         batch_size: int | None = None,
     ) -> None:
         self.path, self.meta, self.head, self.labels, self.device = path, meta, head, labels, device
         self.backend, self.use_cache, self.batch_size = backend, cache, batch_size
+        self.memory_cache = memory_cache
         self.names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
         self._embedder = None
         self._cleaner: Cleaner | None = None
@@ -340,7 +368,9 @@ class Bundle:
                     }
                 ),
             )
-            embedder = Embedder(cfg, prompt=enc.text_prompt, backend=self.backend, cache=self.use_cache)
+            embedder = Embedder(
+                cfg, prompt=enc.text_prompt, backend=self.backend, cache=self.use_cache, memory_cache=self.memory_cache
+            )
             expected = enc.copy_fingerprint if enc.ref.startswith("./") and enc.copy_fingerprint else enc.fingerprint
             if embedder.fingerprint != expected:
                 raise BundleError(
@@ -430,22 +460,39 @@ class Bundle:
         config = config or self.classify_defaults
         if config.target_accuracy is not None:
             config = config.model_copy(update={"min_confidence": self.threshold_for(config.target_accuracy)})
-        proba = self.predict_proba(texts, progress=progress) if texts else np.zeros((0, len(self.head.classes_)))
-        return self.decide(texts, proba, config=config)
+        if not texts:
+            return []
+        proba, cleaned = self.predict_proba_explained(texts, progress=progress)
+        return self.decide(texts, proba, config=config, seen=None if cleaned is None else cleaned.texts)
 
-    def decide(self, texts: list[str], proba: np.ndarray, *, config: ClassifyConfig) -> list[Prediction]:
+    def decide(
+        self, texts: list[str], proba: np.ndarray, *, config: ClassifyConfig, seen: list[str] | None = None
+    ) -> list[Prediction]:
         """Answers from probabilities (rows in ``texts`` order): top-k, and the uncertain label below
-        ``config.min_confidence`` (``target_accuracy`` already turned into it by the caller)."""
+        ``config.min_confidence`` (``target_accuracy`` already turned into it by the caller).
+
+        Args:
+            seen: what the head read (the cleaner's output), default ``texts``. A text with nothing left to read
+                (``nothing_to_read``) is uncertain whatever its confidence, with a reason.
+        """
         classes = np.asarray(self.head.classes_, dtype=str)
+        seen = list(texts) if seen is None else seen
         out = []
-        for text, row in zip(texts, proba, strict=True):
+        for text, read, row in zip(texts, seen, proba, strict=True):
             order = np.argsort(-row)[: config.top_k]
             top = [
                 {"label": classes[i], "name": self.names.get(classes[i], ""), "probability": round(float(row[i]), 4)}
                 for i in order
             ]
             best = top[0]
-            uncertain = bool(best["probability"] < config.min_confidence)
+            reason = None
+            if nothing_to_read(read):
+                reason = (
+                    "no words left after cleaning (the cleaner removed everything)"
+                    if not nothing_to_read(text)
+                    else "the text has no letters or digits"
+                )
+            uncertain = reason is not None or bool(best["probability"] < config.min_confidence)
             out.append(
                 Prediction(
                     text=text,
@@ -454,6 +501,7 @@ class Bundle:
                     confidence=float(row[order[0]]),
                     uncertain=uncertain,
                     top_k=top,
+                    reason=reason,
                 )
             )
         return out
@@ -466,6 +514,11 @@ def read_bundle_meta(path: Path) -> BundleMeta:
         BundleError: missing, not JSON, another format, or a field missing or of the wrong type.
     """
     meta_path = Path(path) / "bundle.json"
+    if Path(path).is_file() and Path(path).name == "bundle.json":
+        raise BundleError(
+            f"{path} is the bundle's bundle.json file; a bundle is the folder that holds it",
+            fix=f"pass the folder: --bundle {Path(path).parent}",
+        )
     if not meta_path.is_file():
         raise BundleError(
             f"{path} is not a jobembed bundle (no bundle.json)",
@@ -506,6 +559,7 @@ def load_bundle(
     verify: bool = True,
     backend: Literal["torch", "onnx-int8"] = "torch",
     cache: bool = True,
+    memory_cache: int | None = None,
     batch_size: int | None = None,
 ) -> Bundle:
     """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash.
@@ -513,11 +567,18 @@ def load_bundle(
     Args:
         backend: how to run the encoder: torch, or an int8 ONNX Runtime export (``jobembed.onnx_backend``).
         cache: False encodes every text afresh and keeps nothing (benchmarks).
+        memory_cache: keep at most this many texts' vectors in memory instead of the on-disk store (a server).
         batch_size: texts per forward pass (default: ``EmbedConfig.batch_size``).
     """
     path = Path(path)
     meta = read_bundle_meta(path)
     if verify:
+        if meta.meta_sha256 != meta_digest(read_json(path / "bundle.json")):
+            raise BundleError(
+                f"{path}: bundle.json was edited since the bundle was made (its fields no longer match meta_sha256)",
+                fix="re-create the bundle (jobembed bundle RUN --force); change serving settings with classify/serve "
+                "flags or a serve: config, not inside the bundle",
+            )
         extra = sorted(set(_bundle_files(path)) - set(meta.files))
         if extra:
             raise BundleError(
@@ -540,7 +601,17 @@ def load_bundle(
     missing = sorted(set(meta.classes) - set(labels["label"]))
     if missing:
         raise BundleError(f"{path}: labels.json lacks class {missing[0]!r} of the head", fix="re-create the bundle")
-    return Bundle(path, meta, head, labels, device=device, backend=backend, cache=cache, batch_size=batch_size)
+    return Bundle(
+        path,
+        meta,
+        head,
+        labels,
+        device=device,
+        backend=backend,
+        cache=cache,
+        memory_cache=memory_cache,
+        batch_size=batch_size,
+    )
 
 
 def find_latest_bundle(runs_dir: Path) -> Path:

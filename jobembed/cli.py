@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -139,6 +139,17 @@ def _device(value: str) -> str:
     return text
 
 
+def _probability(value: float | None) -> float | None:
+    """A share in [0, 1]: NaN is named as not a number (the range check alone said 'should be ≤ 1')."""
+    if value is None:
+        return None
+    if math.isnan(value):
+        raise typer.BadParameter("nan is not a number; give a value from 0 to 1, e.g. 0.9")
+    if not 0 <= value <= 1:
+        raise typer.BadParameter(f"{value} is outside 0 to 1")
+    return value
+
+
 def _int_list(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -206,7 +217,12 @@ def _dotted(name: str) -> str:
 
 RunArg = Annotated[Path, typer.Argument(help="Run folder, e.g. runs/demo.", metavar="RUN")]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Pipeline YAML (see configs/); default: the run's config.yaml.")
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Pipeline YAML (see configs/), layered on the run's config.yaml: its fields win, flags win over both.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run this stage even when it is up to date.")]
@@ -254,9 +270,14 @@ def _other_ranks_stop() -> None:
         raise typer.Exit(0)
 
 
-def _print_stage(stage: str, what: str) -> None:
-    hint = " (--force to re-run)" if what == "skip" else ""
-    console.print(f"[cyan]{stage}[/]: {'up to date, skipped' + hint if what == 'skip' else 'running'}")
+def _print_stage(stage: str, what: str, reason: str) -> None:
+    """One progress line per stage: why it runs, that it is current, or why it is off."""
+    if what == "skip":
+        console.print(f"[cyan]{stage}[/]: up to date, skipped (--force to re-run)")
+    elif what == "off":
+        console.print(f"[cyan]{stage}[/]: off ({reason})")
+    else:
+        console.print(f"[cyan]{stage}[/]: running ({reason})")
 
 
 # ------------------------------------------------------------------------------------------ stage commands
@@ -414,9 +435,16 @@ def compare_report(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compare zero-shot cosine, centroid cosine, TF-IDF + LR, LR and the MLP head on the same splits.
+    """Compare every system in report.systems on every encoder (embed.model and embed.extra_models), on the same
+    repost-grouped splits and CV folds. Default systems: zero-shot cosine, centroid cosine, TF-IDF + LR, LR on
+    embeddings, the MLP head and fusion (MLP + TF-IDF, late fusion); stack (stacked TF-IDF features) and hier (a
+    head trained on both ISCO levels) on request. Systems are ranked by CV macro-F1 over train + val, each scored
+    once on the test split with group-bootstrap intervals, corrected t-tests and McNemar against the winner, and an
+    abstention threshold chosen on the CV's out-of-fold answers. When finetune is on, the fine-tuned encoder's
+    systems get their own test-split section (never ranked: the CV pool holds ads it was trained on).
 
-    Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, the winner's head).
+    Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, winner/ and, with a fine-tune,
+    winner-finetuned/: the head a bundle serves).
     """
     from jobembed.artifacts import read_json
 
@@ -439,14 +467,21 @@ def bundle(
     ] = None,
     bundle__encoder: Annotated[
         BundleEncoderChoice | None,
-        typer.Option("--encoder", help="frozen: the CV winner; finetuned: its kind on the fine-tuned encoder."),
+        typer.Option(
+            "--encoder",
+            help="frozen: the best servable system of the CV ranking; finetuned: that kind of system on the "
+            "fine-tuned encoder (scored on the test split only).",
+        ),
     ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Package the report's best servable system (MLP head or cosine prototypes) as RUN/bundle. With --encoder
-    finetuned, the same kind of system on the run's fine-tuned encoder (copied into the bundle)."""
+    """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP or hier head, the fusion
+    or stack hybrid head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never bundled.
+    The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the abstention
+    rule's out-of-fold answers and a hash of every file. With --encoder finetuned, the same kind of system on the
+    run's fine-tuned encoder, which is copied into the bundle."""
     from jobembed.bundle import read_bundle_meta
 
     run = _stage_command("bundle", dict(locals()))
@@ -629,8 +664,11 @@ def finetune(
 ) -> None:
     """Fine-tune the encoder on the run's kept triplets with SentenceTransformerTrainer (MNRL with the hard negative,
     same-class in-batch negatives masked, by default). Keeps the checkpoint with the best validation centroid-cosine
-    macro-F1; resumes from the last checkpoint after an interruption. Writes RUN/finetune/ (model/ with its model
-    card, finetune.json, log.jsonl)."""
+    macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
+    (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
+    ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the
+    fine-tuned vectors compare-report reads). Turns finetune on for the run (finetune.enabled, kept in its
+    config.yaml)."""
     from jobembed.artifacts import read_json
 
     params = dict(locals())
@@ -826,12 +864,18 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even when up to date.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the whole pipeline from one config, skipping stages whose outputs are up to date."""
+    """Run the whole pipeline from one config, skipping stages whose outputs are up to date.
+
+    On an existing run the file is layered on the run's config.yaml (the file's fields win): a field it leaves out
+    keeps the run's value. A stage that is off (finetune without finetune.enabled) neither runs nor is read, and its
+    folder is left as it is."""
     from jobembed import pipeline
     from jobembed.artifacts import read_json
     from jobembed.config import load_config
 
     cfg = load_config(config, {"name": name}, flags={"name": "--name"})
+    if (cfg.run_dir / "config.yaml").is_file():
+        cfg = pipeline.config_for_run(cfg.run_dir, config, {}, flags={})
     pipeline.run_stages(cfg, force=force, progress=not quiet, on_stage=_print_stage)
     _other_ranks_stop()
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
@@ -929,16 +973,20 @@ def classify(
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="How many labels to list [bundle's: 3].")] = None,
     min_confidence: Annotated[
         float | None,
-        typer.Option("--min-confidence", min=0.0, max=1.0, help="Below this, answer 'uncertain' [bundle's setting]."),
+        typer.Option(
+            "--min-confidence",
+            callback=_probability,
+            help="Below this top probability (0 to 1), answer 'uncertain' [bundle's setting]. Not with "
+            "--target-accuracy.",
+        ),
     ] = None,
     target_accuracy: Annotated[
         float | None,
         typer.Option(
             "--target-accuracy",
-            min=0.01,
-            max=1.0,
-            help="Answer only as confidently as reached this accuracy on the bundled system's out-of-fold answers "
-            "(the report's rule, on the answers stored in the bundle); the rest are 'uncertain'. Overrides "
+            callback=_probability,
+            help="Answer only as confidently as reached this accuracy (0 to 1) on the bundled system's out-of-fold "
+            "answers (the report's rule, on the answers stored in the bundle); the rest are 'uncertain'. Not with "
             "--min-confidence.",
         ),
     ] = None,
@@ -954,6 +1002,14 @@ def classify(
         raise JobembedError(
             "give exactly one of TEXT or --input", fix='jobembed classify "ad text", or --input ads.csv'
         )
+    if min_confidence is not None and target_accuracy is not None:
+        raise JobembedError(
+            "--min-confidence and --target-accuracy both set a confidence threshold",
+            fix="give one: --target-accuracy 0.9 (a threshold from the bundle's out-of-fold answers) or "
+            "--min-confidence 0.4",
+        )
+    if target_accuracy == 0:
+        raise JobembedError("--target-accuracy 0 asks for nothing", fix="give an accuracy above 0, e.g. 0.9")
     if out is not None:
         if input is None:
             raise JobembedError("--out needs --input", fix="classify a file with --input ads.csv --out predictions.csv")
@@ -974,7 +1030,8 @@ def classify(
         if as_json:
             sys.stdout.write(json.dumps(pred.as_dict(), ensure_ascii=False) + "\n")
             return
-        table = Table(title=f"{pred.label}  {pred.name}".strip(), caption=f"bundle {path}")
+        caption = f"bundle {path}" + (f"; uncertain: {pred.reason}" if pred.reason else "")
+        table = Table(title=f"{pred.label}  {pred.name}".strip(), caption=caption)
         for col in ("rank", "label", "name", "probability"):
             table.add_column(col)
         for i, row in enumerate(pred.top_k, 1):
@@ -1017,18 +1074,20 @@ def serve(
     ] = None,
     serve__device: DeviceOpt = None,
 ) -> None:
-    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /readyz, /metrics, and a page at /
-    to paste an ad. The bundle is verified first (format, file hashes, encoder fingerprint); API keys come from
-    JOBEMBED_API_KEYS (comma-separated)."""
+    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /v1/info, /healthz, /readyz, /metrics, and a
+    page at / to paste an ad. The bundle is verified first (format, the hash of every file and of bundle.json's
+    answer-changing fields, encoder fingerprint); API keys come from JOBEMBED_API_KEYS (comma-separated; a list
+    with no key in it refuses to start). With --cache, repeated texts are answered from a bounded in-memory cache
+    of vectors (serve.cache_size texts); nothing is written to disk."""
     from jobembed.bundle import find_latest_bundle
     from jobembed.config import load_config
-    from jobembed.serve import check_bundle, run_server
+    from jobembed.serve import api_keys_from_env, check_bundle, run_server
 
     overrides, flags = _overrides(dict(locals()), ctx)
     cfg = load_config(config, overrides, flags=flags).serve
+    keys = f"on ({len(api_keys_from_env())})" if api_keys_from_env() else "off"
     path = bundle or find_latest_bundle(runs_dir)
     meta = check_bundle(path, cfg).meta
-    keys = "on" if os.environ.get("JOBEMBED_API_KEYS", "").strip() else "off"
     console.print(
         f"[green]serving[/] {path}: {meta.system} on {meta.encoder.source_ref}, {len(meta.classes)} categories, "
         f"{cfg.backend} backend, {cfg.workers} worker(s), API keys {keys}: http://{cfg.host}:{cfg.port}/"
@@ -1081,6 +1140,7 @@ def _classify_file(
     result["name"] = [p.name for p in preds]
     result["confidence"] = [round(p.confidence, 4) for p in preds]
     result["uncertain"] = [p.uncertain for p in preds]
+    result["reason"] = [p.reason or "" for p in preds]
     result["top_k"] = [json.dumps(p.top_k, ensure_ascii=False) for p in preds]
     if out is None:
         if as_json:

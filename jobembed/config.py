@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -395,8 +396,12 @@ class ServeConfig(_Strict):
     # more than batching saves (e5-small, 2 threads, real ads: 12.9 texts/s at batch 1, 10.7 at batch 32), and the
     # bundle's embed.batch_size (32) on an accelerator, where the batch is the speed.
     encode_batch_size: int | None = Field(None, ge=1)
-    # Answer repeated texts from the embedding cache (JOBEMBED_CACHE); off for benchmarks.
+    # Answer repeated texts (a re-posted ad, a page reloaded) from a bounded in-memory cache of vectors; the server
+    # never writes the on-disk store, so a stream of new texts grows no file. Off for benchmarks.
     cache: bool = True
+    # Texts whose vectors the cache keeps (least recently used go first): e5-small's 384 floats are 1.5 kB, so
+    # 10,000 texts are ~15 MB per worker.
+    cache_size: int = Field(10_000, ge=1)
     # Limits. pl-jobads' longest ad has 21,560 characters (median 1,267), and the encoder reads at most
     # max_seq_length tokens (x max_chunks with chunking) of it anyway; 50,000 leaves room for any real ad.
     # The body limit is what max_texts texts of typical length (a few kB each, JSON-escaped) need, many times over.
@@ -419,6 +424,7 @@ class ServeConfig(_Strict):
             "max_batch_texts",
             "encode_batch_size",
             "cache",
+            "cache_size",
         }
     )
 
@@ -702,35 +708,26 @@ def _expand(value: Any, where: str, source: str) -> Any:
 
 
 def load_config(
-    path: Path | None, overrides: dict[str, Any] | None = None, *, flags: dict[str, str] | None = None
+    path: Path | Sequence[Path] | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    flags: dict[str, str] | None = None,
 ) -> PipelineConfig:
     """Read a pipeline YAML (or defaults when ``path`` is None) and apply dotted overrides.
 
     Args:
-        path: YAML file with any subset of ``PipelineConfig`` fields.
+        path: YAML file with any subset of ``PipelineConfig`` fields, or several, layered: a later file's fields
+            win over an earlier one's (sections merge field by field; a list is replaced whole).
         overrides: ``{"embed.model": "builtin:...", ...}``; ``None`` values are ignored so unset CLI
             flags do not clobber the file.
         flags: dotted field -> the CLI flag that set it, so an invalid value is reported against the flag
             the user typed rather than the YAML.
     """
+    paths = [] if path is None else [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} not found", fix="pass an existing YAML file with --config, e.g. configs/demo.yaml"
-            )
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})", fix="correct the YAML syntax"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level, found {type(data).__name__}")
-        data = _expand(data, "", str(path))
+    for one in paths:
+        data = _merge(data, _read_yaml(one))
+    path = paths[-1] if paths else None
     set_by_flag: set[str] = set()
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -766,6 +763,33 @@ def load_config(
             f"{src}config field '{where}': {msg}{shown}",
             fix="correct that field in the YAML or the matching CLI flag",
         ) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigError(
+            f"config file {path} {what}", fix="pass an existing YAML file with --config, e.g. configs/demo.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})", fix="correct the YAML syntax"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, found {type(data).__name__}")
+    return _expand(data, "", str(path))
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` layered on ``base``: mappings merge key by key, anything else in ``top`` replaces ``base``'s."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _covers(dotted: str, loc: list[str]) -> bool:

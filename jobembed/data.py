@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import re
 import warnings
 from collections import Counter
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json, write_manifest
+from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
 from jobembed.config import LabelSetConfig, PrepareConfig, write_resolved
 from jobembed.dedup import near_duplicate_groups, normalise_for_dedup
 from jobembed.errors import ConfigError, DataError
@@ -206,7 +207,9 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
         DataError: any input problem named above, with the rows concerned and the fix.
     """
     if config.input is None:
-        raise ConfigError("prepare needs an input file", fix="pass INPUT (CSV, JSONL or Parquet) or set prepare.input")
+        raise ConfigError(
+            "prepare needs an input file", fix="pass --input FILE (CSV, JSONL or Parquet) or set prepare.input"
+        )
     path = Path(config.input)
     raw = read_table(path, what="--input (prepare.input)")
     _release_freed_memory()
@@ -343,7 +346,6 @@ def prepare(*, config: PrepareConfig, out_dir: Path, progress: bool = True) -> P
     write_json(out_dir / "labels.json", labels)
     write_resolved(config, out_dir)
     write_json(out_dir / "data_card.json", card)
-    write_manifest(out_dir.parent, stage="prepare", config=config.model_dump(mode="json"), inputs={"input": sha256})
     return PrepareResult(out_dir=out_dir, card=card, splits=split_paths)
 
 
@@ -364,6 +366,15 @@ def _release_freed_memory() -> None:
 
 
 def _check_columns(raw: pd.DataFrame, config: PrepareConfig, path: Path) -> None:
+    named = {s: getattr(config, s) for s in _FLAGS if getattr(config, s) is not None}
+    for a, b in itertools.combinations(named, 2):
+        if named[a] == named[b]:
+            raise DataError(
+                f"{_FLAGS[a]} and {_FLAGS[b]} are the same column '{named[a]}'",
+                where=str(path),
+                found="columns " + ", ".join(raw.columns),
+                fix=f"point {_FLAGS[a]} and {_FLAGS[b]} at two different columns",
+            )
     for setting, flag in _FLAGS.items():
         col = getattr(config, setting)
         if col is not None and col not in raw.columns:

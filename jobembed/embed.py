@@ -17,6 +17,7 @@ folder ``embed/<name>-<fingerprint>/`` with ``{train,val,test}.npy`` (rows in sp
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from jobembed import encoders, ui
-from jobembed.artifacts import read_json, write_json
+from jobembed.artifacts import pause_for_test, read_json, write_json
 from jobembed.config import EmbedConfig, default_cache_dir
 from jobembed.data import SPLITS, label_texts
 from jobembed.errors import DataError
@@ -85,6 +87,7 @@ class Embedder:
         model: str | None = None,
         backend: Literal["torch", "onnx-int8"] = "torch",
         cache: bool = True,
+        memory_cache: int | None = None,
     ) -> None:
         self.config = config
         self.prompt = prompt or None
@@ -109,7 +112,13 @@ class Embedder:
             "max_seq_length": config.max_seq_length,
             "precision": vector_precision,
         }
-        self.cache: VectorTable | _NoCache = open_store(self.cache_dir).vectors(ns, info=info) if cache else _NoCache()
+        self.cache: VectorTable | _NoCache | MemoryCache
+        if not cache:
+            self.cache = _NoCache()
+        elif memory_cache is not None:
+            self.cache = MemoryCache(memory_cache)
+        else:
+            self.cache = open_store(self.cache_dir).vectors(ns, info=info)
         self.last_stats = EmbedStats()
         self._model = None
         self._cache_warned = False
@@ -182,15 +191,16 @@ class Embedder:
         unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
         missing = self.cache.missing(list(unique))
         self.last_stats = EmbedStats(len(texts), len(unique), len(unique) - len(missing), len(missing))
-        fresh = self._encode_missing(missing, unique, progress=progress, description=description) if missing else {}
         if not texts:
             return np.zeros((0, self.dimension()), dtype=np.float32)
-        if not fresh:
+        if not missing:
             return self.cache.get(keys)
-        # A read-only cache keeps nothing, so freshly encoded vectors are taken from memory, not the store.
-        hits = [k for k in unique if k not in fresh]
+        # Hits are read before encoding: a bounded cache may evict them while the misses are put. A read-only cache
+        # keeps nothing, so freshly encoded vectors are taken from memory, not the store.
+        absent = set(missing)
+        hits = [k for k in unique if k not in absent]
         known = dict(zip(hits, self.cache.get(hits), strict=True)) if hits else {}
-        known.update(fresh)
+        known.update(self._encode_missing(missing, unique, progress=progress, description=description))
         return np.stack([known[k] for k in keys])
 
     def dimension(self) -> int:
@@ -229,6 +239,45 @@ class Embedder:
             if not self._cache_warned:
                 logger.warning("cache %s: cannot write (%s); going on without keeping new vectors", self.cache_dir, e)
                 self._cache_warned = True
+
+
+class MemoryCache:
+    """The cache interface over a bounded in-memory LRU of ``maxsize`` texts: what a server keeps, so that answering
+    a stream of new texts grows neither files nor memory past the bound. Thread-safe; the server encodes on one
+    thread, so nothing is evicted between one call's ``missing`` and ``get``."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self.dim: int | None = None
+        self._items: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def missing(self, keys: Sequence[bytes]) -> list[bytes]:
+        with self._lock:
+            return [k for k in dict.fromkeys(keys) if k not in self._items]
+
+    def get(self, keys: Sequence[bytes]) -> np.ndarray:
+        with self._lock:
+            rows = []
+            for k in keys:
+                rows.append(self._items[k])  # KeyError for a key evicted since missing(): the caller re-encodes
+                self._items.move_to_end(k)
+        return np.stack(rows) if rows else np.zeros((0, self.dim or 0), dtype=np.float32)
+
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        with self._lock:
+            for k, v in zip(keys, vectors, strict=True):
+                self._items[k] = np.array(v, dtype=np.float32, copy=True)
+                self._items.move_to_end(k)
+            if len(vectors) and self.dim is None:
+                self.dim = int(vectors.shape[1])
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
 
 
 class _NoCache:
@@ -340,13 +389,13 @@ def embed_splits(
             frame = splits[name]
             vectors = text_emb.encode(frame[text_column].tolist(), progress=progress, description=f"{short}: {name}")
             _save_npy(folder / f"{name}.npy", vectors)
+            pause_for_test("embed:split-written")  # interrupt tests stop here, one split written
             meta["splits"][name] = {  # type: ignore[index]
                 "rows": len(frame),
                 "dim": int(vectors.shape[1]),
                 "ids_sha1": _ids_sha1(frame),
-                "cached": text_emb.last_stats.n_cached,
-                "encoded": text_emb.last_stats.n_encoded,
             }
+            pause_for_test("embed:split-written")
         texts = label_texts(labels, str(config.label_text))
         _save_npy(folder / "labels.npy", label_emb.encode(texts))
         meta["labels"] = {"rows": len(texts), "texts_sha1": hashlib.sha1("\n".join(texts).encode()).hexdigest()}

@@ -477,6 +477,9 @@ def evaluate_systems(
                 "display": system.display,
                 "encoder": v.model if v is not None else None,
                 "encoder_fingerprint": v.fingerprint if v is not None else None,
+                # what the bundle needs to encode new ads as these vectors were (it reads no vectors itself)
+                "encoder_precision": v.precision if v is not None else None,
+                "encoder_text_prompt": v.text_prompt if v is not None else None,
                 "title": SYSTEM_TITLES[system.name],
                 **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "cv": {"summary": metrics.summarize_folds(fold_metrics), "folds": fold_metrics},
@@ -601,6 +604,8 @@ def evaluate_finetuned(
                 "title": title,
                 "encoder": tuned.model,
                 "encoder_fingerprint": tuned.fingerprint,
+                "encoder_precision": tuned.precision,
+                "encoder_text_prompt": tuned.text_prompt,
                 **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
                 "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
                 # Not cross-validated (its triplets saw train labels): no out-of-fold answers, so no threshold.

@@ -17,7 +17,8 @@ class-aware loss.
   of 8 on CUDA), optionally length-grouped batches and torch.compile; experiments/bench_finetune.py measures each.
 - Several processes (torchrun / accelerate launch): the trainer does DDP from the launcher's environment; rank 0
   alone writes the folder, the log and the sidecars (see ``jobembed.distributed``).
-- Checkpoints go to ``<out>/checkpoints``; a run started again resumes from the last one.
+- Checkpoints go to ``<out>/checkpoints`` (or the caller's ``checkpoint_dir``); a run started again resumes from the
+  newest complete one.
 - Output: ``<out>/model`` (a SentenceTransformer folder with its model card, ``jobembed-prompts.json`` and
   ``jobembed-ads-seen.json``: the ids of the ads its triplets held), ``<out>/finetune.json`` (format tag,
   base model and fingerprint, triplet source, validation metrics), ``<out>/log.jsonl`` (the trainer's log).
@@ -429,11 +430,19 @@ def finetune(
     text_prompt: str | None,
     out_dir: Path,
     label_prompt: str | None = None,
+    checkpoint_dir: Path | None = None,
+    final_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune ``model_ref`` on ``triplets``; write ``out_dir`` (see the module docstring); return finetune.json.
 
     Args:
+        out_dir: where the outputs are written.
+        checkpoint_dir: the trainer's checkpoints (default ``out_dir/checkpoints``, dropped at the end unless
+            ``keep_checkpoints``); a run started again with the same folder resumes from its newest complete one. A
+            caller that passes its own folder owns it (the pipeline keeps it outside the outputs it swaps in).
+        final_dir: where ``out_dir`` will live once the caller moves it there (``model_dir`` in finetune.json names
+            it); default ``out_dir``.
         triplets / val_triplets: from ``load_triplets``; val ones feed the TripletEvaluator.
         centroid_data: ``{train_texts, train_labels, val_texts, val_labels}`` for the CentroidEvaluator.
         text_prompt: the prefix every text gets (the encoder family's, as in ``embed``); written with
@@ -479,7 +488,8 @@ def finetune(
         )
     steps_per_epoch = max(1, len(train) // config.batch_size)
     eval_steps = max(1, steps_per_epoch // config.evals_per_epoch)
-    checkpoints = out_dir / "checkpoints"
+    own_checkpoints = checkpoint_dir is None
+    checkpoints = out_dir / "checkpoints" if checkpoint_dir is None else Path(checkpoint_dir)
     has_centroid = centroid_data is not None
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
@@ -546,14 +556,14 @@ def finetune(
         tmp.replace(model_dir)
         log = [json.dumps(row) for row in trainer.state.log_history]
         atomic_write_text(out_dir / "log.jsonl", "".join(line + "\n" for line in log))
-        if not config.keep_checkpoints:
+        if own_checkpoints and not config.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # the other ranks read the saved folder's fingerprint below
     info = {
         "format": FINETUNE_FORMAT,
         "base_model": resolved.ref,
         "base_fingerprint": fingerprint,
-        "model_dir": str(model_dir),
+        "model_dir": str(Path(final_dir or out_dir) / "model"),
         "fingerprint": encoders.model_fingerprint(str(model_dir), cache_dir=cache_dir) if model_dir.is_dir() else None,
         "loss": str(config.loss),
         "class_aware": bool(config.class_aware and triplets.classes and config.loss == FinetuneLoss.mnrl),

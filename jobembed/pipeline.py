@@ -1,30 +1,24 @@
-"""The stage graph: every stage declared once, and the one runner that ``run``, the stamps and the CLI use.
+"""The stage graph: every stage declared once, registered with the engine (``jobembed.engine``).
 
-A ``Stage`` names its config sections, the stages whose outputs it reads, the one folder of the run it
-writes, and what else its result depends on (input files, model fingerprints). Its key hashes all of
-that plus its inputs' keys and its code version, so a change anywhere upstream (a config field, an edited input
-file, an encoder folder rebuilt in place with other weights, a jobembed release that changes what a stage writes)
-changes every key downstream. ``run_stages`` runs a target stage and whatever it needs that is not current, and
-skips the rest. Adding a stage is one module for its work, one ``register(Stage(...))`` below, and one config
-section.
-
-The graph today::
+Each ``Stage`` names the config it reads, the stages whose files it reads (and which files), the folder it writes
+and what else its result depends on; the engine keys, stamps, locks and swaps. The graph today::
 
     prepare ──▶ clean ──▶ embed ──▶ train-head
                              ├────▶ make-triplets ──▶ finetune ──▶ embed-finetuned ──┐
                              └──────────────────────────────────────────────────────┴─▶ compare-report ──▶ bundle
 
-``finetune`` and ``embed-finetuned`` do nothing unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on).
+``finetune`` and ``embed-finetuned`` are off unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on);
+off, they neither run nor are read, and their folders are left as they are.
 
-Run folder (``runs/<name>/``), each stage writing only under its own folder::
+Run folder (``runs/<name>/``), each stage writing only its own folder, whole (see ``jobembed.engine``)::
 
     config.yaml        the resolved pipeline config; later commands on the run start from it
-    manifest.json      per stage: resolved config, input keys, code version, package versions, git commit
+    manifest.json      per stage: resolved config, input digests, code version, package versions, git commit
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
     triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (make-triplets)
-    finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json (finetune)
+    finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json; checkpoints/<key>/
     embed-finetuned/   the fine-tuned encoder's vectors, laid out like embed/
     head/              bundle of the MLP head on embed.model (train-head); stage.json
     report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
@@ -34,13 +28,11 @@ Run folder (``runs/<name>/``), each stage writing only under its own folder::
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobembed import data, distributed, embed, encoders, metrics
-from jobembed.artifacts import file_sha256, hash_obj, mark_stage_done, read_json, read_stamp, write_manifest
+from jobembed.artifacts import file_sha256, read_json
 from jobembed.bundle import EncoderInfo, load_head, save_bundle
 from jobembed.clean.core import Cleaner, clean_splits, load_clean_column
 from jobembed.clean.gliner import WINDOWS_VERSION
@@ -51,9 +43,11 @@ from jobembed.config import (
     TextColumn,
     default_cache_dir,
     load_config,
-    section_for_key,
     write_resolved,
 )
+from jobembed.engine import STAGES, KeepStamp, Stage, StageContext, register, register_pin, run_stages
+from jobembed.engine import check_run_dir as check_run_dir
+from jobembed.engine import pin_models as pin_models
 from jobembed.errors import ConfigError, DataError
 from jobembed.evaluate import evaluate_finetuned, evaluate_systems
 from jobembed.finetune import finetune, load_triplets
@@ -63,122 +57,38 @@ from jobembed.store import open_store
 from jobembed.triplets import core as triplets_core
 from jobembed.triplets.core import TripletInputs, make_triplets
 
-
-class _KeepStamp(Exception):
-    """Raised by an identity function that cannot look at its inputs now (e.g. the input file moved): the
-    stage's stamp, if any, stands in; without one the stage cannot run and the message says why."""
-
-    def __init__(self, message: str, fix: str) -> None:
-        super().__init__(message)
-        self.fix = fix
+__all__ = ["STAGES", "check_run_dir", "config_for_run", "pin_models", "run_stages"]
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One step of the pipeline.
-
-    Attributes:
-        name: the command name (``jobembed <name> RUN``) and the manifest/stamp name.
-        folder: the only folder of the run the stage writes (its ``stage.json`` stamp goes there too).
-        sections: config sections it reads; their fields (minus runtime-only ones) are in its key.
-        inputs: stages whose outputs it reads; their keys are in its key.
-        run: ``(config, progress) -> summary``; does the work and writes ``folder``.
-        identity: what else the result depends on (input file hashes, model fingerprints), JSON-able.
-        shared: pipeline-level fields it reads (``text_column``).
-        help: one line for ``--help`` and the README.
-        version: the stage's code version, in its key. Bump it (and say why next to it) when a change to the
-            stage's code changes what it writes for the same config and inputs: runs made by the older code then
-            re-run that stage and every stage after it, instead of keeping an output the new code would not make.
-            Not bumped for speed-ups, messages or refactors that write the same thing.
-    """
-
-    name: str
-    folder: str
-    sections: tuple[str, ...]
-    inputs: tuple[str, ...]
-    run: Callable[[PipelineConfig, bool], dict[str, Any]]
-    identity: Callable[[PipelineConfig], Any] = lambda config: None
-    shared: tuple[str, ...] = ()
-    help: str = ""
-    version: int = 1
+def _cleaned(config: PipelineConfig) -> bool:
+    return config.text_column == TextColumn.clean_text
 
 
-STAGES: dict[str, Stage] = {}
+def _encoder_part(config: PipelineConfig, ref: str) -> tuple[str, ...]:
+    """The embed folder of one encoder, as a pattern of embed's files."""
+    resolved = encoders.resolve(ref, cache_dir=config.embed.cache_dir)
+    return (f"{embed.encoder_slug(resolved.ref, encoders.fingerprint_of(resolved))}/*",)
 
 
-def register(stage: Stage) -> Stage:
-    """Add a stage to the graph; its inputs must already be registered (registration order is run order)."""
-    missing = [i for i in stage.inputs if i not in STAGES]
-    assert not missing and stage.name not in STAGES, (stage.name, missing)
-    STAGES[stage.name] = stage
-    return stage
-
-
-def inputs_of(name: str, config: PipelineConfig) -> tuple[str, ...]:
-    """The stages ``name`` reads from under ``config``: a disabled fine-tune reads nothing, so triplets that
-    change (or were never made) leave it, and the compare-report after it, current."""
-    if name == "finetune" and not config.finetune.enabled:
-        return ()
-    return STAGES[name].inputs
-
-
-def ancestors(name: str, config: PipelineConfig) -> list[str]:
-    """``name`` and every stage it needs under ``config``, in run order."""
-    needed: set[str] = set()
-    todo = [name]
-    while todo:
-        current = todo.pop()
-        if current not in needed:
-            needed.add(current)
-            todo.extend(inputs_of(current, config))
-    return [s for s in STAGES if s in needed]
-
-
-# ------------------------------------------------------------------------------------------- keys
-
-
-class Plan:
-    """Stage keys for one config: ``hash(stage, code version, its sections, shared fields, identity, input keys)``."""
-
-    def __init__(self, config: PipelineConfig) -> None:
-        self.config = config
-        self._keys: dict[str, str] = {}
-        self.identities: dict[str, Any] = {}
-
-    def key(self, name: str) -> str:
-        if name not in self._keys:
-            stage = STAGES[name]
-            try:
-                identity = stage.identity(self.config)
-            except _KeepStamp as reason:
-                stamp = read_stamp(self.config.run_dir / stage.folder)
-                if stamp is None or "identity" not in stamp:
-                    raise DataError(str(reason), fix=reason.fix) from None
-                identity = stamp["identity"]
-            self.identities[name] = identity
-            payload = {
-                "stage": name,
-                "version": stage.version,
-                "sections": {s: section_for_key(getattr(self.config, s)) for s in stage.sections},
-                "shared": {f: getattr(self.config, f) for f in stage.shared},
-                "identity": identity,
-                "inputs": {i: self.key(i) for i in inputs_of(name, self.config)},
-            }
-            self._keys[name] = hash_obj(payload)
-        return self._keys[name]
+# ------------------------------------------------------------------------------------------- prepare
 
 
 def _prepare_identity(config: PipelineConfig) -> dict[str, str]:
     p = config.prepare
     if p.input is None:
-        raise _KeepStamp(
+        raise KeepStamp(
             f"{config.run_dir} has no prepared splits, and no input file is set (prepare.input)",
             fix=f"run `jobembed prepare {config.run_dir} --input ADS.csv` first",
         )
+    if Path(p.input).is_dir():
+        raise KeepStamp(
+            f"the --input {p.input} (prepare.input) is a folder, not a file",
+            fix="pass the ads file itself (CSV, JSONL or Parquet), e.g. --input data/ads.csv",
+        )
     if not Path(p.input).is_file():
-        raise _KeepStamp(
+        raise KeepStamp(
             f"the --input file {p.input} (prepare.input) is not found",
-            fix=f"check the path (relative paths start at {Path.cwd()})",
+            fix=f"check the path (relative paths start at {Path.cwd()}), or pass --input",
         )
     out = {"input": file_sha256(Path(p.input))}
     if p.labels is not None and Path(p.labels.path).is_file():
@@ -186,9 +96,17 @@ def _prepare_identity(config: PipelineConfig) -> dict[str, str]:
     return out
 
 
-def _embed_identity(config: PipelineConfig) -> dict[str, str]:
-    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model."""
-    return {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
+def _run_prepare(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
+    if config.prepare.input is None:
+        raise ConfigError(
+            "prepare needs an input file", fix="pass --input (CSV, JSONL or Parquet) or set prepare.input"
+        )
+    result = data.prepare(config=config.prepare, out_dir=ctx.out, progress=ctx.progress)
+    return {"card": result.card}
+
+
+# ------------------------------------------------------------------------------------------- clean
 
 
 def _clean_identity(config: PipelineConfig) -> dict[str, object]:
@@ -203,65 +121,73 @@ def _clean_identity(config: PipelineConfig) -> dict[str, object]:
     return info
 
 
-def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
-    """The frozen encoder that mined the candidates, and the judge's prompt templates (edited prompts re-judge)."""
-    prompts = sorted((Path(triplets_core.__file__).parent / "prompts").glob("*.txt"))
-    return _head_identity(config) | {p.name: file_sha256(p) for p in prompts}
-
-
-def _head_identity(config: PipelineConfig) -> dict[str, str]:
-    return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
-
-
-# ------------------------------------------------------------------------------------------- runners
-
-
-def _prepared(config: PipelineConfig):
-    """Prepare's splits and labels; with ``text_column: clean_text`` each split gains the clean stage's column."""
-    prepare_dir = config.run_dir / "prepare"
-    splits = data.load_splits(prepare_dir)
-    if config.text_column == TextColumn.clean_text:
-        for name, frame in splits.items():
-            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
-    return splits, data.load_labels(prepare_dir)
-
-
-def _run_clean(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+def _run_clean(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
     splits = data.load_splits(config.run_dir / "prepare")
-    out_dir = config.run_dir / "clean"
-    report = clean_splits(splits=splits, config=config.clean, out_dir=out_dir, progress=progress)
-    write_resolved(config.clean, out_dir)
+    report = clean_splits(splits=splits, config=config.clean, out_dir=ctx.out, progress=ctx.progress)
+    write_resolved(config.clean, ctx.out)
     return {k: report[k] for k in ("sources", "fallbacks", "empty_outputs", "mean_chars", "seconds")} | {
         "pii_rows": report["pii_check"]["rows_with_pii"]
     }
 
 
-def _run_prepare(config: PipelineConfig, progress: bool) -> dict[str, Any]:
-    if config.prepare.input is None:
-        raise ConfigError(
-            "prepare needs an input file", fix="pass --input (CSV, JSONL or Parquet) or set prepare.input"
-        )
-    result = data.prepare(config=config.prepare, out_dir=config.run_dir / "prepare", progress=progress)
-    return {"card": result.card}
+def _pin_clean(config: PipelineConfig) -> PipelineConfig:
+    if config.clean.backend != CleanBackend.gliner2:
+        return config
+    return config.model_copy(update={"clean": config.clean.model_copy(update={"model": _canon(config.clean.model)})})
 
 
-def _run_embed(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- embed
+
+
+def _canon(ref: str, cache_dir: Path | None = None) -> str:
+    """A model reference in canonical form: builtins in lower case, Hub ids pinned to a commit, folders as given."""
+    resolved = encoders.resolve(ref, cache_dir=cache_dir, build=False)
+    return ref if resolved.kind == "local" else resolved.ref
+
+
+def _pin_embed(config: PipelineConfig) -> PipelineConfig:
+    """Done once, before the first stage that names a model, and written to the run's config.yaml, so every later
+    stage (and the bundle) uses the same weights even if the Hub's ``main`` moves on."""
+    e = config.embed
+    pinned = e.model_copy(
+        update={
+            "model": _canon(e.model, e.cache_dir),
+            "extra_models": [_canon(r, e.cache_dir) for r in e.extra_models],
+        }
+    )
+    return config.model_copy(update={"embed": pinned})
+
+
+def _embed_identity(config: PipelineConfig) -> dict[str, str]:
+    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model."""
+    return {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
+
+
+def _prepared(config: PipelineConfig, *, texts: bool = True):
+    """Prepare's splits and labels; with ``text_column: clean_text`` (and ``texts``) each split gains the clean
+    stage's column."""
+    prepare_dir = config.run_dir / "prepare"
+    splits = data.load_splits(prepare_dir)
+    if texts and _cleaned(config):
+        for name, frame in splits.items():
+            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
+    return splits, data.load_labels(prepare_dir)
+
+
+def _run_embed(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
     splits, labels = _prepared(config)
-    out_dir = config.run_dir / "embed"
     folders = embed.embed_splits(
         splits=splits,
         labels=labels,
-        out_dir=out_dir,
+        out_dir=ctx.out,
         config=config.embed,
         text_column=config.text_column,
-        progress=progress,
+        progress=ctx.progress,
     )
-    keep = {f.name for f in folders.values()}
-    for stale in out_dir.iterdir():  # encoders no longer in the run
-        if stale.is_dir() and stale.name not in keep:
-            shutil.rmtree(stale, ignore_errors=True)
-    write_resolved(config.embed, out_dir)
-    return {"folders": {k: str(v) for k, v in folders.items()}}
+    write_resolved(config.embed, ctx.out)
+    return {"folders": {k: v.name for k, v in folders.items()}}
 
 
 def _vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:
@@ -285,16 +211,20 @@ def _encoder_info(config: PipelineConfig, vectors: embed.RunVectors) -> EncoderI
     )
 
 
-def _run_train_head(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- train-head
+
+
+def _run_train_head(ctx: StageContext) -> dict[str, Any]:
     """Fit the MLP head on train (early stopping on val), report validation metrics, save a bundle in ``head/``.
 
     The test split is not read here: it is scored once, by compare-report.
     """
-    splits, labels = _prepared(config)
+    config = ctx.config
+    splits, labels = _prepared(config, texts=False)  # the head reads vectors and labels, not texts
     vectors = _vectors(config, config.embed.model, splits, labels)
     y = {name: frame["label"].to_numpy(dtype=str) for name, frame in splits.items()}
     has_val = len(splits["val"]) > 0
-    head = MLPHead.from_config(config.head).set_params(verbose=1 if progress else 0)
+    head = MLPHead.from_config(config.head).set_params(verbose=1 if ctx.progress else 0)
     head.fit(
         vectors.train,
         y["train"],
@@ -308,7 +238,7 @@ def _run_train_head(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         else {"held_out_macro_f1": head.best_val_score_}
     )
     save_bundle(
-        config.run_dir / "head",
+        ctx.out,
         model=head,
         system="mlp",
         encoder=_encoder_info(config, vectors),
@@ -317,6 +247,9 @@ def _run_train_head(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         metrics={"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_},
     )
     return {"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_}
+
+
+# ------------------------------------------------------------------------------------------- make-triplets
 
 
 def triplet_inputs(config: PipelineConfig) -> TripletInputs:
@@ -344,20 +277,33 @@ def triplet_inputs(config: PipelineConfig) -> TripletInputs:
     )
 
 
-# Stages whose summary goes into manifest.json (make-triplets: calls, tokens and what they cost).
-_SUMMARISED = {"make-triplets", "finetune"}
+def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
+    """The frozen encoder that mined the candidates, and the judge's prompt templates (edited prompts re-judge)."""
+    prompts = sorted((Path(triplets_core.__file__).parent / "prompts").glob("*.txt"))
+    return _head_identity(config) | {p.name: file_sha256(p) for p in prompts}
 
 
-def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]:
-    out_dir = config.run_dir / "triplets"
+def _head_identity(config: PipelineConfig) -> dict[str, str]:
+    return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
+
+
+def _triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    out = {"prepare": ("*",), "embed": _encoder_part(config, config.embed.model)}
+    if _cleaned(config) or config.clean.backend != CleanBackend.none:  # the judge reads cleaned text
+        out["clean"] = ("*",)
+    return out
+
+
+def _run_make_triplets(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
     report = make_triplets(
         inputs=triplet_inputs(config),
         config=config.triplets,
-        out_dir=out_dir,
+        out_dir=ctx.out,
         store=open_store(config.embed.cache_dir or default_cache_dir()),
-        progress=progress,
+        progress=ctx.progress,
     )
-    write_resolved(config.triplets, out_dir)
+    write_resolved(config.triplets, ctx.out)
     out = {"judge": report["judge"], "kept": report["kept"], "noise": report["noise"]["ads"]}
     if "llm" in report:
         keys = ("calls", "cached", "answered", "unparsable", "failed", "prompt_tokens", "completion_tokens", "cost")
@@ -365,17 +311,44 @@ def _run_make_triplets(config: PipelineConfig, progress: bool) -> dict[str, Any]
     return out
 
 
-def _finetune_identity(config: PipelineConfig) -> dict[str, str]:
-    """The base encoder's content, and an outside triplet file's (the run's own triplets are an input stage)."""
-    f = config.finetune
-    if not f.enabled:
-        return {"enabled": False}
-    out = {"base": encoders.model_fingerprint(f.model or config.embed.model, cache_dir=config.embed.cache_dir)}
+# ------------------------------------------------------------------------------------------- finetune
+
+
+def _finetune_base(config: PipelineConfig) -> str:
+    return config.finetune.model or config.embed.model
+
+
+def _finetune_identity(config: PipelineConfig) -> dict[str, Any]:
+    """The base encoder's content, the prompts it trains with (from the embed section or the encoder's family), and
+    an outside triplet file's content (the run's own triplets are an input stage)."""
+    f, e = config.finetune, config.embed
+    base = _finetune_base(config)
+    out: dict[str, Any] = {
+        "base": encoders.model_fingerprint(base, cache_dir=e.cache_dir),
+        "prompts": list(encoders.resolve_prompts(_canon(base, e.cache_dir), e.text_prompt, e.label_prompt)),
+    }
     if f.triplets is not None:
         if not Path(f.triplets).is_file():
-            raise _KeepStamp(f"the --triplets file {f.triplets} is not found", fix="check the path")
+            raise KeepStamp(f"the --triplets file {f.triplets} is not found", fix="check the path")
         out["triplets"] = file_sha256(Path(f.triplets))
     return out
+
+
+def _finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    own = ("val.parquet",) if config.finetune.triplets else ("train.parquet", "val.parquet")
+    out = {"prepare": ("*",), "make-triplets": own}
+    if _cleaned(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _pin_finetune(config: PipelineConfig) -> PipelineConfig:
+    f = config.finetune
+    if f.model is None:
+        return config
+    return config.model_copy(
+        update={"finetune": f.model_copy(update={"model": _canon(f.model, config.embed.cache_dir)})}
+    )
 
 
 def centroid_data(config: PipelineConfig, splits) -> dict[str, list[str]] | None:
@@ -398,15 +371,15 @@ def centroid_data(config: PipelineConfig, splits) -> dict[str, list[str]] | None
     }
 
 
-def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
-    """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split."""
+def _run_finetune(ctx: StageContext) -> dict[str, Any]:
+    """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split.
+
+    Checkpoints go to ``finetune/checkpoints/<stage key>/``, outside the swapped outputs: a killed run resumes from
+    its own, and never from those of other settings. They are dropped once the model is in place, unless
+    ``keep_checkpoints``.
+    """
+    config = ctx.config
     f = config.finetune
-    out_dir = config.run_dir / "finetune"
-    if not f.enabled:
-        for stale in ("model", "finetune.json", "ads_seen.json", "log.jsonl") if distributed.is_main() else ():
-            target = out_dir / stale
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return {"enabled": False}
     splits, labels = _prepared(config)
     classes = labels["label"].astype(str).tolist()
     own = config.run_dir / "triplets"
@@ -414,11 +387,12 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
     )
     val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
-    model_ref = f.model or config.embed.model
+    model_ref = _finetune_base(config)
     resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
     text_prompt, label_prompt = encoders.resolve_prompts(
         resolved.ref, config.embed.text_prompt, config.embed.label_prompt
     )
+    checkpoints = ctx.keep_dir("checkpoints") / ctx.key
     info = finetune(
         triplets=triplets,
         val_triplets=val,
@@ -427,19 +401,26 @@ def _run_finetune(config: PipelineConfig, progress: bool) -> dict[str, Any]:
         model_ref=model_ref,
         text_prompt=text_prompt,
         label_prompt=label_prompt,
-        out_dir=out_dir,
-        progress=progress,
+        out_dir=ctx.out,
+        checkpoint_dir=checkpoints,
+        final_dir=ctx.folder,
+        progress=ctx.progress,
     )
     if distributed.is_main():
-        write_resolved(f, out_dir)
-    return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val")} | {
+        write_resolved(f, ctx.out)
+        if not f.keep_checkpoints:
+            ctx.after_commit(lambda: _drop_checkpoints(checkpoints))
+    return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val", "resumed_from")} | {
         "triplets": info["triplets"]["rows"],
         "judge": info["triplets"]["judge"],
     }
 
 
-# Stages every process of a distributed launch runs (the rest run on rank 0 alone).
-ALL_RANKS = frozenset({"finetune"})
+def _drop_checkpoints(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _finetune_on_cpu(config: PipelineConfig) -> bool:
@@ -463,22 +444,36 @@ def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVector
     )
 
 
-def _run_embed_finetuned(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+def _finetuned_identity(config: PipelineConfig) -> dict[str, str]:
+    """The fine-tuned model's content fingerprint: new weights under the same settings are a new encoder."""
+    model = Path(finetuned_model(config))
+    return {"model": encoders.model_fingerprint(str(model)) if model.is_dir() else "missing"}
+
+
+def _embed_finetuned_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    out = {"prepare": ("*",), "finetune": ("model/*",)}
+    if _cleaned(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _run_embed_finetuned(ctx: StageContext) -> dict[str, Any]:
     """Encode every split and the category texts with the fine-tuned encoder (its own folder of vectors)."""
-    out_dir = config.run_dir / "embed-finetuned"
-    if not config.finetune.enabled:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return {"enabled": False}
+    config = ctx.config
     splits, labels = _prepared(config)
     tuned = config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []})
     folders = embed.embed_splits(
-        splits=splits, labels=labels, out_dir=out_dir, config=tuned, text_column=config.text_column, progress=progress
+        splits=splits,
+        labels=labels,
+        out_dir=ctx.out,
+        config=tuned,
+        text_column=config.text_column,
+        progress=ctx.progress,
     )
-    keep = {f.name for f in folders.values()}
-    for stale in out_dir.iterdir():  # an earlier fine-tune's vectors
-        if stale.is_dir() and stale.name not in keep:
-            shutil.rmtree(stale, ignore_errors=True)
-    return {"folders": {k: str(v) for k, v in folders.items()}}
+    return {"folders": {k: v.name for k, v in folders.items()}}
+
+
+# ------------------------------------------------------------------------------------------- compare-report
 
 
 def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
@@ -497,20 +492,34 @@ def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
                 f"the encoder {ref} was fine-tuned on triplets holding {len(seen & dev)} train/val and "
                 f"{len(seen & test)} test ads of this run: cross-validation and the test split would score it on "
                 "labels it learned",
-                fix="compare a fine-tune through `jobembed finetune RUN` (compare-report then scores it on the test "
-                "split only), or use the folder on data whose ads it never saw",
+                fix="drop it from embed.extra_models (the run's config.yaml keeps what earlier commands set: pass "
+                "-c a file with `extra_models: []`), and compare a fine-tune through `jobembed finetune RUN` "
+                "(compare-report then scores it on the test split only)",
             )
 
 
-def _run_compare_report(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {
+        "prepare": ("*",),
+        "embed": tuple(p for ref in config.embed.models() for p in _encoder_part(config, ref)),
+        "embed-finetuned": ("*",),
+        "finetune": ("ads_seen.json",),
+    }
+    if _cleaned(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
     splits, labels = _prepared(config)
     refuse_leaky_encoders(config, splits)
     vectors = {m: _vectors(config, m, splits, labels) for m in config.embed.models()}
-    evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=progress)
+    evaluation = evaluate_systems(config=config, splits=splits, labels=labels, vectors=vectors, progress=ctx.progress)
     evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
     if config.finetune.enabled:
-        evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, progress)
-    write_report(evaluation, out_dir=config.run_dir / "report", config=config, labels=labels)
+        evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, ctx.progress)
+    write_report(evaluation, out_dir=ctx.out, config=config, labels=labels)
     return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
 
 
@@ -551,19 +560,33 @@ def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
     """For the report: which text the systems read and, if cleaned, by what."""
     out: dict[str, Any] = {"text_column": str(config.text_column)}
     report = config.run_dir / "clean" / "report.json"
-    if config.text_column == TextColumn.clean_text and report.is_file():
+    if _cleaned(config) and report.is_file():
         r = read_json(report)
         out |= {"cleaner": r["cleaner"], "sources": r["sources"], "mean_chars": r["mean_chars"]}
     return out
 
 
-def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- bundle
+
+
+def _bundle_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
+    out = {"prepare": ("labels.json",), "compare-report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
+    if finetuned:
+        out["finetune"] = ("model/*",)  # copied into the bundle
+    return out
+
+
+def _run_bundle(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
     finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
     winner_dir = config.run_dir / "report" / (WINNER_FINETUNED_DIR if finetuned else WINNER_DIR)
     if finetuned and not config.finetune.enabled:
         raise DataError(
-            "bundle.encoder is finetuned but this run has no fine-tuned encoder",
-            fix="run `jobembed finetune RUN` and compare-report first, or bundle the frozen encoder (--encoder frozen)",
+            "bundle.encoder is finetuned but finetune is off in this run (finetune.enabled: false), so the report "
+            "holds no fine-tuned encoder",
+            fix="run `jobembed finetune RUN` (it turns the stage on; a model already made under the same settings is "
+            "kept and re-used) and compare-report, or bundle the frozen encoder (--encoder frozen)",
         )
     if not (winner_dir / "winner.json").is_file():
         raise DataError(
@@ -571,20 +594,20 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
             fix="add mlp, centroid or zeroshot to report.systems (--systems) and re-run compare-report",
         )
     winner = read_json(winner_dir / "winner.json")
-    head_dir = winner_dir / "head"
-    head = load_head(head_dir, winner["head_kind"])
-    splits, labels = _prepared(config)
-    if finetuned:
-        vectors = finetuned_vectors(config, splits, labels)
-    else:
-        vectors = _vectors(config, winner["encoder"], splits, labels)
-    if vectors.fingerprint != winner["encoder_fingerprint"]:  # pragma: no cover - keys make this unreachable
-        raise DataError("the report's winner was made with other vectors", fix="re-run compare-report")
+    head = load_head(winner_dir / "head", winner["head_kind"])
+    labels = data.load_labels(config.run_dir / "prepare")
+    encoder = EncoderInfo(
+        model=winner["encoder"],
+        fingerprint=winner["encoder_fingerprint"],
+        precision=winner["encoder_precision"],
+        text_prompt=winner["encoder_text_prompt"],
+        max_seq_length=config.embed.max_seq_length,
+    )
     path = save_bundle(
-        config.run_dir / "bundle",
+        ctx.out,
         model=head,
         system=winner["system"],
-        encoder=_encoder_info(config, vectors),
+        encoder=encoder,
         config=config,
         labels=labels,
         metrics={**winner["metrics"], "selective": winner.get("selective")},
@@ -594,48 +617,75 @@ def _run_bundle(config: PipelineConfig, progress: bool) -> dict[str, Any]:
     return {"bundle": str(path), "system": winner["key"]}
 
 
+# ------------------------------------------------------------------------------------------- the graph
+
+
+def _finetune_on(config: PipelineConfig) -> bool:
+    return bool(config.finetune.enabled)
+
+
+def _finetune_off(config: PipelineConfig) -> str:
+    return "finetune.enabled is false; `jobembed finetune RUN` turns it on"
+
+
+def _uses_models(config: PipelineConfig) -> bool:
+    return True
+
+
+register_pin(_pin_embed)
+register_pin(_pin_clean)
+register_pin(_pin_finetune)
+
 register(
     Stage(
         "prepare",
-        folder="prepare",
-        sections=("prepare",),
-        inputs=(),
+        section="prepare",
         run=_run_prepare,
         identity=_prepare_identity,
+        products=("*.parquet", "labels.json"),
         help="read, validate, dedupe, group reposts, split",
     )
 )
 register(
     Stage(
         "clean",
-        folder="clean",
-        sections=("clean",),
+        section="clean",
         inputs=("prepare",),
         run=_run_clean,
         identity=_clean_identity,
+        products=("*.parquet",),
+        names_models=lambda config: config.clean.backend == CleanBackend.gliner2,
         help="rewrite each ad as occupation, skills and tasks (gliner2), or strip its noise (rules)",
     )
 )
 register(
     Stage(
         "embed",
-        folder="embed",
-        sections=("embed",),
+        section="embed",
+        reads=("text_column",),
         inputs=("prepare", "clean"),
+        consumes=lambda config: {"prepare": ("*",), **({"clean": ("*",)} if _cleaned(config) else {})},
         run=_run_embed,
         identity=_embed_identity,
-        shared=("text_column",),
+        products=("*/*.npy", "*/embeddings.json"),
+        names_models=_uses_models,
         help="encode every split and the category texts with every encoder (cached)",
+        # 2: embeddings.json no longer carries how many texts came from the cache (it changed with every re-run).
+        version=2,
     )
 )
 register(
     Stage(
         "train-head",
         folder="head",
-        sections=("head", "classify"),
-        inputs=("embed",),
+        section="head",
+        reads=("classify", "clean", "embed", "text_column", "report.min_support"),
+        ignores=("embed.extra_models",),
+        inputs=("prepare", "embed"),
+        consumes=lambda config: {"prepare": ("*",), "embed": _encoder_part(config, config.embed.model)},
         run=_run_train_head,
         identity=_head_identity,
+        names_models=_uses_models,
         help="MLP head on embed.model's vectors, early stopping on validation; a bundle in head/",
     )
 )
@@ -643,11 +693,15 @@ register(
     Stage(
         "make-triplets",
         folder="triplets",
-        sections=("triplets",),
+        section="triplets",
+        reads=("text_column", "clean.backend"),
         inputs=("prepare", "clean", "embed"),
+        consumes=_triplets_consume,
         run=_run_make_triplets,
         identity=_triplets_identity,
-        shared=("text_column",),
+        products=("train.parquet", "val.parquet"),
+        names_models=_uses_models,
+        summarise=True,
         help="mine anchor/positive/negative triplets in train (and val) and judge them: llm, model or none",
         # 2: the margin rule measures a candidate against the anchor's nearest same-class ad, not against its own
         # positive (random positives kept 73 of 576 triplets under the old rule), so older runs keep other triplets.
@@ -659,23 +713,36 @@ register(
 register(
     Stage(
         "finetune",
-        folder="finetune",
-        sections=("finetune", "embed"),
+        section="finetune",
+        reads=("text_column",),
         inputs=("prepare", "clean", "make-triplets"),
+        consumes=_finetune_consume,
         run=_run_finetune,
         identity=_finetune_identity,
-        shared=("text_column",),
+        products=("model/*", "ads_seen.json"),
+        enabled=_finetune_on,
+        off_reason=_finetune_off,
+        keep=("checkpoints",),
+        all_ranks=True,
+        on_cpu=_finetune_on_cpu,
+        names_models=_uses_models,
+        summarise=True,
         help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",
     )
 )
 register(
     Stage(
         "embed-finetuned",
-        folder="embed-finetuned",
-        sections=("embed",),
+        reads=("embed", "text_column"),
+        ignores=("embed.model", "embed.extra_models"),
         inputs=("prepare", "clean", "finetune"),
+        consumes=_embed_finetuned_consume,
         run=_run_embed_finetuned,
-        shared=("text_column",),
+        identity=_finetuned_identity,
+        products=("*/*.npy", "*/embeddings.json"),
+        enabled=_finetune_on,
+        off_reason=_finetune_off,
+        names_models=_uses_models,
         help="encode every split with the fine-tuned encoder (when finetune.enabled)",
     )
 )
@@ -683,174 +750,55 @@ register(
     Stage(
         "compare-report",
         folder="report",
-        sections=("report", "head"),
-        inputs=("prepare", "clean", "embed", "embed-finetuned"),
+        section="report",
+        reads=("head", "text_column", "prepare.seed", "embed.model", "embed.extra_models", "triplets.positive"),
+        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned"),
+        consumes=_report_consume,
         run=_run_compare_report,
-        shared=("text_column",),
+        products=(f"{WINNER_DIR}/*", f"{WINNER_FINETUNED_DIR}/*"),
+        names_models=_uses_models,
         help="every system on the same splits: test, k-fold CV, intervals, significance",
         # 2: abstention thresholds on out-of-fold answers (were validation's), stored for the bundle; the stack's
-        # out-of-fold features grouped by repost.
+        # out-of-fold features grouped by repost; winner.json carries its encoder's precision and prompt.
         version=2,
     )
 )
 register(
     Stage(
         "bundle",
-        folder="bundle",
-        sections=("bundle", "classify"),
-        inputs=("compare-report",),
+        section="bundle",
+        reads=("classify", "clean", "embed", "text_column", "finetune.enabled"),
+        ignores=("embed.extra_models",),
+        inputs=("prepare", "compare-report", "finetune"),
+        consumes=_bundle_consume,
         run=_run_bundle,
+        names_models=_uses_models,
         help="the report's best servable system as a deployable bundle",
+        version=2,  # 2: jobembed-bundle/3, bundle.json covered by its own digest
     )
 )
 
 
-# ------------------------------------------------------------------------------------------- running
-
-
-def pin_models(config: PipelineConfig) -> PipelineConfig:
-    """The config with canonical model references: builtins in lower case, Hub ids pinned to a commit.
-
-    Done once, before anything is encoded, and written to the run's config.yaml, so every later stage (and
-    the bundle) uses the same weights even if the Hub's ``main`` moves on.
-    """
-    e = config.embed
-
-    def canon(ref: str) -> str:
-        resolved = encoders.resolve(ref, cache_dir=e.cache_dir, build=False)
-        return ref if resolved.kind == "local" else resolved.ref
-
-    pinned = e.model_copy(update={"model": canon(e.model), "extra_models": [canon(r) for r in e.extra_models]})
-    update: dict[str, Any] = {"embed": pinned}
-    if config.clean.backend == CleanBackend.gliner2:
-        update["clean"] = config.clean.model_copy(update={"model": canon(config.clean.model)})
-    return config.model_copy(update=update)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Fail early, with one line, when the run folder cannot be a folder we write into."""
-    for parent in [run_dir, *run_dir.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                what = "run folder" if parent == run_dir else f"parent {parent} of the run folder"
-                raise ConfigError(
-                    f"the {what} is a file, not a folder", fix="pass another run folder (or runs_dir / name)"
-                )
-            break
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".jobembed-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write into the run folder {run_dir} ({e.strerror or e})",
-            fix="pass a folder you can write to",
-        ) from None
+# ------------------------------------------------------------------------------------------- configs
 
 
 def config_for_run(
     run_dir: Path, config_path: Path | None, overrides: dict[str, Any], *, flags: dict[str, str] | None = None
 ) -> PipelineConfig:
-    """The config of an existing run (its config.yaml), or ``config_path``, with CLI overrides on top."""
+    """The config of a run: its own config.yaml, with ``config_path`` layered on top (its fields win), and CLI
+    overrides on top of both.
+
+    A run folder whose stages ran but whose config.yaml is gone cannot be continued from defaults (they would name
+    other models and files): that is one line naming the missing file.
+    """
     run_dir = Path(run_dir)
     own = run_dir / "config.yaml"
-    base = config_path or (own if own.is_file() else None)
     overrides = {"name": run_dir.name, "runs_dir": str(run_dir.parent), **overrides}
-    return load_config(base, overrides, flags=flags)
-
-
-def run_stages(
-    config: PipelineConfig,
-    *,
-    target: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    on_stage: Callable[[str, str], None] | None = None,
-) -> dict[str, str]:
-    """Run ``target`` (default: every stage) and whatever it needs that is not current.
-
-    A stage is current when its stamp holds its key and no stage it reads from ran in this call. The run's
-    config.yaml is written after each stage that succeeds, so a bad flag never sticks to the run.
-
-    Args:
-        force: re-run ``target`` (every stage when ``target`` is None) even when current.
-        on_stage: callback ``(stage, "run" | "skip")`` for the CLI to print progress.
-
-    Returns:
-        stage -> "ran" | "skipped", in run order.
-    """
-    created = not config.run_dir.exists()
-    check_run_dir(config.run_dir)
-    try:
-        return _run(
-            config,
-            names=ancestors(target, config) if target else list(STAGES),
-            target=target,
-            force=force,
-            progress=progress,
-            on_stage=on_stage,
+    made = any((run_dir / s.dir_name / "stage.json").is_file() for s in STAGES.values())
+    if not own.is_file() and made and config_path is None:
+        raise ConfigError(
+            f"{own} is missing: the run's settings are gone, and defaults would name other models and files",
+            fix="restore that file, or pass the run's settings with -c FILE",
         )
-    except BaseException:
-        if created and config.run_dir.is_dir() and not any(config.run_dir.iterdir()):
-            config.run_dir.rmdir()  # a command that failed before writing anything leaves no empty run folder
-        raise
-
-
-def _run(
-    config: PipelineConfig,
-    *,
-    names: list[str],
-    target: str | None,
-    force: bool,
-    progress: bool,
-    on_stage: Callable[[str, str], None] | None,
-) -> dict[str, str]:
-    plan = Plan(config)
-    status: dict[str, str] = {}
-    main = distributed.is_main()
-    many = distributed.world_size() > 1
-    on_stage = on_stage if main else None
-    for name in names:
-        stage = STAGES[name]
-        everywhere = name in ALL_RANKS
-        if many and not everywhere and not main:
-            continue  # rank 0 runs it; this rank waits at the fine-tune
-        if many and everywhere:
-            # The other ranks wait here for rank 0 to finish the stages before (and to build any model they load).
-            distributed.wait_for_everyone(cpu=_finetune_on_cpu(config))
-        if "embed" in stage.sections and plan.config is config:
-            # Pinned when the first stage that uses a model comes up: prepare alone needs no model nor the Hub,
-            # and an unprepared run says so before any model lookup.
-            config = plan.config = pin_models(config)
-        key = plan.key(name)
-        stage_dir = config.run_dir / stage.folder
-        stamp = read_stamp(stage_dir)
-        upstream_ran = any(status.get(i) == "ran" for i in inputs_of(name, config))
-        forced = force and (target is None or name == target)
-        current = stamp is not None and stamp.get("key") == key and not upstream_ran and not forced
-        if many and everywhere:
-            current = distributed.from_main(current, cpu=_finetune_on_cpu(config))  # only rank 0 knows what ran
-        if current:
-            status[name] = "skipped"
-            if on_stage:
-                on_stage(name, "skip")
-            continue
-        if on_stage:
-            on_stage(name, "run")
-        summary = stage.run(config, progress)
-        if not main:
-            status[name] = "ran"
-            continue
-        mark_stage_done(stage_dir, key, identity=plan.identities.get(name), version=stage.version)
-        write_manifest(
-            config.run_dir,
-            stage=name,
-            config={s: getattr(config, s).model_dump(mode="json") for s in stage.sections},
-            inputs={"identity": plan.identities.get(name), **{i: plan.key(i) for i in inputs_of(name, config)}},
-            version=stage.version,
-            summary=summary if name in _SUMMARISED else None,
-        )
-        write_resolved(config, config.run_dir)
-        status[name] = "ran"
-    return status
+    bases = [p for p in (own if own.is_file() else None, config_path) if p is not None]
+    return load_config(bases, overrides, flags=flags)

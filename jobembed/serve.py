@@ -31,6 +31,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -45,13 +46,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobembed import encoders
 from jobembed.bundle import Bundle, load_bundle
 from jobembed.config import ClassifyConfig, ServeConfig
-from jobembed.errors import JobembedError
+from jobembed.errors import ConfigError, JobembedError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,10 @@ class ClassifyRequest(BaseModel):
     texts: list[str] = Field(description="Vacancy texts, raw; the bundle's cleaner (if any) is applied.")
     top_k: int | None = Field(None, ge=1, description="Labels to list per text [bundle's classify.top_k].")
     min_confidence: float | None = Field(
-        None, ge=0, le=1, description="Below this top probability the label is 'uncertain' [bundle's]."
+        None,
+        ge=0,
+        le=1,
+        description="Below this top probability the label is 'uncertain' [bundle's]. Not with target_accuracy.",
     )
     target_accuracy: float | None = Field(
         None,
@@ -81,6 +85,13 @@ class ClassifyRequest(BaseModel):
         "reached this accuracy.",
     )
     explain: bool = Field(False, description="Also return what the head read (cleaned text and extracted spans).")
+
+    @field_validator("min_confidence", "target_accuracy", mode="before")
+    @classmethod
+    def _a_number(cls, v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):  # JSON's NaN: named, not "should be less than or equal to 1"
+            raise ValueError("not a number (NaN); send a value from 0 to 1")
+        return v
 
 
 class ApiError(Exception):
@@ -294,6 +305,7 @@ class Service:
                 device=self.config.device,
                 backend=str(self.config.backend),
                 cache=self.config.cache,
+                memory_cache=self.config.cache_size,
                 batch_size=encode_batch_size(self.config),
             )
             bundle.predict_proba_explained([WARMUP_TEXT])
@@ -333,6 +345,13 @@ class Service:
         return self.bundle
 
     def classify_config(self, req: ClassifyRequest) -> ClassifyConfig:
+        if req.min_confidence is not None and req.target_accuracy is not None:
+            raise ApiError(
+                422,
+                "min_confidence",
+                "min_confidence and target_accuracy both set a confidence threshold",
+                fix="send one of them",
+            )
         try:
             return self.require_ready().classify_config(
                 top_k=req.top_k, min_confidence=req.min_confidence, target_accuracy=req.target_accuracy
@@ -371,6 +390,8 @@ def parse_request(body: bytes, config: ServeConfig) -> ClassifyRequest:
         raise ApiError(
             422, "body", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", fix="send a JSON object"
         ) from None
+    except RecursionError:  # thousands of nested [ or {: the parser's stack ends before the body does
+        raise ApiError(422, "body", "JSON nested too deeply", fix='send {"texts": [...]}, a list of strings') from None
     if not isinstance(data, dict):
         raise ApiError(422, "body", f"expected a JSON object, found {type(data).__name__}", fix='send {"texts": [...]}')
     try:
@@ -420,11 +441,27 @@ async def read_body(request: Any, limit: int) -> bytes:
 # ------------------------------------------------------------------------------------------------ app
 
 
+def api_keys_from_env() -> list[str]:
+    """``JOBEMBED_API_KEYS``, comma-separated; unset or empty: no keys (the API is open).
+
+    Raises:
+        ConfigError: the variable is set but holds no key (``" , "``): serving it open would be a silent hole.
+    """
+    raw = os.environ.get(ENV_KEYS, "")
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if raw.strip() and not keys:
+        raise ConfigError(
+            f"{ENV_KEYS} is set ({raw!r}) but holds no key, so the API would answer without one",
+            fix=f"set {ENV_KEYS} to comma-separated keys (e.g. key-one,key-two), or unset it to serve without keys",
+        )
+    return keys
+
+
 def create_app(bundle_path: Path, config: ServeConfig | None = None, *, api_keys: list[str] | None = None) -> FastAPI:
-    """The FastAPI app for one worker. ``api_keys`` default: ``JOBEMBED_API_KEYS`` (comma-separated)."""
+    """The FastAPI app for one worker. ``api_keys`` default: ``JOBEMBED_API_KEYS`` (``api_keys_from_env``)."""
     config = config or ServeConfig()
     if api_keys is None:
-        api_keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+        api_keys = api_keys_from_env()
     service = Service(bundle_path, config, api_keys=api_keys)
     _log_to_stderr()
 
@@ -457,11 +494,20 @@ def create_app(bundle_path: Path, config: ServeConfig | None = None, *, api_keys
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        try:
+            response = await call_next(request)
+        except Exception:
+            # An unhandled error passes this middleware on its way to the 500 handler: count it here, so that
+            # jobembed_requests_total holds the 500s that jobembed_errors_total counts.
+            status = "500"
+            raise
+        else:
+            status = str(response.status_code)
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            service.metrics.requests.labels(endpoint, status).inc()
+            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
     @app.exception_handler(ApiError)
@@ -505,7 +551,7 @@ def create_app(bundle_path: Path, config: ServeConfig | None = None, *, api_keys
             raise ApiError(
                 504, None, f"no answer within {config.request_timeout_s:g} s", fix="retry, or send fewer texts"
             ) from None
-        predictions = bundle.decide(req.texts, result.proba, config=cfg)
+        predictions = bundle.decide(req.texts, result.proba, config=cfg, seen=result.clean_texts)
         out = []
         for i, p in enumerate(predictions):
             item = p.as_dict()

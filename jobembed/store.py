@@ -5,8 +5,9 @@ SQLite in WAL mode, from the standard library (measured against LMDB and the old
 ``experiments/bench_cache.py``; see docs/benchmarks.md):
 
 - Lookups go through the primary-key index and load nothing up front, so opening a store with a million
-  vectors costs the same as opening an empty one, and a server answering one text per request neither
-  grows files nor memory.
+  vectors costs the same as opening an empty one. Every text a stage or ``classify`` encodes is kept here
+  (the store grows with them); ``serve`` does not write here: it keeps a bounded in-memory cache
+  (``serve.cache_size``, ``embed.MemoryCache``).
 - Several processes (DDP ranks, server workers, two CLI runs) read and write at once: readers never
   block, writers queue on a busy timeout, and each ``put`` is one transaction, so a killed process
   leaves the store as it was before its last unfinished ``put``.

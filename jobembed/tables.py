@@ -31,14 +31,14 @@ ACCEPTED_SUFFIXES = (*CSV_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
 _CSV_CHUNK = 50_000  # rows parsed at a time
 
 
-def read_table(path: Path, *, what: str = "INPUT") -> pd.DataFrame:
+def read_table(path: Path, *, what: str = "--input") -> pd.DataFrame:
     """Read a CSV/TSV, JSONL or Parquet file with every column as strings.
 
     Args:
         path: ``.csv``/``.tsv`` (UTF-8, header row), ``.jsonl``/``.ndjson`` (one JSON object per line) or
             ``.parquet``/``.pq``; the suffix decides the format. A ``.csv`` whose header has no comma but
             semicolons or tabs is read with that separator (spreadsheet exports in Danish/Polish locales).
-        what: how messages name the file (``INPUT``, ``--labels file``, ``--input``).
+        what: how messages name the file (``--input``, ``--labels file``).
 
     Returns:
         A frame whose columns are all strings; missing values are ``""`` (the text ``"NA"`` stays
@@ -155,7 +155,7 @@ def _decode_utf8(path: Path, data: bytes) -> str:
 
 def _read_csv(path: Path, header: str, sep: str) -> pd.DataFrame:
     if path.stat().st_size == 0 or not header.strip():
-        raise DataError("no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads")
+        raise DataError("no rows", where=str(path), found="an empty file", fix="pass an --input file that has ads")
     kind = {",": "CSV", "\t": "tab-separated", ";": "semicolon-separated"}.get(sep, f"{sep!r}-separated")
     try:
         names = next(csv.reader([header.rstrip("\r\n")], delimiter=sep), [])
@@ -174,7 +174,7 @@ def _read_csv(path: Path, header: str, sep: str) -> pd.DataFrame:
         return pd.concat(list(chunks), ignore_index=True)
     except pd.errors.EmptyDataError:
         raise DataError(
-            "no rows", where=str(path), found="an empty file", fix="pass an INPUT file that has ads"
+            "no rows", where=str(path), found="an empty file", fix="pass an --input file that has ads"
         ) from None
     except (pd.errors.ParserError, ValueError, csv.Error) as e:
         raise DataError(

@@ -51,7 +51,7 @@ def test_bundle_roundtrip_predicts_like_the_head(setup, tmp_path, kind):
     assert all(p.label in {"a", "b"} and len(p.top_k) == 2 for p in preds)
     assert preds[0].name == {"a": "Alpha", "b": "Beta"}[preds[0].label]
     meta = json.loads((path / "bundle.json").read_text())
-    assert meta["format"] == "jobembed-bundle/2" and "head/head.safetensors" in meta["files"]
+    assert meta["format"] == "jobembed-bundle/3" and "head/head.safetensors" in meta["files"]
     assert meta["encoder"]["precision"] == "fp32" and meta["encoder"]["fingerprint"] == info.fingerprint
 
 
@@ -108,7 +108,7 @@ def _edit_meta(path, edit):
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
-        ('{"format": "jobembed-bundle/2", "system": ', "not valid JSON"),
+        ('{"format": "jobembed-bundle/3", "system": ', "not valid JSON"),
         ("[]", "a JSON object"),
         (lambda m: m.pop("encoder"), "field 'encoder'"),
         (lambda m: m.pop("files"), "field 'files'"),
@@ -123,6 +123,28 @@ def test_corrupt_bundle_json_is_one_clear_error(setup, tmp_path, edit, needle):
     path = _save(tmp_path / "b", config, info, CentroidClassifier().fit(X, y))
     _edit_meta(path, edit)
     with pytest.raises(BundleError, match=needle) as err:
+        load_bundle(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["encoder"].update(max_seq_length=8),
+        lambda m: m["classify"].update(min_confidence=0.99),
+        lambda m: m["metrics"].update(selective={}),
+        lambda m: m.update(meta_sha256=""),
+    ],
+    ids=["max_seq_length", "min_confidence", "abstention-answers", "digest-removed"],
+)
+def test_an_edited_bundle_json_is_refused_like_an_edited_file(setup, tmp_path, edit):
+    """Reproduces (issue 23): bundle.json was outside the hash check; editing encoder.max_seq_length changed the
+    answers and classify.min_confidence 0.99 made every answer uncertain, both accepted by classify and serve."""
+    config, _ads, X, y, info = setup
+    path = _save(tmp_path / "b", config, info, CentroidClassifier().fit(X, y))
+    load_bundle(path)  # as made: accepted
+    _edit_meta(path, edit)
+    with pytest.raises(BundleError, match=r"bundle\.json was edited") as err:
         load_bundle(path)
     assert "\n" not in str(err.value)
 

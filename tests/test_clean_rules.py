@@ -234,6 +234,23 @@ def test_boilerplate_is_dropped(cleaners, lang, text, kept, dropped):
 
 
 @pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("Magazynier tel. 600 100 200 jan@x.pl", "Magazynier"),  # was dropped whole as a contact line
+        ("Pracownik produkcji (m/k) - atrakcyjne wynagrodzenie", "Pracownik produkcji"),  # was a perk sentence
+        ("OPIEKUN MEDYCZNY", "OPIEKUN MEDYCZNY"),  # "opiek\w* medyczn" (a perk) read the occupation as a perk
+        ("Prześlij CV.", None),  # boilerplate from its first word: still dropped
+    ],
+)
+def test_a_job_title_typed_alone_survives(cleaners, text, kept):
+    """Issue 23: a one-line text that is a job title cleaned to "" (the title lost to the contact-line and perk
+    rules), and classify then answered with the head's prior. experiments/title_survival.py: 19 of pl-jobads' 8,006
+    titles cleaned to nothing on their own, 0 now."""
+    got = cleaners["pl"].clean(text)
+    assert (kept in got and "600" not in got) if kept else got == ""
+
+
+@pytest.mark.parametrize(
     ("lang", "text"),
     [
         ("pl", "Wyrażam zgodę na przetwarzanie moich danych osobowych przez firmę w celu rekrutacji. Prześlij CV."),

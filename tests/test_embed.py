@@ -41,6 +41,18 @@ def test_warm_cache_never_loads_the_model(tiny_encoder_dir, tmp_path):
     np.testing.assert_array_equal(again, first[::-1])
 
 
+def test_a_memory_cache_is_bounded_writes_nothing_to_disk_and_answers_as_the_store(tiny_encoder_dir, tmp_path):
+    stored = Embedder(_cfg(tiny_encoder_dir, tmp_path / "a")).encode(TEXTS)
+    emb = Embedder(_cfg(tiny_encoder_dir, tmp_path / "b"), memory_cache=2)
+    got = emb.encode(TEXTS)  # 4 unique texts through a cache of 2: hits are read before misses evict them
+    np.testing.assert_allclose(got, stored, atol=1e-6)
+    assert len(emb.cache) == 2 and not (tmp_path / "b" / "cache" / STORE_FILE).exists()
+    emb.encode([TEXTS[-1]])
+    assert emb.last_stats.n_cached == 1
+    emb.encode([TEXTS[1]])  # misses are encoded (and kept) longest first: the longest text went first
+    assert emb.last_stats.n_encoded == 1 and len(emb.cache) == 2
+
+
 @pytest.mark.parametrize("change", [{"prompt": "query: "}, {"max_seq_length": 16}, {"precision": "bf16"}])
 def test_setting_changes_give_a_new_cache_namespace(tiny_encoder_dir, tmp_path, change):
     base = Embedder(_cfg(tiny_encoder_dir, tmp_path))

@@ -15,6 +15,7 @@ LAYERS = [
     "distributed",
     "store",
     "fingerprint",
+    "engine",
     "tables",
     "dedup",
     "data",
@@ -90,3 +91,19 @@ def test_clean_package_is_a_stack(module):
             inner.add(node.module.split(".")[2])
     upward = inner - set(CLEAN_LAYERS[: CLEAN_LAYERS.index(module)])
     assert not upward, f"jobembed.clean.{module} imports {sorted(upward)}, which sit above it"
+
+
+def test_the_engine_names_no_stage():
+    """Stages register with the engine; the engine's code (docstrings included) names none of them."""
+    import re
+
+    from jobembed import pipeline
+
+    text = (PACKAGE / "engine.py").read_text(encoding="utf-8").lower()
+    named = {
+        word
+        for stage in pipeline.STAGES.values()
+        for word in {stage.name, stage.dir_name, stage.section or ""} - {""}
+        if re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", text)
+    }
+    assert not named, f"engine.py names the stages {sorted(named)}"

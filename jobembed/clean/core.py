@@ -342,7 +342,7 @@ def load_clean_column(clean_dir: Path, name: str, ids: pd.Series) -> pd.Series:
     if len(table) != len(ids) or not (table["id"].to_numpy() == ids.astype(str).to_numpy()).all():
         raise ConfigError(
             f"{clean_dir}/{name}.parquet does not match the prepared split {name}",
-            fix="re-run `jobembed clean RUN` (prepare changed since)",
+            fix="re-run `jobembed clean run RUN` (prepare changed since)",
         )
     return table["clean_text"]
 

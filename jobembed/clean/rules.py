@@ -206,6 +206,11 @@ class RulesCleaner:
                 i += 1
             return None
 
+        if title_end == len(text) and "\n" not in text:
+            hit = drop_pattern(0, len(text))
+            if hit is not None and not text[: hit[0]].strip():  # "Prześlij CV.": boilerplate, not a job title
+                title_end = 0
+
         out: list[tuple[int, int, bool, str, str]] = []
         mode, field_pending = "keep", False
         for a, b in itertools.pairwise(sorted(cuts)):
@@ -364,7 +369,13 @@ class RulesCleaner:
     def _title_end(self, text: str) -> int:
         newline = text.find("\n")
         if newline < 0 or not text[newline:].strip():
-            return 0
+            # One short line is a job title typed on its own ("Magazynier tel. 600 100 200", "Pracownik produkcji -
+            # atrakcyjne wynagrodzenie"): kept as a title (contact data still cut out), never dropped as a contact
+            # line or a perk sentence, which left nothing to classify. Several sentences or a long one-line scrape
+            # are cleaned as text.
+            short = len(text.split()) <= self._settings["title_max_words"]
+            one_sentence = not any(c < len(text.rstrip()) for c in self._sentence_cuts(text))
+            return len(text) if short and one_sentence else 0
         return newline + 1 if len(text[:newline].split()) <= self._settings["title_max_words"] else 0
 
     def _sentence_cuts(self, text: str) -> list[int]:
