@@ -175,19 +175,24 @@ def _prepared(config: PipelineConfig, *, texts: bool = True):
     return splits, data.load_labels(prepare_dir)
 
 
-def _run_embed(ctx: StageContext) -> dict[str, Any]:
-    config = ctx.config
-    splits, labels = _prepared(config)
+def _embed_into(ctx: StageContext, section: Any) -> dict[str, Any]:
+    """Every split and the category texts encoded with ``section``'s encoders into the stage's folder."""
+    splits, labels = _prepared(ctx.config)
     folders = embed.embed_splits(
         splits=splits,
         labels=labels,
         out_dir=ctx.out,
-        config=config.embed,
-        text_column=config.text_column,
+        config=section,
+        text_column=ctx.config.text_column,
         progress=ctx.progress,
     )
-    write_resolved(config.embed, ctx.out)
     return {"folders": {k: v.name for k, v in folders.items()}}
+
+
+def _run_embed(ctx: StageContext) -> dict[str, Any]:
+    summary = _embed_into(ctx, ctx.config.embed)
+    write_resolved(ctx.config.embed, ctx.out)
+    return summary
 
 
 def _vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:
@@ -460,17 +465,7 @@ def _embed_finetuned_consume(config: PipelineConfig) -> dict[str, tuple[str, ...
 def _run_embed_finetuned(ctx: StageContext) -> dict[str, Any]:
     """Encode every split and the category texts with the fine-tuned encoder (its own folder of vectors)."""
     config = ctx.config
-    splits, labels = _prepared(config)
-    tuned = config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []})
-    folders = embed.embed_splits(
-        splits=splits,
-        labels=labels,
-        out_dir=ctx.out,
-        config=tuned,
-        text_column=config.text_column,
-        progress=ctx.progress,
-    )
-    return {"folders": {k: v.name for k, v in folders.items()}}
+    return _embed_into(ctx, config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []}))
 
 
 # ------------------------------------------------------------------------------------------- compare-report

@@ -54,3 +54,25 @@ def make_labels() -> pd.DataFrame:
         ]
         + [{"code": "61", "name": "Farmers", "description": "Workers: rolnik, farm worker"}]
     )
+
+
+def tiny_finetune_run(root, *, name: str, model, finetune: dict) -> dict:
+    """Write ``root/ads.csv`` and ``root/labels.csv`` and return a pipeline config of a tiny run on them whose
+    fine-tune reads ``model`` and mines triplets without a judge; ``finetune`` sets that section."""
+    make_ads(16, seed=7).to_csv(root / "ads.csv", index=False)
+    make_labels().to_csv(root / "labels.csv", index=False)
+    return {
+        "name": name,
+        "runs_dir": str(root / "runs"),
+        "prepare": {
+            "input": str(root / "ads.csv"),
+            "id_col": "id",
+            "test_size": 0.25,
+            "val_size": 0.2,
+            "min_class_count": 3,
+            "labels": {"path": str(root / "labels.csv")},
+        },
+        "embed": {"model": str(model), "max_seq_length": 32, "batch_size": 16},
+        "triplets": {"judge": "none", "min_anchors_per_class": 2, "relative_margin": 1.0},
+        "finetune": finetune,
+    }

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from jobembed import engine
 from jobembed.artifacts import PAUSE_ENV
 from jobembed.cli import app
-from tests.synthetic import make_ads, make_labels
+from tests.synthetic import tiny_finetune_run
 
 runner = CliRunner()
 
@@ -46,25 +46,14 @@ def current(output: str) -> set[str]:
 def base(tmp_path_factory, tiny_encoder_dir):
     """A finished run with the fine-tune on (tiny settings); tests work on copies of it."""
     root = tmp_path_factory.mktemp("engine")
-    make_ads(16, seed=7).to_csv(root / "ads.csv", index=False)
-    make_labels().to_csv(root / "labels.csv", index=False)
-    cfg = {
-        "name": "base",
-        "runs_dir": str(root / "runs"),
-        "prepare": {
-            "input": str(root / "ads.csv"),
-            "id_col": "id",
-            "test_size": 0.25,
-            "val_size": 0.2,
-            "min_class_count": 3,
-            "labels": {"path": str(root / "labels.csv")},
-        },
-        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32, "batch_size": 16},
-        "head": {"hidden_sizes": [16], "max_epochs": 10, "patience": 3},
-        "triplets": {"judge": "none", "min_anchors_per_class": 2, "relative_margin": 1.0},
-        "finetune": {"enabled": True, "epochs": 1, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 1},
-        "report": {"cv_folds": 2, "bootstrap": 20, "systems": ["centroid", "mlp"], "tfidf": {"max_features": 500}},
-    }
+    cfg = tiny_finetune_run(
+        root,
+        name="base",
+        model=tiny_encoder_dir,
+        finetune={"enabled": True, "epochs": 1, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 1},
+    )
+    cfg["head"] = {"hidden_sizes": [16], "max_epochs": 10, "patience": 3}
+    cfg["report"] = {"cv_folds": 2, "bootstrap": 20, "systems": ["centroid", "mlp"], "tfidf": {"max_features": 500}}
     (root / "base.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "-c", root / "base.yaml", "-q")
     assert result.exit_code == 0, result.output

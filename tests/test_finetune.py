@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from jobembed.cli import app
 from jobembed.errors import DataError
 from jobembed.finetune import class_aware_mnrl, load_triplets
-from tests.synthetic import make_ads, make_labels
+from tests.synthetic import tiny_finetune_run
 
 runner = CliRunner()
 
@@ -112,23 +112,8 @@ def test_load_triplets_names_the_problem(tmp_path, changes, needle):
 @pytest.fixture(scope="module")
 def ft_workspace(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("finetune")
-    make_ads(16, seed=7).to_csv(root / "ads.csv", index=False)
-    make_labels().to_csv(root / "labels.csv", index=False)
-    cfg = {
-        "name": "ft",
-        "runs_dir": str(root / "runs"),
-        "prepare": {
-            "input": str(root / "ads.csv"),
-            "id_col": "id",
-            "test_size": 0.25,
-            "val_size": 0.2,
-            "min_class_count": 3,
-            "labels": {"path": str(root / "labels.csv")},
-        },
-        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32, "batch_size": 16},
-        "triplets": {"judge": "none", "min_anchors_per_class": 2, "relative_margin": 1.0},
-        "finetune": {"epochs": 2, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 2},
-    }
+    finetune = {"epochs": 2, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 2}
+    cfg = tiny_finetune_run(root, name="ft", model=tiny_encoder_dir, finetune=finetune)
     (root / "ft.yaml").write_text(yaml.safe_dump(cfg))
     return root
 
