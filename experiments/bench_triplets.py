@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/bench_triplets.py                 # 3,000 pl-jobads ads, 200 ms per call
 
-Prompts are the real ones: make-triplets' candidates mined on a stratified 3,000-ad sample of pl-jobads
+Prompts are the real ones: triplets' candidates mined on a stratified 3,000-ad sample of pl-jobads
 (rules-cleaned text, builtin e5-small vectors), judged pointwise. The server is ``tests/fake_llm.py`` on
 loopback (real HTTP, real ``openai`` client), answering every call after a fixed 200 ms.
 

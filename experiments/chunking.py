@@ -5,7 +5,7 @@
 
 For each text column (raw ``text``; ``clean_text`` from the rules cleaner, the default) and each encoding
 (truncate at 256, truncate at 512, ``chunking: mean`` with 256-token windows 192 apart), the stage graph runs
-prepare -> clean -> embed -> compare-report (centroid, MLP) on the same stratified sample, the same splits and
+prepare -> clean -> embed -> report (centroid, MLP) on the same stratified sample, the same splits and
 the same 5 CV folds; encodings are compared by a corrected paired t-test over the folds of the dev pool.
 Encode time is measured cold (an empty cache, the model loaded) on the same --timing-n ads for each encoding,
 in one process. Prints the table of docs/results.md#the-whole-ad; raw numbers in experiments/out/chunking-<rows>.json.
@@ -66,7 +66,7 @@ def main() -> None:
                     "report": {"systems": ["centroid", "mlp"], "cv_folds": 5, "bootstrap": 200},
                 },
             )
-            run_stages(config, target="compare-report", progress=False)
+            run_stages(config, target="report", progress=False)
             m = json.loads((config.run_dir / "report" / "metrics.json").read_text())
             out["runs"][f"{column}/{name}"] = {
                 r["system"]: {"folds": [f["macro_f1"] for f in r["cv"]["folds"]], "cv": r["cv"]["summary"]}

@@ -1,5 +1,5 @@
 """What cleaning does for classification: the same pl-jobads splits and folds read raw, rules-cleaned and
-GLiNER2-cleaned, through prepare -> clean -> embed -> compare-report (builtin e5-small, 256 tokens).
+GLiNER2-cleaned, through prepare -> clean -> embed -> report (builtin e5-small, 256 tokens).
 
     .venv/bin/python experiments/clean_effect.py                                      # raw vs rules
     .venv/bin/python experiments/clean_effect.py --cleanings none,rules,gliner2 \
@@ -56,7 +56,7 @@ def main() -> None:
         }
         config = load_config(None, overrides)
         t0 = time.perf_counter()
-        run_stages(config, target="compare-report", progress=False)
+        run_stages(config, target="report", progress=False)
         metrics = json.loads((config.run_dir / "report" / "metrics.json").read_text())
         clean_report = config.run_dir / "clean" / "report.json"
         summary = json.loads(clean_report.read_text()) if clean_report.is_file() else {}

@@ -1,9 +1,9 @@
 """A first look at what `jobembed finetune` does on pl-jobads, on the validation split only (exploration, not the
-issue's final comparison: that one needs 3 seeds and compare-report's test-split protocol).
+issue's final comparison: that one needs 3 seeds and report's test-split protocol).
 
     .venv/bin/python experiments/finetune_probe.py          # ~45 min on 2 CPU cores
 
-prepare -> clean (rules) -> embed (builtin e5-small, 256 tokens) -> make-triplets (model judge) -> finetune (1,728
+prepare -> clean (rules) -> embed (builtin e5-small, 256 tokens) -> triplets (model judge) -> finetune (1,728
 triplets, 1 epoch, 128 tokens, batch 32, lr 3e-5: the floor's budget) -> the train and val ads embedded with the
 fine-tuned encoder at 256 tokens. Then logistic regression and centroid cosine, fit on train, scored on val, with the
 frozen and the fine-tuned vectors. The fine-tuned encoder never saw a val ad's label in its training triplets (the

@@ -8,11 +8,11 @@ Every unit's result is written to experiments/out/finetune_quality/<unit>.json a
 on the next start, so an interrupted run resumes where it stopped (~30 min per main seed, ~10 per variant on 2 CPU
 cores).
 
-**Main comparison** (3 fine-tuning seeds): builtin e5-small, clean_text (rules), make-triplets with the model judge
+**Main comparison** (3 fine-tuning seeds): builtin e5-small, clean_text (rules), triplets with the model judge
 and nearest same-class positives (the defaults), then `finetune` with the floor's budget (up to 1,728 triplets, one
 epoch, 128 tokens, batch 32, lr 3e-5, class-aware MNRL), then every split re-embedded with the fine-tuned encoder
 at 256 tokens (as the frozen one). Each system is fit on train (val for the MLP's early stopping and the cosine
-systems' calibration) and scored once on the test split, the protocol compare-report uses for a fine-tuned encoder
+systems' calibration) and scored once on the test split, the protocol report uses for a fine-tuned encoder
 (its triplets showed it the training ads' labels, so CV over train + val would not be a fair estimate). Same
 system, frozen vs fine-tuned encoder: exact McNemar on the test ads, per seed; the fine-tuned MLP head against
 TF-IDF + LR likewise.
@@ -77,7 +77,7 @@ MAIN = {
 }
 VARIANT_BUDGET = {"max_triplets": 576, "evals_per_epoch": 1, "eval_train_ads": 500}
 VARIANTS: dict[str, dict[str, Any]] = {
-    # ordered so that make-triplets re-runs as rarely as possible (the variants share one run folder)
+    # ordered so that triplets re-runs as rarely as possible (the variants share one run folder)
     "reference": {},
     "mnrl-plain": {"finetune": {"class_aware": False}},
     "judge-none": {"triplets": {"judge": "none"}},
@@ -103,7 +103,7 @@ def config_for(*, seed: int, finetune: dict[str, Any] | None = None, triplets: d
 
 
 def _fit_all(config, splits, labels, vectors, systems) -> dict[str, np.ndarray]:
-    """Test predictions of each system, fit on train (val for early stopping), as compare-report does."""
+    """Test predictions of each system, fit on train (val for early stopping), as report does."""
     return {
         name: fit_on_train(System(name, vectors, "x", "x"), config=config, labels=labels, splits=splits)[0]
         for name in systems
@@ -130,7 +130,7 @@ def frozen(config) -> dict[str, Any]:
     path = RESULTS / "frozen.json"
     if path.is_file():
         return json.loads(path.read_text())
-    run_stages(config, target="make-triplets", progress=False)
+    run_stages(config, target="triplets", progress=False)
     splits, labels = _prepared(config)
     vectors = _vectors(config, config.embed.model, splits, labels)
     preds = _fit_all(config, splits, labels, vectors, SYSTEMS) | _fit_all(config, splits, labels, None, ["tfidf"])
@@ -279,7 +279,7 @@ def frozen_val_reference() -> dict[str, float]:
     from sentence_transformers import SentenceTransformer
 
     config = config_for(seed=13, finetune=VARIANT_BUDGET)
-    run_stages(config, target="make-triplets", progress=False)
+    run_stages(config, target="triplets", progress=False)
     splits, _ = _prepared(config)
     resolved = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir)
     prompt, _ = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
@@ -375,7 +375,7 @@ def zeroshot_unit(name: str) -> dict[str, Any]:
     started = time.perf_counter()
     if name in ("frozen", "floor-s13"):
         config = config_for(seed=13, finetune=VARIANT_BUDGET)
-        run_stages(config, target="make-triplets", progress=False)
+        run_stages(config, target="triplets", progress=False)
         model = config.embed.model if name == "frozen" else str(RESULTS / name / "model")
         result = {"variant": name} | val_zeroshot(config, model)
         if name == "floor-s13":

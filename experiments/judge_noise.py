@@ -1,4 +1,4 @@
-"""How well the offline ``model`` judge of make-triplets finds mislabelled ads: flip a known 10% of the training
+"""How well the offline ``model`` judge of triplets finds mislabelled ads: flip a known 10% of the training
 labels of pl-jobads and measure the precision and recall of the ads it flags.
 
     .venv/bin/python experiments/judge_noise.py            # all 8,006 ads, ISCO sub-major groups, ~10 min on 2 CPUs

@@ -3,7 +3,7 @@
     .venv/bin/python experiments/quality.py --label isco_submajor     # ~40 min on 2 CPU cores (vectors cached)
     .venv/bin/python experiments/quality.py --label isco_major
 
-prepare -> clean (rules) -> embed (builtin e5-small, 256 tokens) -> compare-report with TF-IDF + LR, the MLP
+prepare -> clean (rules) -> embed (builtin e5-small, 256 tokens) -> report with TF-IDF + LR, the MLP
 head, late fusion, stacking and the hierarchy head on the same splits and the same 5 CV folds of the dev pool
 (train + validation). Every choice inside a system (fusion weight, temperature, early stopping) is made on
 validation rows (the validation split for the test fit, a held-out part of the fold's training rows inside CV); the
@@ -67,7 +67,7 @@ def main() -> None:
     )
     name = config.name
     t0 = time.perf_counter()
-    run_stages(config, target="compare-report", progress=False)
+    run_stages(config, target="report", progress=False)
     m = json.loads((config.run_dir / "report" / "metrics.json").read_text())
     print(f"{name}: {time.perf_counter() - t0:.0f} s\n")
     print_tables(m)

@@ -7,7 +7,7 @@
 2. Encode time, cold: the same --timing-n ads encoded at each length with the model already loaded and an
    empty embedding cache (a fresh temporary folder per length), one run each, in one process.
 3. CV: the same stratified 2,000-ad subsample at each length (the stage graph: prepare -> embed ->
-   compare-report with centroid, LR and MLP), 5-fold CV on the dev pool; these runs use the shared cache.
+   report with centroid, LR and MLP), 5-fold CV on the dev pool; these runs use the shared cache.
 Prints the table of docs/truncation.md; raw numbers go to experiments/out/truncation.json.
 """
 
@@ -74,7 +74,7 @@ def main() -> None:
                 "report": {"systems": ["centroid", "logreg", "mlp"], "cv_folds": 5, "bootstrap": 200},
             },
         )
-        run_stages(config, target="compare-report", progress=False)
+        run_stages(config, target="report", progress=False)
         metrics = json.loads((config.run_dir / "report" / "metrics.json").read_text())
         out["runs"][n] = {
             r["system"]: {m: r["cv"]["summary"][m] for m in ("macro_f1", "accuracy", "macro_f1_min_support")}

@@ -104,6 +104,7 @@ def write_manifest(
     inputs: dict[str, str],
     summary: dict[str, Any] | None = None,
     version: int | None = None,
+    replaces: tuple[str, ...] = (),
 ) -> None:
     """Add or refresh one stage's entry in ``run_dir/manifest.json``.
 
@@ -114,8 +115,9 @@ def write_manifest(
         stage: stage name ("prepare", "embed", ...).
         config: the stage's resolved config (JSON-able).
         inputs: input name -> content hash.
-        summary: what the stage reports about its run (JSON-able), e.g. make-triplets' calls, tokens and cost.
+        summary: what the stage reports about its run (JSON-able), e.g. the triplets stage's calls, tokens and cost.
         version: the stage's code version (``Stage.version``) that wrote it.
+        replaces: names the stage had before a rename: their entries are dropped (this one describes the stage now).
     """
     path = run_dir / "manifest.json"
     manifest: Any = None
@@ -131,6 +133,8 @@ def write_manifest(
             manifest = None
     manifest = manifest or {"stages": {}}
     manifest.update(packages=package_versions(), git_commit=git_commit(), platform=platform.platform())
+    for old in replaces:
+        manifest["stages"].pop(old, None)
     manifest["stages"][stage] = {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,

@@ -424,11 +424,11 @@ class Bundle:
         """The confidence threshold at which the bundled system's out-of-fold answers reached ``target_accuracy``.
 
         Computed by ``metrics.threshold_from_scores`` on the out-of-fold ``(confidence, correct)`` pairs
-        compare-report stored in the bundle: the same rule and data as the report's threshold, so for the report's
+        report stored in the bundle: the same rule and data as the report's threshold, so for the report's
         target the two are the same number.
 
         Raises:
-            BundleError: the bundle has no out-of-fold answers (made by train-head, or from a system that was not
+            BundleError: the bundle has no out-of-fold answers (made by head, or from a system that was not
                 cross-validated, such as the fine-tuned encoder's).
             JobembedError: the out-of-fold answers never reached the target at any threshold.
         """
@@ -522,7 +522,7 @@ def read_bundle_meta(path: Path) -> BundleMeta:
     if not meta_path.is_file():
         raise BundleError(
             f"{path} is not a jobembed bundle (no bundle.json)",
-            fix="pass a bundle folder, e.g. runs/NAME/bundle, made by `jobembed bundle` or train-head",
+            fix="pass a bundle folder, e.g. runs/NAME/bundle, made by `jobembed bundle` or head",
         )
     try:
         raw = read_json(meta_path)

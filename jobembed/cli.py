@@ -9,7 +9,15 @@ One vocabulary for every command:
   needs that is out of date, and skip what is current (``--force`` re-runs the stage itself).
 - ``--config/-c FILE``: a pipeline YAML; default the run's own ``config.yaml``. Flags override it.
 - ``--input/-i FILE``: a table to read (CSV, JSONL, Parquet); ``--out/-o FILE``: a file to write.
-- ``--text-col``: the column holding the ad text in the table the command reads.
+- ``--text-col``: the column holding the ad text in the table the command reads (prepare, classify);
+  ``--text-column``: which of the run's texts the stages after clean read (``text`` or ``clean_text``).
+- ``--model``: the encoder whose vectors the command makes or reads (``embed.model``; in ``clean`` the GLiNER2
+  model it runs); ``--base-model``: the model a training command starts from (finetune, clean train).
+- ``--encoder``: which encoder a bundle serves (frozen or finetuned); ``--workers``: server processes;
+  ``--dataloader-workers``: data-loading processes of a fine-tune; ``--batch-size``: items per batch of the
+  command's own model (texts, windows or triplets, as its help says).
+- Commands and folders share the stage's name (``head`` writes ``head/``); the names used until 2026-12-03
+  (``train-head``, ``make-triplets``, ``compare-report``) still work, and runs made under them stay current.
 - Options whose Python name holds ``__`` set the config field of that dotted path (``embed__model`` ->
   ``embed.model``, ``pipeline__text_column`` -> ``text_column``), so no command builds an overrides dict by
   hand, and an invalid value is reported against the flag the user typed.
@@ -234,13 +242,16 @@ ExtraModelOpt = Annotated[
     typer.Option("--extra-model", help="Another encoder to embed and compare on the same splits (repeatable)."),
 ]
 TextColOpt = Annotated[
-    TextColumn | None, typer.Option("--text-col", help="The ad text later stages read: raw or the clean stage's.")
+    TextColumn | None,
+    typer.Option(
+        "--text-column", help="Which ad text the stages after clean read: text (raw) or clean_text (cleaned)."
+    ),
 ]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", parser=_device, metavar="[auto|cpu|cuda|cuda:N|mps]", help="Where to run.")
 ]
 MaxLenOpt = Annotated[int | None, typer.Option("--max-seq-length", min=8, help="Truncate texts to this many tokens.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Encoding batch size.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Texts per encoding batch.")]
 PrecisionOpt = Annotated[Precision | None, typer.Option("--precision", help="Encoder precision (auto: fp16 on CUDA).")]
 ChunkingOpt = Annotated[
     ChunkingMode | None,
@@ -372,9 +383,9 @@ def embed(
         console.print(f"[green]{meta['model']}[/] ({meta['fingerprint']}): {rows} → {meta_path.parent}")
 
 
-@app.command("train-head")
+@app.command("head")
 @_friendly
-def train_head(
+def head(
     ctx: typer.Context,
     run_dir: RunArg,
     embed__model: ModelOpt = None,
@@ -403,11 +414,11 @@ def train_head(
 ) -> None:
     """Train the MLP head on the run's embeddings; print validation metrics; save a bundle in RUN/head.
 
-    The test split is not read: compare-report scores it, once.
+    The test split is not read: report scores it, once.
     """
     from jobembed.bundle import read_bundle_meta
 
-    run = _stage_command("train-head", dict(locals()))
+    run = _stage_command("head", dict(locals()))
     m = read_bundle_meta(run / "head").metrics
     val = m.get("val", {})
     if "accuracy" in val:
@@ -418,9 +429,9 @@ def train_head(
     console.print(f"[green]bundle[/] {run / 'head'}")
 
 
-@app.command("compare-report")
+@app.command("report")
 @_friendly
-def compare_report(
+def report(
     ctx: typer.Context,
     run_dir: RunArg,
     embed__model: ModelOpt = None,
@@ -448,7 +459,7 @@ def compare_report(
     """
     from jobembed.artifacts import read_json
 
-    run = _stage_command("compare-report", dict(locals()))
+    run = _stage_command("report", dict(locals()))
     metrics = read_json(run / "report" / "metrics.json")
     console.print(summary_table(metrics))
     for line in finetuned_lines(metrics) + selective_lines(metrics):
@@ -489,9 +500,9 @@ def bundle(
     console.print(f"[green]bundle[/] {run / 'bundle'}: {meta.system} on {meta.encoder.source_ref}")
 
 
-@app.command("make-triplets")
+@app.command("triplets")
 @_friendly
-def make_triplets(
+def triplets(
     ctx: typer.Context,
     run_dir: RunArg,
     triplets__judge: Annotated[
@@ -592,7 +603,7 @@ def make_triplets(
             n = client.write_batch(job.calls, batch_file, store=store)
             console.print(
                 f"[green]wrote[/] {n} requests to {batch_file} ({len(job.calls) - n} already answered). Upload it to "
-                f"the Batch API, then: jobembed make-triplets {run_dir} --import-batch OUTPUT.jsonl"
+                f"the Batch API, then: jobembed triplets {run_dir} --import-batch OUTPUT.jsonl"
             )
             return
         est = client.plan(
@@ -608,7 +619,7 @@ def make_triplets(
             f"~${est['cost_est']:.2f} (Batch API ~${est['batch_cost_est']:.2f}). Nothing was sent."
         )
         return
-    pipeline.run_stages(cfg, target="make-triplets", force=force, progress=not quiet, on_stage=_print_stage)
+    pipeline.run_stages(cfg, target="triplets", force=force, progress=not quiet, on_stage=_print_stage)
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))
 
 
@@ -618,7 +629,8 @@ def finetune(
     ctx: typer.Context,
     run_dir: RunArg,
     finetune__model: Annotated[
-        str | None, typer.Option("--model", help="Encoder to fine-tune [default: embed.model, the frozen one].")
+        str | None,
+        typer.Option("--base-model", help="Encoder to fine-tune [default: embed.model, the frozen one]."),
     ] = None,
     finetune__triplets: Annotated[
         Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
@@ -628,7 +640,9 @@ def finetune(
         bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
     ] = None,
     finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
-    finetune__batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Triplets per batch.")] = None,
+    finetune__batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=2, help="Triplets per training step.")
+    ] = None,
     finetune__learning_rate: Annotated[
         float | None, typer.Option("--learning-rate", help="AdamW learning rate.")
     ] = None,
@@ -655,7 +669,7 @@ def finetune(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (long GPU runs).")
     ] = None,
     finetune__dataloader_workers: Annotated[
-        int | None, typer.Option("--workers", min=0, help="Data loader worker processes.")
+        int | None, typer.Option("--dataloader-workers", min=0, help="Data loader worker processes.")
     ] = None,
     finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
     config: ConfigOpt = None,
@@ -667,7 +681,7 @@ def finetune(
     macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
     (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
     ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the
-    fine-tuned vectors compare-report reads). Turns finetune on for the run (finetune.enabled, kept in its
+    fine-tuned vectors report reads). Turns finetune on for the run (finetune.enabled, kept in its
     config.yaml)."""
     from jobembed.artifacts import read_json
 
@@ -685,8 +699,14 @@ def finetune(
     )
 
 
+# The names these commands had until 2026-12-03 (their stages were renamed; runs made under them stay current).
+FORMER_COMMANDS = {"train-head": head, "make-triplets": triplets, "compare-report": report}
+for _old, _command in FORMER_COMMANDS.items():
+    app.command(_old, hidden=True, help=f"Old name of `jobembed {_command.__name__}` (same flags).")(_command)
+
+
 def triplets_line(r: dict[str, Any], folder: Path) -> str:
-    """One plain line on what make-triplets did, which judge and what it cost."""
+    """One plain line on what triplets did, which judge and what it cost."""
     train = r["splits"]["train"]
     judge = r["judge"]
     if r["judge_kind"] == "model":
@@ -741,7 +761,9 @@ def clean_run(
     clean__window_tokens: Annotated[
         int | None, typer.Option("--window-tokens", min=32, help="Extractor tokens per window.")
     ] = None,
-    clean__batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Windows per batch.")] = None,
+    clean__batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Windows per GLiNER2 batch.")
+    ] = None,
     clean__device: DeviceOpt = None,
     clean__precision: PrecisionOpt = None,
     config: ConfigOpt = None,
@@ -805,7 +827,7 @@ def clean_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained GLiNER2 model.")],
     encoder: Annotated[
         str | None,
-        typer.Option("--encoder", help="Build a new GLiNER2 on this encoder (builtin:NAME, folder, Hub id)."),
+        typer.Option("--base-model", help="Build a new GLiNER2 on this encoder (builtin:NAME, folder, Hub id)."),
     ] = None,
     start_from: Annotated[
         str | None, typer.Option("--from", help="Continue training this GLiNER2 (folder or Hub id).")
@@ -813,7 +835,7 @@ def clean_train(
     clean__language: LanguageOpt = None,
     label_map: LabelMapOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training windows.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per training step.")] = 8,
     encoder_lr: Annotated[float, typer.Option("--encoder-lr", min=0.0, help="Learning rate of the encoder.")] = 3e-5,
     task_lr: Annotated[float, typer.Option("--task-lr", min=0.0, help="Learning rate of the span heads.")] = 5e-4,
     val_fraction: Annotated[
@@ -932,7 +954,7 @@ def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
 def summary_table(metrics: dict[str, Any]) -> Table:
     """The report's headline numbers as a rich table."""
     k = metrics["data"]["cv_folds"]
-    table = Table(title=f"compare-report ({k}-fold CV on train+val; test split held out)")
+    table = Table(title=f"report ({k}-fold CV on train+val; test split held out)")
     for col in ("system", "CV macro-F1", "CV accuracy", "test accuracy", "test macro-F1", "test macro-F1 (≥min)"):
         if col == "system":
             table.add_column(col, overflow="fold", min_width=16)

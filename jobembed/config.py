@@ -204,7 +204,7 @@ class EmbedConfig(_Strict):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "checkpoint_every", "cache_dir"})
 
     model: str = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
-    # More encoders to embed and compare on the same splits (e.g. a fine-tuned folder); train-head uses `model`.
+    # More encoders to embed and compare on the same splits (e.g. a fine-tuned folder); head uses `model`.
     extra_models: list[str] = Field(default_factory=list)
     # "auto" takes the model family's prefix from jobembed/presets/prompts.yaml (e5: "query: ").
     text_prompt: str | None = "auto"
@@ -236,7 +236,7 @@ class EmbedConfig(_Strict):
 
 
 class HeadConfig(_Strict):
-    """``train-head``: the MLP on embeddings (scikit-learn style, PyTorch inside)."""
+    """``head``: the MLP on embeddings (scikit-learn style, PyTorch inside)."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device"})
 
@@ -260,7 +260,7 @@ class HeadConfig(_Strict):
     # validation split is given, as inside cross-validation.
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     # A second loss on the parent level (sub-major summed into major); 0 = flat. The `hier` system of
-    # compare-report sets it from report.hierarchy_weight.
+    # report sets it from report.hierarchy_weight.
     parent_weight: float = Field(0.0, ge=0)
     device: str = "auto"
     seed: int = 13
@@ -283,7 +283,7 @@ class TfidfConfig(_Strict):
 
 
 class HybridConfig(_Strict):
-    """The lexical + semantic systems of compare-report (``fusion``, ``stack``)."""
+    """The lexical + semantic systems of report (``fusion``, ``stack``)."""
 
     # Late fusion: log p = w log p_tfidf + (1 - w) log p_mlp, each temperature-calibrated; w is the grid point
     # with the lowest validation log-loss (a proper score: smoother than macro-F1 on ~800 validation ads).
@@ -312,7 +312,7 @@ DEFAULT_SYSTEMS = ("zeroshot", "centroid", "tfidf", "logreg", "mlp", "fusion")
 
 
 class ReportConfig(_Strict):
-    """``compare-report``: which systems, how to evaluate. Encoders come from ``embed.model`` + ``extra_models``."""
+    """``report``: which systems, how to evaluate. Encoders come from ``embed.model`` + ``extra_models``."""
 
     systems: list[SystemName] = Field(default_factory=lambda: [SystemName(s) for s in DEFAULT_SYSTEMS], min_length=1)
     cv_folds: int = Field(5, ge=2)
@@ -345,7 +345,7 @@ class BundleEncoderChoice(StrEnum):
 class BundleConfig(_Strict):
     """``bundle``: what goes into the deployable bundle besides the head."""
 
-    # frozen: the system that won compare-report's CV. finetuned: the same kind of system on the run's fine-tuned
+    # frozen: the system that won report's CV. finetuned: the same kind of system on the run's fine-tuned
     # encoder (never ranked by CV, which would be leaky; compare it on the report's test-split section first).
     encoder: BundleEncoderChoice = BundleEncoderChoice.frozen
 
@@ -361,7 +361,7 @@ class ClassifyConfig(_Strict):
     # Below this top probability the answer is `uncertain_label`; 0 always answers.
     min_confidence: float = Field(0.0, ge=0, le=1)
     # Instead of min_confidence: the threshold at which the bundled system's out-of-fold answers (stored in the
-    # bundle by compare-report) reached this accuracy; None uses min_confidence.
+    # bundle by report) reached this accuracy; None uses min_confidence.
     target_accuracy: float | None = Field(None, gt=0, le=1)
     uncertain_label: str = "uncertain"
 
@@ -457,7 +457,7 @@ class NoiseFilter(StrEnum):
 
 
 class LLMConfig(_Strict):
-    """The ``llm`` judge of make-triplets: any OpenAI-compatible chat-completions endpoint.
+    """The ``llm`` judge of triplets: any OpenAI-compatible chat-completions endpoint.
 
     The API key is read from ``OPENAI_API_KEY`` only; it has no field here, so it can never reach a config,
     manifest or bundle.
@@ -515,7 +515,7 @@ class LLMConfig(_Strict):
 
 
 class TripletsConfig(_Strict):
-    """``make-triplets``: mine anchor/positive/negative candidates and judge them (llm, model or none)."""
+    """``triplets``: mine anchor/positive/negative candidates and judge them (llm, model or none)."""
 
     # model by default: offline and free; `--judge llm` spends money only when asked for.
     judge: JudgeKind = JudgeKind.model
@@ -563,7 +563,7 @@ class FinetuneLoss(StrEnum):
 
 
 class FinetuneConfig(_Strict):
-    """``finetune``: the encoder on make-triplets' kept triplets with ``SentenceTransformerTrainer``."""
+    """``finetune``: the encoder on triplets' kept triplets with ``SentenceTransformerTrainer``."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
@@ -579,7 +579,7 @@ class FinetuneConfig(_Strict):
     )
 
     # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
-    # turns it on for that run; with it on, compare-report adds the fine-tuned encoder's systems.
+    # turns it on for that run; with it on, report adds the fine-tuned encoder's systems.
     enabled: bool = False
     # None: embed.model, the frozen encoder the triplets were mined with.
     model: str | None = None

@@ -11,8 +11,8 @@ sphere, and normalised vectors make cosine a dot product.
 
 The ``embed`` stage writes, for every encoder of the run (``embed.model`` + ``embed.extra_models``), one
 folder ``embed/<name>-<fingerprint>/`` with ``{train,val,test}.npy`` (rows in split order), ``labels.npy``
-(the category texts, rows in ``labels.json`` order) and ``embeddings.json``; ``train-head`` and
-``compare-report`` read those files (``load_vectors``), never the encoder.
+(the category texts, rows in ``labels.json`` order) and ``embeddings.json``; ``head`` and
+``report`` read those files (``load_vectors``), never the encoder.
 """
 
 from __future__ import annotations

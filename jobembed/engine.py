@@ -105,6 +105,9 @@ class Stage:
         version: the stage's code version, in its key. Bump it (and say why next to it) when a change to the code
             changes what it writes for the same config and inputs; not for speed-ups, messages or refactors.
         folder: the folder it writes, default ``name``.
+        formerly: the names it had before renames, oldest first. Its key hashes the oldest (and its inputs' keys
+            theirs), so a run folder made before a rename stays current: nothing a user paid for is made again.
+            Old names are accepted wherever a stage is named (``run_stages(target=...)``, commands).
         help: one line for ``jobembed status`` and the README.
     """
 
@@ -126,14 +129,21 @@ class Stage:
     summarise: bool = False
     version: int = 1
     folder: str = ""
+    formerly: tuple[str, ...] = ()
     help: str = ""
 
     @property
     def dir_name(self) -> str:
         return self.folder or self.name
 
+    @property
+    def key_name(self) -> str:
+        """The name its key hashes: the first it ever had."""
+        return self.formerly[0] if self.formerly else self.name
+
 
 STAGES: dict[str, Stage] = {}
+FORMER_NAMES: dict[str, str] = {}  # an old stage name -> its name now
 _PINS: list[Callable[[Any], Any]] = []
 
 
@@ -141,8 +151,15 @@ def register(stage: Stage) -> Stage:
     """Add a stage to the graph; its inputs must already be registered (registration order is run order)."""
     missing = [i for i in stage.inputs if i not in STAGES]
     assert not missing and stage.name not in STAGES, (stage.name, missing)
+    assert not {stage.name, *stage.formerly} & (set(STAGES) | set(FORMER_NAMES)), stage.name
     STAGES[stage.name] = stage
+    FORMER_NAMES.update(dict.fromkeys(stage.formerly, stage.name))
     return stage
+
+
+def stage_name(name: str) -> str:
+    """A stage's name now, given it or a name it had before a rename."""
+    return FORMER_NAMES.get(name, name)
 
 
 def register_pin(pin: Callable[[Any], Any]) -> None:
@@ -228,11 +245,11 @@ class Plan:
         digests = {i: self.digest(i, patterns) for i, patterns in consumed(name, self.config).items()}
         self.input_digests[name] = digests
         payload = {
-            "stage": name,
+            "stage": stage.key_name,
             "version": stage.version,
             "config": stage_settings(stage, self.config),
             "identity": identity,
-            "inputs": digests,
+            "inputs": {STAGES[i].key_name: d for i, d in digests.items()},
         }
         return hash_obj(payload)
 
@@ -466,7 +483,7 @@ class StageContext:
 
     def unit(self, name: str, identity: Any, products: tuple[str, ...] = ("*",)) -> Unit:
         """A unit of this stage's work under ``units/<name>``, keyed by ``identity`` (what the unit reads)."""
-        key = hash_obj({"stage": self.name, "unit": name, "identity": identity})
+        key = hash_obj({"stage": STAGES[self.name].key_name, "unit": name, "identity": identity})
         return Unit(self.folder / UNITS / name, key, products)
 
     def after_commit(self, fn: Callable[[], None]) -> None:
@@ -533,7 +550,7 @@ def run_stages(
     try:
         return _run(
             config,
-            names=needed(target, config) if target else list(STAGES),
+            names=needed(stage_name(target), config) if target else list(STAGES),
             target=target,
             force=force,
             progress=progress,
@@ -588,7 +605,7 @@ def _run(
         if main:
             recover(folder, keep)
             key = plan.key(name)
-            reason = why_stale(folder, key, forced=force and (target is None or name == target))
+            reason = why_stale(folder, key, forced=force and (target is None or name == stage_name(target)))
         if everywhere:
             # The other ranks wait here for rank 0 to finish the stages before; only rank 0 knows what ran.
             distributed.wait_for_everyone(cpu=stage.on_cpu(config))
@@ -614,6 +631,7 @@ def _run(
             inputs={"identity": plan.identities.get(name), **plan.input_digests.get(name, {})},
             version=stage.version,
             summary=summary if stage.summarise else None,
+            replaces=stage.formerly,
         )
         write_resolved(config, config.run_dir)
     return status

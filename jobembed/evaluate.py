@@ -562,17 +562,17 @@ def evaluate_finetuned(
     test = splits["test"]
     y_test = test["label"].to_numpy(dtype=str)
     seen_test = ads_seen & set(test["id"].astype(str))
-    if seen_test:  # make-triplets never reads the test split; an outside triplet file might
+    if seen_test:  # triplets never reads the test split; an outside triplet file might
         raise DataError(
             f"the fine-tuned encoder's triplets hold {len(seen_test)} test ads (e.g. {sorted(seen_test)[0]})",
-            fix="fine-tune on triplets mined without the test split (jobembed make-triplets)",
+            fix="fine-tune on triplets mined without the test split (jobembed triplets)",
         )
     cv_note = (
         f"not run: the encoder saw the labels of {len(ads_seen & set(dev['id'].astype(str)))} train ads through its "
         "triplets"
         if ads_seen
         else "not run: the encoder's triplets carry no ad ids, so whose labels it saw is unknown, and whether test "
-        "ads are among them could not be checked (make-triplets writes the ids)"
+        "ads are among them could not be checked (triplets writes the ids)"
     )
     names = [s for s in map(str, config.report.systems) if s != "tfidf"]
     slug = encoder_slug(tuned.model, tuned.fingerprint)

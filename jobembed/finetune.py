@@ -1,6 +1,6 @@
-"""The finetune stage's core: an encoder trained on make-triplets' kept triplets with ``SentenceTransformerTrainer``.
+"""The finetune stage's core: an encoder trained on triplets' kept triplets with ``SentenceTransformerTrainer``.
 
-Input: a triplet table with ``anchor, positive, negative`` (make-triplets' ``train.parquet``, or any Parquet with
+Input: a triplet table with ``anchor, positive, negative`` (triplets' ``train.parquet``, or any Parquet with
 those columns) and, when present, ``anchor_label`` / ``negative_label``. Only the three text columns and one integer
 ``label`` reach the trainer: the trainer tokenises every other column as text, and passes only ``label`` to the
 loss. ``label`` packs the anchor's and the negative's class (``anchor * n_classes + negative``) for the
@@ -10,7 +10,7 @@ class-aware loss.
   candidates of the anchor's class are not in-batch negatives), ``cached_mnrl`` (large effective batches in little
   memory), ``gist`` (GISTEmbedLoss, the frozen encoder as guide), ``triplet``; optionally wrapped in MatryoshkaLoss.
 - Prompts: the encoder family's (e5: ``query: ``) through the trainer's ``prompts``, as ``embed`` uses them.
-- Evaluation on the validation split during training: ``TripletEvaluator`` on make-triplets' val triplets and a
+- Evaluation on the validation split during training: ``TripletEvaluator`` on triplets' val triplets and a
   ``CentroidEvaluator`` (centroid-cosine macro-F1 of the val ads against train centroids). The kept checkpoint is the
   one that classifies val best, not the one with the lowest loss.
 - Speed (``speed_settings``): every distinct text tokenised once up front (identical batches, padded to a multiple
@@ -59,7 +59,7 @@ PRIMARY_METRIC = "eval_val-centroid_macro_f1"
 @dataclass
 class Triplets:
     """Training rows for the trainer (``anchor, positive, negative, label``), the class list behind ``label``, and
-    where they came from (for the model card and compare-report)."""
+    where they came from (for the model card and report)."""
 
     frame: pd.DataFrame
     classes: list[str]
@@ -77,9 +77,7 @@ def load_triplets(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(
-            f"triplet file {path} not found", fix="run `jobembed make-triplets RUN` first, or pass --triplets"
-        )
+        raise DataError(f"triplet file {path} not found", fix="run `jobembed triplets RUN` first, or pass --triplets")
     frame = pd.read_parquet(path)
     missing = [c for c in TEXT_COLUMNS if c not in frame.columns]
     if missing:
@@ -91,7 +89,7 @@ def load_triplets(
     if len(frame) < 2:
         raise DataError(
             f"{path} holds {len(frame)} triplets: too few to fine-tune on",
-            fix="see make-triplets' report.md for why candidates were dropped (loosen --margin, raise "
+            fix="see triplets' report.md for why candidates were dropped (loosen --margin, raise "
             "--max-anchors-per-class, or try --judge none), or pass another --triplets file",
         )
     for column in TEXT_COLUMNS:
@@ -575,7 +573,7 @@ def finetune(
         "steps": int(trainer.state.global_step),
         "seconds": round(seconds, 1),
         "triplets_per_second": round(len(train) * config.epochs / max(seconds, 1e-9), 2),
-        # Validation figures only: the test split is scored once, by compare-report.
+        # Validation figures only: the test split is scored once, by report.
         "val": {k: round(float(v), 4) for k, v in final_metrics.items() if isinstance(v, int | float)},
         "best_checkpoint_metric": PRIMARY_METRIC if has_centroid else None,
     }
@@ -597,7 +595,7 @@ def card_section(info: dict[str, Any], config: FinetuneConfig) -> str:
         "",
         f"Fine-tuned from `{info['base_model']}` (fingerprint {info['base_fingerprint']}) by `jobembed finetune`.",
         "",
-        f"- Triplets: {t['rows']} from `{t['path']}`, judged by `{t['judge']}` (make-triplets).",
+        f"- Triplets: {t['rows']} from `{t['path']}`, judged by `{t['judge']}` (triplets).",
         f"- Loss: {info['loss']}"
         + (" (class-aware in-batch negatives)" if info["class_aware"] else "")
         + (f", Matryoshka {config.matryoshka_dims}" if config.matryoshka_dims else "")
@@ -606,7 +604,7 @@ def card_section(info: dict[str, Any], config: FinetuneConfig) -> str:
         f"{config.warmup_ratio:g}, max length {config.max_seq_length}, {info['precision']} on {info['device']}, "
         f"seed {config.seed}; {info['steps']} steps in {info['seconds']} s.",
         "",
-        "Validation (the test split is scored by `jobembed compare-report`, not here):",
+        "Validation (the test split is scored by `jobembed report`, not here):",
         "",
         "| metric | value |",
         "|---|---:|",

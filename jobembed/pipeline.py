@@ -3,9 +3,9 @@
 Each ``Stage`` names the config it reads, the stages whose files it reads (and which files), the folder it writes
 and what else its result depends on; the engine keys, stamps, locks and swaps. The graph today::
 
-    prepare ──▶ clean ──▶ embed ──▶ train-head
-                             ├────▶ make-triplets ──▶ finetune ──▶ embed-finetuned ──┐
-                             └──────────────────────────────────────────────────────┴─▶ compare-report ──▶ bundle
+    prepare ──▶ clean ──▶ embed ──▶ head
+                             ├────▶ triplets ──▶ finetune ──▶ embed-finetuned ──┐
+                             └──────────────────────────────────────────────────────┴─▶ report ──▶ bundle
 
 ``finetune`` and ``embed-finetuned`` are off unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on);
 off, they neither run nor are read, and their folders are left as they are.
@@ -17,11 +17,11 @@ Run folder (``runs/<name>/``), each stage writing only its own folder, whole (se
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
-    triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (make-triplets)
+    triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (triplets)
     finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json; checkpoints/<key>/
     embed-finetuned/   the fine-tuned encoder's vectors, laid out like embed/
-    head/              bundle of the MLP head on embed.model (train-head); stage.json
-    report/            report.md, metrics.json, per_class/, figures/, winner/ (compare-report); stage.json
+    head/              bundle of the MLP head on embed.model (head); stage.json
+    report/            report.md, metrics.json, per_class/, figures/, winner/ (report); stage.json
     bundle/            the deployable bundle of the report's winner (bundle); stage.json
 """
 
@@ -216,13 +216,13 @@ def _encoder_info(config: PipelineConfig, vectors: embed.RunVectors) -> EncoderI
     )
 
 
-# ------------------------------------------------------------------------------------------- train-head
+# ------------------------------------------------------------------------------------------- head
 
 
 def _run_train_head(ctx: StageContext) -> dict[str, Any]:
     """Fit the MLP head on train (early stopping on val), report validation metrics, save a bundle in ``head/``.
 
-    The test split is not read here: it is scored once, by compare-report.
+    The test split is not read here: it is scored once, by report.
     """
     config = ctx.config
     splits, labels = _prepared(config, texts=False)  # the head reads vectors and labels, not texts
@@ -254,11 +254,11 @@ def _run_train_head(ctx: StageContext) -> dict[str, Any]:
     return {"val": val, "best_epoch": int(head.best_epoch_), "temperature": head.temperature_}
 
 
-# ------------------------------------------------------------------------------------------- make-triplets
+# ------------------------------------------------------------------------------------------- triplets
 
 
 def triplet_inputs(config: PipelineConfig) -> TripletInputs:
-    """What make-triplets reads: train/val frames, their texts (the run's and the judge's), frozen vectors."""
+    """What triplets reads: train/val frames, their texts (the run's and the judge's), frozen vectors."""
     splits, labels = _prepared(config)
     vectors = _vectors(config, config.embed.model, splits, labels)
     column = str(config.text_column)
@@ -341,7 +341,7 @@ def _finetune_identity(config: PipelineConfig) -> dict[str, Any]:
 
 def _finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     own = ("val.parquet",) if config.finetune.triplets else ("train.parquet", "val.parquet")
-    out = {"prepare": ("*",), "make-triplets": own}
+    out = {"prepare": ("*",), "triplets": own}
     if _cleaned(config):
         out["clean"] = ("*",)
     return out
@@ -468,7 +468,7 @@ def _run_embed_finetuned(ctx: StageContext) -> dict[str, Any]:
     return _embed_into(ctx, config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []}))
 
 
-# ------------------------------------------------------------------------------------------- compare-report
+# ------------------------------------------------------------------------------------------- report
 
 
 def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
@@ -489,7 +489,7 @@ def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
                 "labels it learned",
                 fix="drop it from embed.extra_models (the run's config.yaml keeps what earlier commands set: pass "
                 "-c a file with `extra_models: []`), and compare a fine-tune through `jobembed finetune RUN` "
-                "(compare-report then scores it on the test split only)",
+                "(report then scores it on the test split only)",
             )
 
 
@@ -566,7 +566,7 @@ def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
 
 def _bundle_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
-    out = {"prepare": ("labels.json",), "compare-report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
+    out = {"prepare": ("labels.json",), "report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
     if finetuned:
         out["finetune"] = ("model/*",)  # copied into the bundle
     return out
@@ -581,12 +581,12 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
             "bundle.encoder is finetuned but finetune is off in this run (finetune.enabled: false), so the report "
             "holds no fine-tuned encoder",
             fix="run `jobembed finetune RUN` (it turns the stage on; a model already made under the same settings is "
-            "kept and re-used) and compare-report, or bundle the frozen encoder (--encoder frozen)",
+            "kept and re-used) and report, or bundle the frozen encoder (--encoder frozen)",
         )
     if not (winner_dir / "winner.json").is_file():
         raise DataError(
-            f"compare-report found no system a bundle can serve ({', '.join(map(str, config.report.systems))})",
-            fix="add mlp, centroid or zeroshot to report.systems (--systems) and re-run compare-report",
+            f"report found no system a bundle can serve ({', '.join(map(str, config.report.systems))})",
+            fix="add mlp, centroid or zeroshot to report.systems (--systems) and re-run report",
         )
     winner = read_json(winner_dir / "winner.json")
     head = load_head(winner_dir / "head", winner["head_kind"])
@@ -671,9 +671,9 @@ register(
 )
 register(
     Stage(
-        "train-head",
-        folder="head",
+        "head",
         section="head",
+        formerly=("train-head",),
         reads=("classify", "clean", "embed", "text_column", "report.min_support"),
         ignores=("embed.extra_models",),
         inputs=("prepare", "embed"),
@@ -686,9 +686,9 @@ register(
 )
 register(
     Stage(
-        "make-triplets",
-        folder="triplets",
+        "triplets",
         section="triplets",
+        formerly=("make-triplets",),
         reads=("text_column", "clean.backend"),
         inputs=("prepare", "clean", "embed"),
         consumes=_triplets_consume,
@@ -710,7 +710,7 @@ register(
         "finetune",
         section="finetune",
         reads=("text_column",),
-        inputs=("prepare", "clean", "make-triplets"),
+        inputs=("prepare", "clean", "triplets"),
         consumes=_finetune_consume,
         run=_run_finetune,
         identity=_finetune_identity,
@@ -743,9 +743,9 @@ register(
 )
 register(
     Stage(
-        "compare-report",
-        folder="report",
+        "report",
         section="report",
+        formerly=("compare-report",),
         reads=("head", "text_column", "prepare.seed", "embed.model", "embed.extra_models", "triplets.positive"),
         inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned"),
         consumes=_report_consume,
@@ -764,7 +764,7 @@ register(
         section="bundle",
         reads=("classify", "clean", "embed", "text_column", "finetune.enabled"),
         ignores=("embed.extra_models",),
-        inputs=("prepare", "compare-report", "finetune"),
+        inputs=("prepare", "report", "finetune"),
         consumes=_bundle_consume,
         run=_run_bundle,
         names_models=_uses_models,

@@ -234,7 +234,7 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
     res, ranking, winner, data = metrics["systems"], metrics["ranking"], metrics["winner"], metrics["data"]
     k = data["cv_folds"]
     lines = [
-        "# jobembed compare-report",
+        "# jobembed report",
         "",
         f"Data: {data['train']} train, {data['val']} validation, {data['test']} test ads; "
         f"{data['classes']} classes with ads ({data.get('labels', data['classes'])} in the label set); "

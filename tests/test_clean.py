@@ -81,7 +81,7 @@ def tiny_gliner_dir(tmp_path_factory, tiny_encoder_dir, gold_file) -> Path:
         app,
         [
             "clean", "train", "--gold", str(gold_file), "--out", str(out),
-            "--encoder", str(tiny_encoder_dir.parent / f"{tiny_encoder_dir.name}_hf"),
+            "--base-model", str(tiny_encoder_dir.parent / f"{tiny_encoder_dir.name}_hf"),
             "--config", str(_write_config(tmp_path_factory.mktemp("cfg"), _clean_config("unused"))),
             "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--quiet",
         ],

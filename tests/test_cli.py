@@ -15,7 +15,7 @@ from jobembed.cli import app
 from tests.synthetic import make_ads, make_labels
 
 runner = CliRunner()
-STAGES = ("prepare", "embed", "train-head", "make-triplets", "finetune", "compare-report", "bundle")
+STAGES = ("prepare", "embed", "head", "triplets", "finetune", "report", "bundle")
 
 
 def invoke(*args):
@@ -80,7 +80,7 @@ def test_help_lists_every_command():
     ("command", "values"),
     [
         ("prepare", ["error", "drop", "merge"]),
-        ("train-head", ["none", "balanced", "sqrt", "cuda:N"]),
+        ("head", ["none", "balanced", "sqrt", "cuda:N"]),
         ("embed", ["auto", "fp16", "bf16", "cuda:N"]),
     ],
 )
@@ -156,7 +156,7 @@ def test_classify_uses_the_threshold_the_report_printed(finished_run):
 def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finished_run, workspace):
     result = invoke("run", "--config", workspace / "tiny.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    # prepare, clean, embed, train-head, make-triplets, compare-report, bundle; finetune is off in tiny.yaml
+    # prepare, clean, embed, head, triplets, report, bundle; finetune is off in tiny.yaml
     assert result.output.count("up to date, skipped") == 7
     assert "finetune: off" in result.output and "embed-finetuned: off" in result.output
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
@@ -166,7 +166,7 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
     (workspace / "changed.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "--config", workspace / "changed.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "compare-report: running" in result.output and "bundle: running" in result.output
+    assert "report: running" in result.output and "bundle: running" in result.output
     assert result.output.count("up to date, skipped") == 5
     # the report folder is rebuilt whole: no per-class table of a system that is no longer compared
     tables = {p.name.split("@")[0] for p in (workspace / "runs" / "tiny-changed" / "report" / "per_class").iterdir()}
@@ -174,27 +174,27 @@ def test_rerun_skips_up_to_date_stages_and_reruns_downstream_of_a_change(finishe
 
 
 def test_changed_triplets_leave_the_report_current_when_finetune_is_off(finished_run, workspace):
-    """Reproduces: with finetune disabled, compare-report still hung off make-triplets, so a triplets setting (or a
-    new make-triplets version) re-ran the whole CV, and `compare-report` ran make-triplets first."""
+    """Reproduces: with finetune disabled, report still hung off triplets, so a triplets setting (or a
+    new triplets version) re-ran the whole CV, and `report` ran triplets first."""
     cfg = yaml.safe_load((workspace / "tiny.yaml").read_text())
     cfg["name"] = "tiny-triplets"
     cfg.setdefault("triplets", {})["negatives_per_anchor"] = 2
     shutil.copytree(finished_run, workspace / "runs" / "tiny-triplets")
     (workspace / "triplets.yaml").write_text(yaml.safe_dump(cfg))
-    result = invoke("compare-report", workspace / "runs" / "tiny-triplets", "--config", workspace / "triplets.yaml")
+    result = invoke("report", workspace / "runs" / "tiny-triplets", "--config", workspace / "triplets.yaml")
     assert result.exit_code == 0, result.output
-    assert "make-triplets" not in result.output and "compare-report: up to date" in result.output
+    assert "triplets:" not in result.output and "report: up to date" in result.output
     result = invoke("run", "--config", workspace / "triplets.yaml", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "make-triplets: running" in result.output
-    for stage in ("compare-report", "bundle"):
+    assert "triplets: running" in result.output
+    for stage in ("report", "bundle"):
         assert f"{stage}: up to date" in result.output
     for stage in ("finetune", "embed-finetuned"):  # disabled: not run, and their folders are not read
         assert f"{stage}: off" in result.output
 
 
 def test_a_new_stage_version_reruns_that_stage_and_what_reads_its_changed_files(finished_run, workspace, monkeypatch):
-    """Reproduces: a code fix that changed what make-triplets keeps left older runs' triplets 'current' (the key
+    """Reproduces: a code fix that changed what triplets keeps left older runs' triplets 'current' (the key
     held only config, inputs and identity); the stale stamp had to be deleted by hand. A re-run that reproduces its
     files does not cascade (issue 19: keys hold what the inputs produced)."""
     import dataclasses
@@ -218,7 +218,7 @@ def test_a_new_stage_version_reruns_that_stage_and_what_reads_its_changed_files(
     assert result.exit_code == 0, result.output
     assert "embed: running" in result.output
     # the new code reproduced the same vectors: what reads them keys on their digest, so it stays current
-    for stage in ("prepare", "clean", "train-head", "make-triplets", "compare-report", "bundle"):
+    for stage in ("prepare", "clean", "head", "triplets", "report", "bundle"):
         assert f"{stage}: up to date" in result.output, result.output
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["embed"]["version"] == bumped
@@ -294,23 +294,23 @@ def test_stage_commands_one_by_one(workspace, tiny_encoder_dir, monkeypatch):
     result = invoke("embed", run_dir, "--model", tiny_encoder_dir, "--max-seq-length", 64, "--quiet")
     assert result.exit_code == 0, result.output
     assert list((run_dir / "embed").glob("*/train.npy"))
-    # train-head and compare-report read the embed stage's vectors: they never load the encoder
+    # head and report read the embed stage's vectors: they never load the encoder
     import jobembed.encoders
 
     monkeypatch.setattr(jobembed.encoders, "load_encoder", lambda *a, **k: pytest.fail("encoder loaded"))
-    result = invoke("train-head", run_dir, "--hidden-sizes", "16", "--max-epochs", 20, "--quiet")
+    result = invoke("head", run_dir, "--hidden-sizes", "16", "--max-epochs", 20, "--quiet")
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output and "test accuracy" not in result.output
-    result = invoke("compare-report", run_dir, "--systems", "zeroshot,centroid,mlp", "--cv-folds", 2, "--quiet")
+    result = invoke("report", run_dir, "--systems", "zeroshot,centroid,mlp", "--cv-folds", 2, "--quiet")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert {r["system"] for r in metrics["systems"].values()} == {"zeroshot", "centroid", "mlp"}
     result = invoke("bundle", run_dir, "--quiet")
     assert result.exit_code == 0, result.output
     assert (run_dir / "bundle" / "bundle.json").is_file()
-    result = invoke("compare-report", run_dir, "--quiet")
-    assert "compare-report: up to date" in result.output
-    # the run's config.yaml carries the model forward: embed/train-head/compare-report agree on it
+    result = invoke("report", run_dir, "--quiet")
+    assert "report: up to date" in result.output
+    # the run's config.yaml carries the model forward: embed/head/report agree on it
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["embed"]["model"] == str(tiny_encoder_dir)
 
 
@@ -361,7 +361,7 @@ def test_classify_threshold_comes_from_the_run_config(finished_run, workspace, t
     (tmp_path / "strict.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "-c", tmp_path / "strict.yaml", "-q")
     assert result.exit_code == 0, result.output
-    assert "bundle: running" in result.output and "compare-report: up to date" in result.output
+    assert "bundle: running" in result.output and "report: up to date" in result.output
     answer = invoke("classify", "Kierowca", "--bundle", runs / "strict" / "bundle", "--json")
     assert json.loads(answer.output.strip().splitlines()[-1])["uncertain"] is True
     answer = invoke("classify", "Kierowca", "--bundle", runs / "strict" / "bundle", "--json", "--min-confidence", 0)
@@ -369,13 +369,13 @@ def test_classify_threshold_comes_from_the_run_config(finished_run, workspace, t
 
 
 def test_corrupt_manifest_loses_no_work(finished_run, workspace):
-    """Reproduces: a corrupt run manifest.json crashed train-head after it had trained."""
+    """Reproduces: a corrupt run manifest.json crashed head after it had trained."""
     run = workspace / "runs" / "manifest-test"
     shutil.copytree(finished_run, run)
     (run / "manifest.json").write_text("{ truncated")
-    result = invoke("train-head", run, "--force", "-q")
+    result = invoke("head", run, "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert "train-head" in json.loads((run / "manifest.json").read_text())["stages"]
+    assert "head" in json.loads((run / "manifest.json").read_text())["stages"]
     assert list(run.glob("manifest.json.corrupt-*"))
 
 
@@ -420,13 +420,13 @@ BAD_INPUTS = [
     (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--test-size", "0.9", "--val-size", "0.9"], "--test-size"),
     (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--rare-policy", "keep"], "--rare-policy"),
     (["prepare", "{ws}/runs/x", "--input", "{ws}/ads.csv", "--labels-filter", "level"], "--labels-filter"),
-    (["train-head", "{ws}/runs/tiny", "--class-weight", "heavy"], "--class-weight"),
-    (["train-head", "{ws}/runs/tiny", "--hidden-sizes", "a,b"], "--hidden-sizes"),
+    (["head", "{ws}/runs/tiny", "--class-weight", "heavy"], "--class-weight"),
+    (["head", "{ws}/runs/tiny", "--hidden-sizes", "a,b"], "--hidden-sizes"),
     (["embed", "{ws}/runs/tiny", "--device", "tpu"], "--device"),
     (["embed", "{ws}/runs/tiny", "--no-such-flag"], "--no-such-flag"),
-    (["compare-report", "{ws}/runs/tiny", "--systems", ""], "--systems"),
-    (["compare-report", "{ws}/runs/tiny", "--systems", "mlp,svm"], "--systems"),
-    (["compare-report", "{ws}/runs/tiny", "--cv-folds", "999"], "--cv-folds"),
+    (["report", "{ws}/runs/tiny", "--systems", ""], "--systems"),
+    (["report", "{ws}/runs/tiny", "--systems", "mlp,svm"], "--systems"),
+    (["report", "{ws}/runs/tiny", "--cv-folds", "999"], "--cv-folds"),
     (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--top-k", "0"], "--top-k"),
     (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--top-k", "-1"], "--top-k"),
     (["classify", "text", "--bundle", "{ws}/runs/tiny/bundle", "--min-confidence", "1.5"], "--min-confidence"),
@@ -565,3 +565,51 @@ def test_a_text_with_nothing_to_read_is_uncertain_with_a_reason(finished_run):
     assert answer["uncertain"] is True and answer["label"] == "uncertain" and "no letters" in answer["reason"]
     normal = json.loads(invoke("classify", "Kierowca kat. C", "--bundle", finished_run / "bundle", "--json").output)
     assert normal["reason"] is None
+
+
+def _flags_by_command() -> dict[str, set[str]]:
+    """command path -> every option name it takes (hidden former command names left out)."""
+    import typer.main
+
+    from jobembed.cli import FORMER_COMMANDS
+
+    group = typer.main.get_command(app)
+    out = {}
+    todo = [("", group)]
+    while todo:
+        prefix, cmd = todo.pop()
+        for name, sub in getattr(cmd, "commands", {}).items():
+            if name in FORMER_COMMANDS:
+                continue
+            path = f"{prefix} {name}".strip()
+            todo.append((path, sub))
+            out[path] = {o for p in sub.params for o in p.opts + p.secondary_opts}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("flag", "commands"),
+    [
+        ("--text-col", {"prepare", "classify"}),  # a column of the table the command reads
+        ("--text-column", {"embed", "report"}),  # which of the run's texts later stages read
+        ("--base-model", {"finetune", "clean train"}),  # the model a training command starts from
+        ("--encoder", {"bundle"}),  # frozen | finetuned
+        ("--workers", {"serve"}),  # server processes
+        ("--dataloader-workers", {"finetune"}),
+    ],
+)
+def test_a_flag_means_one_thing_in_every_command(flag, commands):
+    found = {path for path, flags in _flags_by_command().items() if flag in flags}
+    assert found == commands
+
+
+def test_the_former_command_names_run_the_renamed_stages():
+    from jobembed.cli import FORMER_COMMANDS
+
+    assert {old: fn.__name__ for old, fn in FORMER_COMMANDS.items()} == {
+        "train-head": "head",
+        "make-triplets": "triplets",
+        "compare-report": "report",
+    }
+    result = runner.invoke(app, ["--help"])
+    assert "compare-report" not in result.output and "report" in result.output  # hidden, still callable

@@ -102,7 +102,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 )
 def test_an_interrupted_embed_leaves_the_old_vectors_and_a_consistent_report(base, sig, point):
     """Reproduces: Ctrl-C during `embed --max-seq-length N` left a new train.npy beside old val/test files and the
-    old stamp, and the next compare-report said "up to date" and trained on one setting and tested on another."""
+    old stamp, and the next report said "up to date" and trained on one setting and tested on another."""
     run = copy_run(base, f"interrupted-{sig.name}-{point.replace(':', '-')}")
     before = files_of(run / "embed")
     proc = cli("embed", run, "--max-seq-length", "24", "-q", pause=point)
@@ -112,10 +112,10 @@ def test_an_interrupted_embed_leaves_the_old_vectors_and_a_consistent_report(bas
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert not (run / ".embed.tmp").exists()  # cleaned up on the way out
-    again = invoke("compare-report", run)
+    again = invoke("report", run)
     assert again.exit_code == 0, again.output
     assert files_of(run / "embed") == before  # the old vectors, stamp and all: never a mix
-    assert "compare-report: up to date" in again.output and not ran(again.output)
+    assert "report: up to date" in again.output and not ran(again.output)
     assert yaml.safe_load((run / "config.yaml").read_text())["embed"]["max_seq_length"] == 32
     assert not [p.name for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
 
@@ -139,7 +139,7 @@ def test_a_second_process_on_a_running_stage_gets_one_line(base):
 
 
 def test_a_forced_finetune_with_new_weights_reruns_what_reads_them(base, monkeypatch):
-    """Reproduces: after `finetune --force` (new weights, same key) compare-report kept the old encoder's numbers,
+    """Reproduces: after `finetune --force` (new weights, same key) report kept the old encoder's numbers,
     because a stage counted as current unless an upstream stage ran in the same call."""
     from jobembed import pipeline
 
@@ -157,9 +157,9 @@ def test_a_forced_finetune_with_new_weights_reruns_what_reads_them(base, monkeyp
     )
     result = invoke("finetune", run, "--force", "-q")
     assert result.exit_code == 0, result.output
-    result = invoke("compare-report", run, "-q")
+    result = invoke("report", run, "-q")
     assert result.exit_code == 0, result.output
-    assert ran(result.output) == {"embed-finetuned", "compare-report"}, result.output
+    assert ran(result.output) == {"embed-finetuned", "report"}, result.output
 
 
 def test_a_forced_rerun_that_reproduces_its_files_leaves_later_stages_current(base):
@@ -171,15 +171,15 @@ def test_a_forced_rerun_that_reproduces_its_files_leaves_later_stages_current(ba
 
 
 def test_an_extra_encoder_reruns_embed_and_the_report_and_nothing_else(base, tmp_path):
-    """Reproduces: finetune and make-triplets hashed the whole embed section, so adding an encoder to compare
+    """Reproduces: finetune and triplets hashed the whole embed section, so adding an encoder to compare
     re-mined, re-judged and re-fine-tuned."""
     from tests.conftest import build_tiny_encoder
 
     run = copy_run(base, "extra")
     other = build_tiny_encoder(tmp_path / "other", seed=5)
-    result = invoke("compare-report", run, "--extra-model", other, "-q")
+    result = invoke("report", run, "--extra-model", other, "-q")
     assert result.exit_code == 0, result.output
-    assert ran(result.output) == {"embed", "compare-report"}, result.output
+    assert ran(result.output) == {"embed", "report"}, result.output
     result = invoke("run", "-c", base / "base.yaml", "--name", "extra", "-q")  # the file does not name extra_models
     assert result.exit_code == 0, result.output
     assert ran(result.output) <= {"bundle"}, result.output  # the bundle only if the winner changed
@@ -244,7 +244,7 @@ def test_run_with_another_file_layers_it_and_keeps_the_fine_tune(base, tmp_path)
 def test_a_run_whose_config_file_is_gone_says_so(base):
     run = copy_run(base, "no-config")
     (run / "config.yaml").unlink()
-    result = invoke("compare-report", run, "-q")
+    result = invoke("report", run, "-q")
     assert result.exit_code == 1
     assert "config.yaml is missing" in result.output and len(result.output.strip().splitlines()) == 1
     assert (run / "report" / "metrics.json").is_file()
@@ -290,7 +290,7 @@ def test_clean_alone_pins_its_model_before_its_key(base, monkeypatch):
 def test_a_damaged_output_reruns_the_stage_that_made_it_and_nothing_more(base, damage, stage):
     run = copy_run(base, f"damaged-{stage}")
     damage(run)
-    result = invoke("compare-report", run, "-q")
+    result = invoke("report", run, "-q")
     assert result.exit_code == 0, result.output
     assert ran(result.output) == {stage}, result.output  # it writes the same files again: the rest stays current
     assert f"{stage}/" in result.output.split(f"{stage}: running")[1].splitlines()[0]

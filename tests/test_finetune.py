@@ -158,7 +158,7 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(ft_workspace, tmp_pa
     cfg["name"] = f"ft-killed-{sig.name}"
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))
     run = ft_workspace / "runs" / cfg["name"]
-    assert invoke("make-triplets", run, "-c", tmp_path / "long.yaml", "-q").exit_code == 0
+    assert invoke("triplets", run, "-c", tmp_path / "long.yaml", "-q").exit_code == 0
     cmd = [sys.executable, "-c", "from jobembed.cli import app; app()", "finetune", str(run), "-q"]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoints = run / "finetune" / "checkpoints"
@@ -188,7 +188,7 @@ def test_a_triplet_file_without_ids_is_reported_as_unchecked(ft_workspace, tmp_p
     cfg["name"] = "ft-bare"
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(cfg))
     run = ft_workspace / "runs" / "ft-bare"
-    assert invoke("make-triplets", run, "-c", tmp_path / "mine.yaml", "-q").exit_code == 0
+    assert invoke("triplets", run, "-c", tmp_path / "mine.yaml", "-q").exit_code == 0
     bare = tmp_path / "bare.parquet"  # an outside file: texts only, as from another tool
     pd.read_parquet(run / "triplets" / "train.parquet")[["anchor", "positive", "negative"]].to_parquet(bare)
     cfg["finetune"] |= {"enabled": True, "triplets": str(bare)}
@@ -251,7 +251,7 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     shutil.copytree(run / "finetune" / "model", tmp_path / "tuned-copy")
     leaky = cfg | {"embed": cfg["embed"] | {"extra_models": [str(tmp_path / "tuned-copy")]}}
     (tmp_path / "leaky.yaml").write_text(yaml.safe_dump(leaky))
-    refused = invoke("compare-report", run, "-c", tmp_path / "leaky.yaml", "-q")
+    refused = invoke("report", run, "-c", tmp_path / "leaky.yaml", "-q")
     assert refused.exit_code == 1 and "was fine-tuned on triplets holding" in refused.output
     assert "Traceback" not in refused.output and "extra_models: []" in refused.output
     # the embed stage that ran for it stuck to the run's config (-c layers on it): the fix the line names works
@@ -278,7 +278,7 @@ def test_compare_report_adds_the_fine_tuned_encoder_on_the_test_split_only(ft_wo
     (tmp_path / "off.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("run", "-c", tmp_path / "off.yaml", "-q")
     assert result.exit_code == 0, result.output
-    assert "finetune: off" in result.output and "compare-report: running" in result.output
+    assert "finetune: off" in result.output and "report: running" in result.output
     # issue 19: a disabled stage keeps what it made (GPU hours); it is just not read
     assert (run / "finetune" / "model").is_dir() and (run / "finetune" / "finetune.json").is_file()
     assert [p for p in (run / "embed-finetuned").iterdir() if p.is_dir()]
@@ -334,7 +334,7 @@ def test_two_process_ddp_on_cpu_trains_once_and_only_rank_0_writes(ft_workspace,
     info = json.loads((run / "finetune" / "finetune.json").read_text())
     assert info["steps"] > 0 and (run / "finetune" / "model" / "model.safetensors").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(manifest["stages"]) >= {"prepare", "make-triplets", "finetune"}
+    assert set(manifest["stages"]) >= {"prepare", "triplets", "finetune"}
     # each of the 2 ranks sees half of every epoch's batches: half the steps of one process at the same batch size
     rows = info["triplets"]["rows"]
     assert info["steps"] == pytest.approx(cfg["finetune"]["epochs"] * rows / (2 * 4), abs=2)

@@ -209,7 +209,7 @@ def test_stacking_folds_keep_reposts_together_when_a_validation_split_is_given(m
     assert len(seen) == 1 and (seen[0] == splits["train"]["group"].to_numpy()).all()
 
 
-# ------------------------------------------------------------------------------ compare-report
+# ------------------------------------------------------------------------------ report
 
 
 def _splits(seed=0):

@@ -1,4 +1,4 @@
-"""make-triplets: mining, prompts and parsing, the call engine against a real local HTTP server, the judges and
+"""triplets: mining, prompts and parsing, the call engine against a real local HTTP server, the judges and
 the stage end to end (CLI), including a run killed mid-way and resumed."""
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ def test_llm_judge_end_to_end(tri_workspace, fake, mode, tmp_path, monkeypatch):
     monkeypatch.setenv("JOBEMBED_CACHE", str(tmp_path / "cache"))
     run = _fresh_run(tri_workspace, f"llm-{mode}")
     env = {"OPENAI_API_KEY": SECRET}
-    result = invoke("make-triplets", run, "--judge", "llm", "--mode", mode, "--base-url", fake.url, "-q", env=env)
+    result = invoke("triplets", run, "--judge", "llm", "--mode", mode, "--base-url", fake.url, "-q", env=env)
     assert result.exit_code == 0, result.output
     assert "judged by llm:judge-x/" + mode in result.output
     out = run / "triplets"
@@ -516,7 +516,7 @@ def test_llm_judge_end_to_end(tri_workspace, fake, mode, tmp_path, monkeypatch):
         assert report["llm"]["calls"] == sp["train"]["candidates"] + sp["val"]["candidates"]
     else:  # one call per anchor
         assert report["llm"]["calls"] <= sp["train"]["anchor_slots"] + sp["val"]["anchor_slots"]
-    summary = json.loads((run / "manifest.json").read_text())["stages"]["make-triplets"]["summary"]
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["triplets"]["summary"]
     assert (
         summary["llm"]["prompt_tokens"] > 0
         and summary["llm"]["cost"] > 0
@@ -525,7 +525,7 @@ def test_llm_judge_end_to_end(tri_workspace, fake, mode, tmp_path, monkeypatch):
     assert not _grep_secret(run, tmp_path / "cache"), "the API key was written to disk"
     # a second run of the same stage with --force re-judges from the cache: zero calls
     before = fake.count()
-    result = invoke("make-triplets", run, "--force", "-q", env=env)
+    result = invoke("triplets", run, "--force", "-q", env=env)
     assert result.exit_code == 0, result.output
     assert fake.count() == before
 
@@ -535,9 +535,7 @@ def test_every_judge_writes_the_same_columns_on_the_same_candidates(tri_workspac
     run = _fresh_run(tri_workspace, "judges")
     tables = {}
     for judge in ("none", "model", "llm"):
-        result = invoke(
-            "make-triplets", run, "--judge", judge, "--base-url", fake.url, "-q", env={"OPENAI_API_KEY": SECRET}
-        )
+        result = invoke("triplets", run, "--judge", judge, "--base-url", fake.url, "-q", env={"OPENAI_API_KEY": SECRET})
         assert result.exit_code == 0, result.output
         tables[judge] = pd.read_parquet(run / "triplets" / "candidates" / "train.parquet")
     assert tables["none"]["keep"].all()
@@ -549,7 +547,7 @@ def test_every_judge_writes_the_same_columns_on_the_same_candidates(tri_workspac
     assert not model["keep"].all() and (model.loc[~model["keep"], "reason"] != "ok").all()
     noise = pd.read_csv(run / "triplets" / "noise.csv", dtype=str)
     assert list(noise.columns) == [*judges.NOISE_COLUMNS, "text"]
-    assert "offline" in invoke("make-triplets", run, "--judge", "model", "-q").output
+    assert "offline" in invoke("triplets", run, "--judge", "model", "-q").output
 
 
 def test_model_judge_finds_flipped_labels():
@@ -599,7 +597,7 @@ def test_dry_run_batch_file_and_import_batch(tri_workspace, fake, tmp_path, monk
     monkeypatch.setenv("JOBEMBED_CACHE", str(tmp_path / "cache"))
     run = _fresh_run(tri_workspace, "batch")
     env = {"OPENAI_API_KEY": SECRET}
-    args = ("make-triplets", run, "--judge", "llm", "--base-url", fake.url, "-q")
+    args = ("triplets", run, "--judge", "llm", "--base-url", fake.url, "-q")
     dry = invoke(*args, "--dry-run", env=env)
     assert dry.exit_code == 0, dry.output
     assert "Nothing was sent" in dry.output and fake.count() == 0
@@ -637,12 +635,12 @@ def test_remote_endpoint_without_key_or_with_raw_text_fails_with_one_line(tri_wo
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     run = _fresh_run(tri_workspace, "remote")
     # 203.0.113.0/24 is TEST-NET-3: never routed, and both checks fail before any connection is tried.
-    result = invoke("make-triplets", run, "--judge", "llm", "--base-url", "http://203.0.113.7/v1", "-q")
+    result = invoke("triplets", run, "--judge", "llm", "--base-url", "http://203.0.113.7/v1", "-q")
     assert result.exit_code == 1 and "OPENAI_API_KEY" in result.output and "Traceback" not in result.output
     cfg = yaml.safe_load((tri_workspace[0] / "tri.yaml").read_text()) | {"clean": {"backend": "none"}}
     (tmp_path / "raw.yaml").write_text(yaml.safe_dump(cfg))
     raw = invoke(
-        "make-triplets",
+        "triplets",
         tmp_path / "runs" / "raw",
         "-c",
         tmp_path / "raw.yaml",
@@ -666,7 +664,7 @@ def test_killed_mid_run_resumes_with_zero_repeated_calls(tri_workspace, tmp_path
             sys.executable,
             "-c",
             "from jobembed.cli import app; app()",
-            "make-triplets",
+            "triplets",
             str(run),
             "--judge",
             "llm",
@@ -742,7 +740,7 @@ def test_a_real_llm_server_agrees_with_the_client_and_schema(tri_workspace, smol
     (tmp_path / "smol.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "runs" / f"smol-{mode}"
     result = invoke(
-        "make-triplets",
+        "triplets",
         run,
         "-c",
         tmp_path / "smol.yaml",

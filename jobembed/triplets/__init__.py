@@ -1,1 +1,1 @@
-"""make-triplets: mine anchor/positive/negative candidates and judge them (an LLM, an offline model, or none)."""
+"""triplets: mine anchor/positive/negative candidates and judge them (an LLM, an offline model, or none)."""

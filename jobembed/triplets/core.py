@@ -1,4 +1,4 @@
-"""The make-triplets stage: mine candidates in the training and validation splits, judge them, write the datasets.
+"""The triplets stage: mine candidates in the training and validation splits, judge them, write the datasets.
 
 Writes ``RUN/triplets/``::
 
@@ -36,7 +36,7 @@ from jobembed.triplets.mine import LABEL_PREFIX, Pool, mine_candidates
 logger = logging.getLogger(__name__)
 
 TRIPLETS_FORMAT = "jobembed-triplets/1"
-POOLS = ("train", "val")  # never "test": the test split is read once, by compare-report
+POOLS = ("train", "val")  # never "test": the test split is read once, by report
 # Expected reply sizes for --dry-run's cost estimate (a verdict object and a one-line reason).
 EXPECTED_COMPLETION_TOKENS = {JudgeMode.pointwise: 60, JudgeMode.listwise: 90}
 
