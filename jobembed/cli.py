@@ -701,8 +701,9 @@ def finetune(
 
 # The names these commands had until 2026-12-03 (their stages were renamed; runs made under them stay current).
 FORMER_COMMANDS = {"train-head": head, "make-triplets": triplets, "compare-report": report}
-for _old, _command in FORMER_COMMANDS.items():
-    app.command(_old, hidden=True, help=f"Old name of `jobembed {_command.__name__}` (same flags).")(_command)
+for _old_name, _command in FORMER_COMMANDS.items():
+    app.command(_old_name, hidden=True, help=f"Old name of `jobembed {_command.__name__}` (same flags).")(_command)
+del _old_name, _command
 
 
 def triplets_line(r: dict[str, Any], folder: Path) -> str:

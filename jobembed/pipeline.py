@@ -5,7 +5,7 @@ and what else its result depends on; the engine keys, stamps, locks and swaps. T
 
     prepare ──▶ clean ──▶ embed ──▶ head
                              ├────▶ triplets ──▶ finetune ──▶ embed-finetuned ──┐
-                             └──────────────────────────────────────────────────────┴─▶ report ──▶ bundle
+                             └──────────────────────────────────────────────────┴─▶ report ──▶ bundle
 
 ``finetune`` and ``embed-finetuned`` are off unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on);
 off, they neither run nor are read, and their folders are left as they are.
@@ -17,11 +17,11 @@ Run folder (``runs/<name>/``), each stage writing only its own folder, whole (se
     prepare/           {train,val,test}.parquet, labels.json, data_card.json, config.yaml, stage.json
     clean/             {train,val,test}.parquet (id, clean_text, clean_source, spans), report.md/json, config.yaml
     embed/             <encoder>-<fingerprint>/{train,val,test,labels}.npy + embeddings.json; stage.json
-    triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json (triplets)
+    triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json
     finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json; checkpoints/<key>/
     embed-finetuned/   the fine-tuned encoder's vectors, laid out like embed/
-    head/              bundle of the MLP head on embed.model (head); stage.json
-    report/            report.md, metrics.json, per_class/, figures/, winner/ (report); stage.json
+    head/              bundle of the MLP head on embed.model; stage.json
+    report/            report.md, metrics.json, per_class/, figures/, winner/; stage.json
     bundle/            the deployable bundle of the report's winner (bundle); stage.json
 """
 
