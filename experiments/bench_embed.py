@@ -39,7 +39,7 @@ def load_texts(n: int, offset: int = 0) -> list[str]:
 def variant(name: str, args: argparse.Namespace) -> dict:
     """Run one variant in this process; returns seconds and peak RSS."""
     from jobembed import encoders
-    from jobembed.config import EmbedConfig
+    from jobembed.sections import EmbedConfig
 
     texts = load_texts(args.n)
     prompt, _ = encoders.resolve_prompts(args.model, "auto", "auto")

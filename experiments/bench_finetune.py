@@ -122,8 +122,8 @@ def one(args) -> dict:
     from transformers import TrainerCallback
 
     sys.path.insert(0, str(ROOT))
-    from jobembed.config import FinetuneConfig
     from jobembed.finetune import speed_settings
+    from jobembed.sections import FinetuneConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.shape, Path(args.tokenizer or _default_tokenizer()), args.max_len, device)

@@ -75,7 +75,7 @@ def synthetic_ads(n: int, seed: int = 0) -> pd.DataFrame:
 def run_prepare(csv: Path, out: Path, variant: str) -> dict:
     """In this (child) process: prepare with the LSH (new) or exact (old) grouping; time and peak memory."""
     from jobembed import data, dedup
-    from jobembed.config import PrepareConfig
+    from jobembed.sections import PrepareConfig
 
     if variant == "old":
         data.near_duplicate_groups = dedup.near_duplicate_groups_exact

@@ -43,7 +43,7 @@ from quality import quality_config
 
 from jobembed.bundle import load_bundle
 from jobembed.config import load_config
-from jobembed.pipeline import run_stages
+from jobembed.stages import run_stages
 
 
 def build_bundle(label: str) -> tuple[Path, Path]:

@@ -29,8 +29,9 @@ from common import OUT, ROOT, pl_jobads
 sys.path.insert(0, str(ROOT))
 
 from jobembed import encoders
-from jobembed.config import JudgeMode, load_config
-from jobembed.pipeline import pin_models, run_stages, triplet_inputs
+from jobembed.config import load_config
+from jobembed.sections import JudgeMode
+from jobembed.stages import pin_models, run_stages, triplet_inputs
 from jobembed.store import Store
 from jobembed.triplets import client, core
 from tests.fake_llm import FakeLLM

@@ -23,7 +23,7 @@ from common import OUT, pl_jobads
 from jobembed.clean.core import presets
 from jobembed.config import load_config
 from jobembed.metrics import corrected_paired_ttest
-from jobembed.pipeline import run_stages
+from jobembed.stages import run_stages
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import time
 from common import OUT, pl_jobads
 
 from jobembed.config import load_config
-from jobembed.pipeline import run_stages
+from jobembed.stages import run_stages
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from jobembed.baselines import CentroidClassifier, embedding_logreg
 from jobembed.config import load_config
 from jobembed.data import load_splits
 from jobembed.embed import Embedder
-from jobembed.pipeline import pin_models, run_stages, triplet_inputs
+from jobembed.stages import pin_models, run_stages, triplet_inputs
 
 
 def scores(X_train, y_train, X_val, y_val) -> dict[str, float]:

@@ -55,9 +55,9 @@ from common import OUT, pl_jobads
 
 from jobembed import encoders, metrics
 from jobembed.config import load_config
-from jobembed.evaluate import System, _test_scores, fit_on_train
+from jobembed.evaluate import EvalSettings, System, _test_scores, fit_on_train
 from jobembed.finetune import centroid_evaluator
-from jobembed.pipeline import _prepared, _vectors, centroid_data, finetuned_vectors, pin_models, run_stages
+from jobembed.stages import centroid_data, finetuned_vectors, pin_models, prepared, run_stages, run_vectors
 
 RESULTS = OUT / "finetune_quality"
 SEEDS = (13, 14, 15)
@@ -105,7 +105,9 @@ def config_for(*, seed: int, finetune: dict[str, Any] | None = None, triplets: d
 def _fit_all(config, splits, labels, vectors, systems) -> dict[str, np.ndarray]:
     """Test predictions of each system, fit on train (val for early stopping), as report does."""
     return {
-        name: fit_on_train(System(name, vectors, "x", "x"), config=config, labels=labels, splits=splits)[0]
+        name: fit_on_train(
+            System(name, vectors, "x", "x"), settings=EvalSettings.of(config), labels=labels, splits=splits
+        )[0]
         for name in systems
     }
 
@@ -131,8 +133,8 @@ def frozen(config) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
     run_stages(config, target="triplets", progress=False)
-    splits, labels = _prepared(config)
-    vectors = _vectors(config, config.embed.model, splits, labels)
+    splits, labels = prepared(config)
+    vectors = run_vectors(config, config.embed.model, splits, labels)
     preds = _fit_all(config, splits, labels, vectors, SYSTEMS) | _fit_all(config, splits, labels, None, ["tfidf"])
     result = {
         "systems": {name: _scores(config, splits["test"], pred) for name, pred in preds.items()},
@@ -150,7 +152,7 @@ def main_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
     config = config_for(seed=seed)
     started = time.perf_counter()
     run_stages(config, target="embed-finetuned", progress=False)
-    splits, labels = _prepared(config)
+    splits, labels = prepared(config)
     tuned = finetuned_vectors(config, splits, labels)
     preds = _fit_all(config, splits, labels, tuned, SYSTEMS)
     y = splits["test"]["label"].to_numpy(str)
@@ -212,7 +214,7 @@ def floor_seed(seed: int, base: dict[str, Any]) -> dict[str, Any]:
 
     config = config_for(seed=seed)
     run_stages(config, target="clean", progress=False)
-    splits, labels = _prepared(config)
+    splits, labels = prepared(config)
     column = str(config.text_column)
     resolved = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir)
     prompt, label_prompt = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
@@ -280,7 +282,7 @@ def frozen_val_reference() -> dict[str, float]:
 
     config = config_for(seed=13, finetune=VARIANT_BUDGET)
     run_stages(config, target="triplets", progress=False)
-    splits, _ = _prepared(config)
+    splits, _ = prepared(config)
     resolved = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir)
     prompt, _ = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
     model = SentenceTransformer(str(resolved.location), device="cpu")
@@ -345,7 +347,7 @@ def val_zeroshot(config, model_ref: str) -> dict[str, float]:
 
     from jobembed.data import label_texts
 
-    splits, labels = _prepared(config)
+    splits, labels = prepared(config)
     resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
     prompt, label_prompt = encoders.resolve_prompts(resolved.ref, config.embed.text_prompt, config.embed.label_prompt)
     model = SentenceTransformer(str(resolved.location), device="cpu")
@@ -385,7 +387,7 @@ def zeroshot_unit(name: str) -> dict[str, Any]:
         if name == FLOOR_TRIPLETS_UNIT:
             config = config_for(seed=13)
             run_stages(config, target="clean", progress=False)
-            splits, _ = _prepared(config)
+            splits, _ = prepared(config)
             triplets = RESULTS / "floor-s13-triplets.parquet"
             train = splits["train"]
             pd.DataFrame(

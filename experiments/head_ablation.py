@@ -19,9 +19,9 @@ from common import OUT, pl_jobads
 
 from jobembed import data, embed
 from jobembed.config import load_config
-from jobembed.evaluate import System, cross_validate, cv_folds
+from jobembed.evaluate import EvalSettings, System, cross_validate, cv_folds
 from jobembed.metrics import corrected_paired_ttest, summarize_folds
-from jobembed.pipeline import run_stages
+from jobembed.stages import run_stages
 
 FIRST = {"hidden_sizes": [512], "dropout": 0.2, "learning_rate": 1e-3, "standardize": False}
 MLP_VARIANTS = {
@@ -72,7 +72,9 @@ def main() -> None:
     for name, change in variants.items():
         cfg = load_config(None, {**base, **{f"{section}.{k}": v for k, v in change.items()}})
         t0 = time.perf_counter()
-        results[name] = cross_validate(system, config=cfg, labels=labels, dev=dev, X_dev=X_dev, folds=folds)
+        results[name] = cross_validate(
+            system, settings=EvalSettings.of(cfg), labels=labels, dev=dev, X_dev=X_dev, folds=folds
+        )
         seconds[name] = time.perf_counter() - t0
         print(f"{name}: {summarize_folds(results[name])['macro_f1']}", flush=True)
     default = next(k for k in variants if "(default)" in k)

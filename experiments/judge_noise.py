@@ -28,8 +28,9 @@ import time
 import numpy as np
 from common import OUT, pl_jobads
 
-from jobembed.config import NoiseFilter, load_config
-from jobembed.pipeline import pin_models, run_stages, triplet_inputs
+from jobembed.config import load_config
+from jobembed.sections import NoiseFilter
+from jobembed.stages import pin_models, run_stages, triplet_inputs
 from jobembed.triplets import core
 
 

@@ -22,7 +22,7 @@ from common import OUT, pl_jobads
 
 from jobembed.config import PipelineConfig, load_config
 from jobembed.metrics import corrected_paired_ttest
-from jobembed.pipeline import run_stages
+from jobembed.stages import run_stages
 
 SYSTEMS = "tfidf,logreg,mlp,fusion,stack,hier"
 

@@ -26,9 +26,9 @@ from finetune_quality import RESULTS, SEEDS, config_for
 from jobembed import metrics
 from jobembed.config import default_cache_dir
 from jobembed.embed import RunVectors, text_key
-from jobembed.evaluate import System, _test_scores, fit_on_train, predict_proba, selective_scores
+from jobembed.evaluate import EvalSettings, System, _test_scores, fit_on_train, predict_proba, selective_scores
 from jobembed.hierarchy import find_hierarchy
-from jobembed.pipeline import _prepared, _vectors
+from jobembed.stages import prepared, run_vectors
 from jobembed.store import open_store
 
 SYSTEMS = ("mlp", "fusion", "stack", "hier")
@@ -54,10 +54,10 @@ def main() -> None:
             "report": config.report.model_copy(update={"systems": ["tfidf", *SYSTEMS], "hybrid": config.report.hybrid})
         }
     )
-    splits, labels = _prepared(config)
+    splits, labels = prepared(config)
     col = config.text_column
     test, y_test = splits["test"], splits["test"]["label"].to_numpy(str)
-    frozen = _vectors(config, config.embed.model, splits, labels)
+    frozen = run_vectors(config, config.embed.model, splits, labels)
     hierarchy = find_hierarchy(labels["label"].astype(str).tolist(), mode=config.report.hierarchy)
     spaces = seed_namespaces(str(config.run_dir / "finetune" / "model"))
     if len(spaces) != len(SEEDS):
@@ -69,7 +69,9 @@ def main() -> None:
 
     def fit(name: str, vectors: RunVectors | None):
         system = System(name, vectors, "x", "x")
-        pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
+        pred, model = fit_on_train(
+            system, settings=EvalSettings.of(config), labels=labels, splits=splits, hierarchy=hierarchy
+        )
         # No out-of-fold answers here (a one-split protocol), so no abstention threshold: the coverage columns read 0.
         # The fine-tuned rows of docs/results.md were made before thresholds moved to out-of-fold answers.
         sel = selective_scores(

@@ -24,9 +24,10 @@ import pandas as pd
 from common import DATA, OUT, pl_jobads
 
 from jobembed import encoders
-from jobembed.config import EmbedConfig, load_config
+from jobembed.config import load_config
 from jobembed.embed import Embedder
-from jobembed.pipeline import run_stages
+from jobembed.sections import EmbedConfig
+from jobembed.stages import run_stages
 
 MODEL = "builtin:multilingual-e5-small"
 

@@ -23,9 +23,9 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from jobembed.artifacts import check_format, file_sha256, read_json, write_json
-from jobembed.config import TfidfConfig
 from jobembed.errors import BundleError, DataError
 from jobembed.metrics import fit_temperature, softmax
+from jobembed.sections import TfidfConfig
 
 COSINE_FORMAT = "jobembed-cosine/1"
 

@@ -31,7 +31,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,20 +41,16 @@ from jobembed import __version__, encoders, metrics
 from jobembed.artifacts import atomic_dir, file_sha256, read_json, write_json
 from jobembed.baselines import CosineClassifier
 from jobembed.clean.core import Cleaner, CleanResult
-from jobembed.config import (
-    ClassifyConfig,
-    CleanBackend,
-    CleanConfig,
-    EmbedConfig,
-    PipelineConfig,
-    TextColumn,
-    write_resolved,
-)
+from jobembed.config import TextColumn, write_resolved
 from jobembed.embed import chunking_identity
 from jobembed.errors import BundleError, JobembedError
 from jobembed.fingerprint import folder_fingerprint
 from jobembed.head import MLPHead
 from jobembed.hybrid import HybridHead
+from jobembed.sections import ClassifyConfig, CleanBackend, CleanConfig, EmbedConfig
+
+if TYPE_CHECKING:
+    from jobembed.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ import pandas as pd
 from rich.table import Table
 
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
-from jobembed.config import LabelSetConfig, PrepareConfig, write_resolved
+from jobembed.config import write_resolved
 from jobembed.dedup import near_duplicate_groups, normalise_for_dedup
 from jobembed.errors import ConfigError, DataError
+from jobembed.sections import LabelSetConfig, PrepareConfig
 from jobembed.tables import read_table
 
 SPLITS = ("train", "val", "test")

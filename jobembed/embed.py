@@ -36,9 +36,10 @@ import pandas as pd
 
 from jobembed import encoders, ui
 from jobembed.artifacts import pause_for_test, read_json, write_json
-from jobembed.config import EmbedConfig, default_cache_dir
+from jobembed.config import default_cache_dir
 from jobembed.data import SPLITS, label_texts
 from jobembed.errors import DataError
+from jobembed.sections import EmbedConfig
 from jobembed.store import VectorTable, open_store
 
 logger = logging.getLogger(__name__)

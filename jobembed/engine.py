@@ -46,7 +46,7 @@ from pydantic import BaseModel
 
 from jobembed import distributed
 from jobembed.artifacts import hash_obj, pause_for_test, read_json, write_json, write_manifest
-from jobembed.config import section_for_key, write_resolved
+from jobembed.config import load_config, section_for_key, write_resolved
 from jobembed.errors import ConfigError, DataError, JobembedError
 from jobembed.fingerprint import content_digest
 
@@ -108,7 +108,9 @@ class Stage:
         formerly: the names it had before renames, oldest first. Its key hashes the oldest (and its inputs' keys
             theirs), so a run folder made before a rename stays current: nothing a user paid for is made again.
             Old names are accepted wherever a stage is named (``run_stages(target=...)``, commands).
-        help: one line for ``jobembed status`` and the README.
+        help: one line for ``describe`` (what runs and why).
+        command: the CLI command that runs it (a Typer function; ``jobembed.cli`` adds it to the app), or None.
+        command_name: that command's name, default ``name``; ``"<group> <name>"`` puts it in a group of commands.
     """
 
     name: str
@@ -131,6 +133,12 @@ class Stage:
     folder: str = ""
     formerly: tuple[str, ...] = ()
     help: str = ""
+    command: Callable[..., Any] | None = None
+    command_name: str = ""
+
+    @property
+    def cli_name(self) -> str:
+        return self.command_name or self.name
 
     @property
     def dir_name(self) -> str:
@@ -694,3 +702,25 @@ def describe(config: Any) -> list[dict[str, str]]:
             rows.append({"stage": name, "state": "runs", "why": reason, "help": stage.help})
             pending.add(name)
     return rows
+
+
+def config_for_run(
+    run_dir: Path, config_path: Path | None, overrides: dict[str, Any], *, flags: dict[str, str] | None = None
+) -> Any:
+    """The config of a run: its own config.yaml, with ``config_path`` layered on top (its fields win), and CLI
+    overrides on top of both.
+
+    A run folder whose stages ran but whose config.yaml is gone cannot be continued from defaults (they would name
+    other models and files): that is one line naming the missing file.
+    """
+    run_dir = Path(run_dir)
+    own = run_dir / "config.yaml"
+    overrides = {"name": run_dir.name, "runs_dir": str(run_dir.parent), **overrides}
+    made = any((run_dir / s.dir_name / STAMP).is_file() for s in STAGES.values())
+    if not own.is_file() and made and config_path is None:
+        raise ConfigError(
+            f"{own} is missing: the run's settings are gone, and defaults would name other models and files",
+            fix="restore that file, or pass the run's settings with -c FILE",
+        )
+    bases = [p for p in (own if own.is_file() else None, config_path) if p is not None]
+    return load_config(bases, overrides, flags=flags)

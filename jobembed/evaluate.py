@@ -40,12 +40,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from jobembed import metrics, ui
 from jobembed.baselines import CentroidClassifier, CosineClassifier, embedding_logreg, tfidf_logreg
-from jobembed.config import PipelineConfig
+from jobembed.config import TextColumn
 from jobembed.embed import RunVectors, encoder_slug, short_name
 from jobembed.errors import DataError
 from jobembed.head import MLPHead, holdout_split
 from jobembed.hierarchy import Hierarchy, find_hierarchy
 from jobembed.hybrid import HybridHead
+from jobembed.sections import HeadConfig, ReportConfig
 
 REPORT_FORMAT = "jobembed-report/4"
 BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "centroid", "zeroshot")
@@ -109,12 +110,28 @@ class Evaluation:
     oof: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-def build_systems(config: PipelineConfig, vectors: Mapping[str, RunVectors]) -> list[System]:
+@dataclass(frozen=True)
+class EvalSettings:
+    """What evaluation reads of a run's config: its own section, the MLP head's, the text the systems read, and the
+    seed of the splits that every model and fold is seeded from."""
+
+    report: ReportConfig
+    head: HeadConfig
+    text_column: TextColumn
+    seed: int
+
+    @classmethod
+    def of(cls, config: Any) -> EvalSettings:
+        """From a PipelineConfig (``report``, ``head``, ``text_column`` and ``prepare.seed``)."""
+        return cls(report=config.report, head=config.head, text_column=config.text_column, seed=config.prepare.seed)
+
+
+def build_systems(settings: EvalSettings, vectors: Mapping[str, RunVectors]) -> list[System]:
     """The systems to run: TF-IDF once, every other system once per encoder, in config order."""
     slugs = {ref: encoder_slug(v.model, v.fingerprint) for ref, v in vectors.items()}
     shorts = {ref: short_name(v.model) for ref, v in vectors.items()}
     clash = {s for s in shorts.values() if list(shorts.values()).count(s) > 1}
-    names = [str(s) for s in config.report.systems]
+    names = [str(s) for s in settings.report.systems]
     systems = [System("tfidf")] if "tfidf" in names else []
     for ref, vec in vectors.items():
         display = slugs[ref] if shorts[ref] in clash else shorts[ref]
@@ -125,7 +142,7 @@ def build_systems(config: PipelineConfig, vectors: Mapping[str, RunVectors]) -> 
 def _fit_predict(
     system: System,
     *,
-    config: PipelineConfig,
+    settings: EvalSettings,
     labels: pd.DataFrame,
     dev: pd.DataFrame,
     X_dev: np.ndarray | None,
@@ -140,11 +157,11 @@ def _fit_predict(
     Returns:
         (predicted labels for the eval rows, the fitted model)
     """
-    col = config.text_column
+    col = settings.text_column
     y = dev["label"].to_numpy(dtype=str)
     texts_dev = dev[col].tolist()
     if system.name == "tfidf":
-        model = tfidf_logreg(config.report.tfidf, seed=config.prepare.seed)
+        model = tfidf_logreg(settings.report.tfidf, seed=settings.seed)
         model.fit([texts_dev[i] for i in train_idx], y[train_idx])
         return np.asarray(model.predict(texts_eval), dtype=str), model
     assert system.vectors is not None and X_dev is not None and X_eval is not None
@@ -155,7 +172,7 @@ def _fit_predict(
     groups = dev["group"].to_numpy()[train_idx]
     if system.name in HYBRID_SYSTEMS:
         model = HybridHead(
-            mode=system.name, head=config.head, tfidf=config.report.tfidf, hybrid=config.report.hybrid
+            mode=system.name, head=settings.head, tfidf=settings.report.tfidf, hybrid=settings.report.hybrid
         ).fit(
             X_tr,
             y_tr,
@@ -171,19 +188,19 @@ def _fit_predict(
     elif system.name == "centroid":
         model = CentroidClassifier().fit(X_tr, y_tr)
     elif system.name == "logreg":
-        model = embedding_logreg(seed=config.prepare.seed).fit(X_tr, y_tr)
+        model = embedding_logreg(seed=settings.seed).fit(X_tr, y_tr)
     elif system.name in ("mlp", "hier"):
-        head_config = config.head
+        head_config = settings.head
         parents = hierarchy.parents if hierarchy is not None and system.name == "hier" else None
         if parents:  # with a flat label set `hier` is the flat MLP (the report's hierarchy note says so)
-            head_config = head_config.model_copy(update={"parent_weight": config.report.hierarchy_weight})
+            head_config = head_config.model_copy(update={"parent_weight": settings.report.hierarchy_weight})
         model = MLPHead.from_config(head_config).fit(
             X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, parents=parents
         )
     else:  # pragma: no cover - guarded by the config's enum
         raise ValueError(system.name)
     if isinstance(model, CosineClassifier):
-        _calibrate_cosine(model, X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, head=config.head)
+        _calibrate_cosine(model, X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, head=settings.head)
     return np.asarray(model.predict(X_eval), dtype=str), model
 
 
@@ -207,7 +224,7 @@ def _calibrate_cosine(model: CosineClassifier, X_tr, y_tr, *, X_val, y_val, grou
 def fit_on_train(
     system: System,
     *,
-    config: PipelineConfig,
+    settings: EvalSettings,
     labels: pd.DataFrame,
     splits: dict[str, pd.DataFrame],
     hierarchy: Hierarchy | None = None,
@@ -221,14 +238,14 @@ def fit_on_train(
     n_train, v = len(splits["train"]), system.vectors
     return _fit_predict(
         system,
-        config=config,
+        settings=settings,
         labels=labels,
         dev=dev,
         X_dev=None if v is None else np.concatenate([v.train, v.val]),
         train_idx=np.arange(n_train),
         val_idx=np.arange(n_train, len(dev)),
         X_eval=None if v is None else v.test,
-        texts_eval=splits["test"][config.text_column].tolist(),
+        texts_eval=splits["test"][settings.text_column].tolist(),
         hierarchy=hierarchy,
     )
 
@@ -353,7 +370,7 @@ def cv_folds(dev: pd.DataFrame, *, n_folds: int, seed: int) -> list[tuple[np.nda
 def cross_validate(
     system: System,
     *,
-    config: PipelineConfig,
+    settings: EvalSettings,
     labels: pd.DataFrame,
     dev: pd.DataFrame,
     X_dev: np.ndarray | None,
@@ -376,10 +393,10 @@ def cross_validate(
     confidence, correct = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
     for tr, te in folds:
         X_eval = X_dev[te] if X_dev is not None else None
-        texts_eval = dev[config.text_column].iloc[te].tolist()
+        texts_eval = dev[settings.text_column].iloc[te].tolist()
         pred, model = _fit_predict(
             system,
-            config=config,
+            settings=settings,
             labels=labels,
             dev=dev,
             X_dev=X_dev,
@@ -391,8 +408,8 @@ def cross_validate(
         )
         proba = predict_proba(system, model, X_eval, texts_eval)
         confidence[te], correct[te] = metrics.confidence_and_correct(y_dev[te], proba, model.classes_)
-        fold = metrics.classification_metrics(y_dev[te], pred, min_support=config.report.min_support)
-        parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=config.report.min_support)
+        fold = metrics.classification_metrics(y_dev[te], pred, min_support=settings.report.min_support)
+        parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=settings.report.min_support)
         if parent is not None:
             fold |= {"parent_accuracy": parent["accuracy"], "parent_macro_f1": parent["macro_f1"]}
         out.append(fold)
@@ -403,7 +420,7 @@ def cross_validate(
 
 def evaluate_systems(
     *,
-    config: PipelineConfig,
+    settings: EvalSettings,
     splits: Mapping[str, pd.DataFrame],
     labels: pd.DataFrame,
     vectors: Mapping[str, RunVectors],
@@ -412,7 +429,7 @@ def evaluate_systems(
     """Fit, test and cross-validate every configured system on the same splits.
 
     Args:
-        config: the resolved pipeline config (``report``, ``head``, ``text_column`` and ``prepare.seed``).
+        settings: what evaluation reads of the run's config (``EvalSettings.of(config)``).
         splits: ``{"train", "val", "test"}`` with columns ``id``, ``label``, ``group`` and the text column.
         labels: ``labels.json`` as a frame (``label``, ``name``, ``description``).
         vectors: encoder reference -> its vectors for these splits (``embed.load_vectors``), in report order.
@@ -421,7 +438,7 @@ def evaluate_systems(
     Raises:
         DataError: an empty test split, fewer than two classes, fewer repost groups than CV folds.
     """
-    col = config.text_column
+    col = settings.text_column
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
     test = splits["test"]
     if len(test) == 0:
@@ -432,9 +449,9 @@ def evaluate_systems(
             f"the train split has a single class ({y_dev[0]!r}): nothing to compare",
             fix="prepare data with at least two labels (check --label-col)",
         )
-    folds = cv_folds(dev, n_folds=config.report.cv_folds, seed=config.prepare.seed)
-    systems = build_systems(config, vectors)
-    hierarchy = find_hierarchy(labels["label"].astype(str).tolist() + list(y_dev), mode=config.report.hierarchy)
+    folds = cv_folds(dev, n_folds=settings.report.cv_folds, seed=settings.seed)
+    systems = build_systems(settings, vectors)
+    hierarchy = find_hierarchy(labels["label"].astype(str).tolist() + list(y_dev), mode=settings.report.hierarchy)
     val = splits["val"]
     y_val = val["label"].to_numpy(dtype=str)
 
@@ -446,12 +463,12 @@ def evaluate_systems(
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
             v = system.vectors
-            pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
+            pred, model = fit_on_train(system, settings=settings, labels=labels, splits=splits, hierarchy=hierarchy)
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
             fold_metrics, oof[system.key] = cross_validate(
                 system,
-                config=config,
+                settings=settings,
                 labels=labels,
                 dev=dev,
                 X_dev=np.concatenate([v.train, v.val]) if v is not None else None,
@@ -468,10 +485,10 @@ def evaluate_systems(
                     y_val=y_val,
                     proba_test=predict_proba(system, model, v.test if v is not None else None, test[col].tolist()),
                     y_test=y_test,
-                    target=config.report.target_accuracy,
+                    target=settings.report.target_accuracy,
                     proba_test_uncalibrated=uncalibrated_proba(model, v.test if v is not None else None),
                 )
-            n_boot, groups = config.report.bootstrap, test["group"].to_numpy()
+            n_boot, groups = settings.report.bootstrap, test["group"].to_numpy()
             results[system.key] = {
                 "system": system.name,
                 "display": system.display,
@@ -481,9 +498,9 @@ def evaluate_systems(
                 "encoder_precision": v.precision if v is not None else None,
                 "encoder_text_prompt": v.text_prompt if v is not None else None,
                 "title": SYSTEM_TITLES[system.name],
-                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
+                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=settings.report.min_support),
                 "cv": {"summary": metrics.summarize_folds(fold_metrics), "folds": fold_metrics},
-                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
+                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=settings.report.min_support),
                 "selective": selective,
             }
             if system.name in HYBRID_SYSTEMS:
@@ -531,7 +548,7 @@ def evaluate_systems(
 
 def evaluate_finetuned(
     *,
-    config: PipelineConfig,
+    settings: EvalSettings,
     splits: Mapping[str, pd.DataFrame],
     labels: pd.DataFrame,
     tuned: RunVectors,
@@ -557,7 +574,7 @@ def evaluate_finetuned(
         ads_seen: ids of the ads in its training triplets.
         fitted: if given, system key -> the fitted model is added to it (for the bundle).
     """
-    col = config.text_column
+    col = settings.text_column
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
     test = splits["test"]
     y_test = test["label"].to_numpy(dtype=str)
@@ -574,7 +591,7 @@ def evaluate_finetuned(
         else "not run: the encoder's triplets carry no ad ids, so whose labels it saw is unknown, and whether test "
         "ads are among them could not be checked (triplets writes the ids)"
     )
-    names = [s for s in map(str, config.report.systems) if s != "tfidf"]
+    names = [s for s in map(str, settings.report.systems) if s != "tfidf"]
     slug = encoder_slug(tuned.model, tuned.fingerprint)
     # "multilingual-e5-small-finetuned", not the folder's name ("model")
     display = (
@@ -582,7 +599,7 @@ def evaluate_finetuned(
     )
     label_positive = source.get("positive") == "label"
     hierarchy = find_hierarchy(
-        labels["label"].astype(str).tolist() + dev["label"].astype(str).tolist(), mode=config.report.hierarchy
+        labels["label"].astype(str).tolist() + dev["label"].astype(str).tolist(), mode=settings.report.hierarchy
     )
     val = splits["val"]
     out: dict[str, Any] = {}
@@ -590,11 +607,11 @@ def evaluate_finetuned(
         task = bar.add_task("fitting systems on the fine-tuned encoder", total=len(names))
         for name in names:
             system = System(name, tuned, slug, display)
-            pred, model = fit_on_train(system, config=config, labels=labels, splits=splits, hierarchy=hierarchy)
+            pred, model = fit_on_train(system, settings=settings, labels=labels, splits=splits, hierarchy=hierarchy)
             if fitted is not None:
                 fitted[system.key] = model
             bar.advance(task)
-            groups, n_boot = test["group"].to_numpy(), config.report.bootstrap
+            groups, n_boot = test["group"].to_numpy(), settings.report.bootstrap
             title = SYSTEM_TITLES[name]
             if name == "zeroshot" and label_positive:
                 title = "category-text cosine (not zero-shot: the encoder was trained on the category texts)"
@@ -606,8 +623,8 @@ def evaluate_finetuned(
                 "encoder_fingerprint": tuned.fingerprint,
                 "encoder_precision": tuned.precision,
                 "encoder_text_prompt": tuned.text_prompt,
-                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=config.report.min_support),
-                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=config.report.min_support),
+                **_test_scores(y_test, pred, groups=groups, n_boot=n_boot, min_support=settings.report.min_support),
+                "test_parent": _parent_scores(hierarchy, y_test, pred, min_support=settings.report.min_support),
                 # Not cross-validated (its triplets saw train labels): no out-of-fold answers, so no threshold.
                 "selective": selective_scores(
                     classes=np.asarray(model.classes_, dtype=str),
@@ -616,7 +633,7 @@ def evaluate_finetuned(
                     y_val=val["label"].to_numpy(dtype=str),
                     proba_test=predict_proba(system, model, tuned.test, test[col].tolist()),
                     y_test=y_test,
-                    target=config.report.target_accuracy,
+                    target=settings.report.target_accuracy,
                     proba_test_uncalibrated=uncalibrated_proba(model, tuned.test),
                 )
                 if len(val)

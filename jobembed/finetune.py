@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from jobembed import encoders
 from jobembed.artifacts import atomic_write_text, write_json
-from jobembed.config import FinetuneConfig, FinetuneLoss, default_cache_dir
+from jobembed.config import default_cache_dir
 from jobembed.errors import DataError
+from jobembed.sections import FinetuneConfig, FinetuneLoss
 
 logger = logging.getLogger(__name__)
 

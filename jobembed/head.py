@@ -31,10 +31,10 @@ from torch import nn
 
 from jobembed import __version__, ui
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
-from jobembed.config import HeadConfig
 from jobembed.encoders import pick_device
 from jobembed.errors import BundleError, ConfigError, DataError
 from jobembed.metrics import expected_calibration_error, fit_temperature, nll
+from jobembed.sections import HeadConfig
 
 HEAD_FORMAT = "jobembed-head/1"
 WEIGHTS_FILE = "head.safetensors"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobembed.config import HierarchyMode
+from jobembed.sections import HierarchyMode
 
 
 @dataclass(frozen=True)

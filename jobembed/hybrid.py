@@ -36,10 +36,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from jobembed.artifacts import check_format, file_sha256, read_json, write_json
 from jobembed.baselines import tfidf_logreg
-from jobembed.config import HeadConfig, HybridConfig, TfidfConfig
 from jobembed.errors import BundleError, DataError
 from jobembed.head import MLPHead, holdout_split
 from jobembed.metrics import fit_temperature, nll
+from jobembed.sections import HeadConfig, HybridConfig, TfidfConfig
 
 TFIDF_FORMAT = "jobembed-tfidf/1"
 HYBRID_FORMAT = "jobembed-hybrid/1"

@@ -26,10 +26,11 @@ matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 
 from jobembed import metrics as M
 from jobembed.artifacts import atomic_dir, write_json
-from jobembed.config import PipelineConfig, write_resolved
+from jobembed.config import write_resolved
 from jobembed.evaluate import HYBRID_SYSTEMS, SYSTEM_TITLES, Evaluation
 
 WINNER_DIR = "winner"
@@ -54,13 +55,13 @@ def _selective_for_bundle(entry: dict[str, Any], oof: tuple[np.ndarray, np.ndarr
     return out
 
 
-def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfig, labels: pd.DataFrame) -> Path:
+def write_report(evaluation: Evaluation, *, out_dir: Path, resolved: BaseModel, labels: pd.DataFrame) -> Path:
     """Write the report folder (see the module docstring); returns ``out_dir``.
 
     Args:
         evaluation: the result of ``evaluate_systems``.
         out_dir: the report folder; replaced as a whole.
-        config: the resolved pipeline config (written next to the report).
+        resolved: the run's resolved config, written next to the report as config.yaml (nothing else is read).
         labels: ``labels.json`` as a frame, for category names in tables.
     """
     result = evaluation.metrics
@@ -70,7 +71,7 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, config: PipelineConfi
             table.to_csv(tmp / "per_class" / f"{_file_key(key)}.csv", index=False)
         result = {**result, "figures": _figures(tmp / "figures", evaluation)}
         write_json(tmp / "metrics.json", result)
-        write_resolved(config, tmp)
+        write_resolved(resolved, tmp)
         (tmp / "report.md").write_text(
             render_markdown(result, labels=labels, per_class=evaluation.per_class[result["winner"]]), encoding="utf-8"
         )

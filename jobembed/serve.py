@@ -51,8 +51,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobembed import encoders
 from jobembed.bundle import Bundle, load_bundle
-from jobembed.config import ClassifyConfig, ServeConfig
 from jobembed.errors import ConfigError, JobembedError
+from jobembed.sections import ClassifyConfig, ServeConfig
 
 logger = logging.getLogger(__name__)
 

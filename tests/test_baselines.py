@@ -8,9 +8,9 @@ from jobembed.baselines import (
     embedding_logreg,
     tfidf_logreg,
 )
-from jobembed.config import TfidfConfig
 from jobembed.data import label_texts
 from jobembed.errors import BundleError, DataError
+from jobembed.sections import TfidfConfig
 from tests.synthetic import make_ads
 
 

@@ -7,11 +7,12 @@ import pytest
 
 from jobembed.baselines import CentroidClassifier
 from jobembed.bundle import EncoderInfo, find_latest_bundle, load_bundle, save_bundle
-from jobembed.config import ClassifyConfig, PipelineConfig
+from jobembed.config import PipelineConfig
 from jobembed.embed import Embedder
 from jobembed.encoders import model_fingerprint
 from jobembed.errors import BundleError
 from jobembed.head import MLPHead
+from jobembed.sections import ClassifyConfig
 from tests.conftest import encoder_info
 from tests.synthetic import make_ads
 

@@ -18,8 +18,9 @@ from jobembed.clean.core import Cleaner, clean_splits, resolved_schema, rewrite
 from jobembed.clean.gliner import Extractor, ScoredSpan, load_gliner
 from jobembed.clean.pii import find_pii
 from jobembed.cli import app
-from jobembed.config import CleanConfig, load_config
+from jobembed.config import load_config
 from jobembed.errors import ConfigError, JobembedError
+from jobembed.sections import CleanConfig
 from tests.synthetic import make_ads, make_labels
 
 runner = CliRunner()
@@ -162,7 +163,7 @@ def test_windows_overlap_even_where_the_cut_word_costs_more_than_the_overlap(tin
 
 def test_only_gliner2_clean_keys_carry_the_windowing_version(tiny_gliner_dir):
     from jobembed.clean.gliner import WINDOWS_VERSION
-    from jobembed.pipeline import _clean_identity
+    from jobembed.stages.clean import _clean_identity
 
     gliner = load_config(None, {"clean": _clean_config(tiny_gliner_dir).model_dump(mode="json")})
     rules = load_config(None, {"clean.backend": "rules"})

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from jobembed.config import LabelSetConfig, PrepareConfig
 from jobembed.data import (
     PrepareResult,
     data_card_table,
@@ -23,6 +22,7 @@ from jobembed.data import (
     read_table,
 )
 from jobembed.errors import ConfigError, DataError
+from jobembed.sections import LabelSetConfig, PrepareConfig
 
 REAL_ADS = Path(__file__).resolve().parents[2] / "shared/data/pl-jobads/ads.csv"
 

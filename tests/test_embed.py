@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from jobembed.config import EmbedConfig
 from jobembed.data import label_texts
 from jobembed.embed import Embedder, cache_namespace, embed_splits, load_vectors, short_name
 from jobembed.errors import DataError
+from jobembed.sections import EmbedConfig
 from jobembed.store import STORE_FILE, Store
 from tests.synthetic import make_ads
 

@@ -141,10 +141,10 @@ def test_a_second_process_on_a_running_stage_gets_one_line(base):
 def test_a_forced_finetune_with_new_weights_reruns_what_reads_them(base, monkeypatch):
     """Reproduces: after `finetune --force` (new weights, same key) report kept the old encoder's numbers,
     because a stage counted as current unless an upstream stage ran in the same call."""
-    from jobembed import pipeline
+    from jobembed import stages
 
     run = copy_run(base, "forced")
-    real = pipeline.STAGES["finetune"].run
+    real = stages.STAGES["finetune"].run
 
     def other_weights(ctx):  # a GPU re-run is not bit-for-bit the same: the same settings give new weights
         summary = real(ctx)
@@ -152,9 +152,7 @@ def test_a_forced_finetune_with_new_weights_reruns_what_reads_them(base, monkeyp
         weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
         return summary
 
-    monkeypatch.setitem(
-        pipeline.STAGES, "finetune", dataclasses.replace(pipeline.STAGES["finetune"], run=other_weights)
-    )
+    monkeypatch.setitem(stages.STAGES, "finetune", dataclasses.replace(stages.STAGES["finetune"], run=other_weights))
     result = invoke("finetune", run, "--force", "-q")
     assert result.exit_code == 0, result.output
     result = invoke("report", run, "-q")
@@ -253,21 +251,23 @@ def test_a_run_whose_config_file_is_gone_says_so(base):
 def test_clean_alone_pins_its_model_before_its_key(base, monkeypatch):
     """Reproduces: with a gliner2 Hub model, clean's key was hashed before pinning rewrote clean.model (and `clean
     run` alone never pinned), so the next command re-ran clean and everything after it."""
-    from jobembed import pipeline
+    from jobembed import stages
 
     run = copy_run(base, "pinned")
-    real_canon = pipeline._canon
-    hub = {"org/x": "org/x@abc", "org/x@abc": "org/x@abc"}  # a Hub id and its pin to a commit, offline
-    monkeypatch.setattr(pipeline, "_canon", lambda ref, cache_dir=None: hub.get(ref) or real_canon(ref, cache_dir))
+    from jobembed.stages import clean
 
-    real_clean = pipeline.STAGES["clean"].run
+    real_canon = clean.canon
+    hub = {"org/x": "org/x@abc", "org/x@abc": "org/x@abc"}  # a Hub id and its pin to a commit, offline
+    monkeypatch.setattr(clean, "canon", lambda ref, cache_dir=None: hub.get(ref) or real_canon(ref, cache_dir))
+
+    real_clean = stages.STAGES["clean"].run
 
     def fake_clean(ctx):  # no GLiNER2 weights offline: the rules clean instead (the cleaning is not under test)
         rules = ctx.config.clean.model_copy(update={"backend": "rules"})
         return real_clean(dataclasses.replace(ctx, config=ctx.config.model_copy(update={"clean": rules})))
 
-    stage = dataclasses.replace(pipeline.STAGES["clean"], run=fake_clean, identity=lambda c: {"model": c.clean.model})
-    monkeypatch.setitem(pipeline.STAGES, "clean", stage)
+    stage = dataclasses.replace(stages.STAGES["clean"], run=fake_clean, identity=lambda c: {"model": c.clean.model})
+    monkeypatch.setitem(stages.STAGES, "clean", stage)
     result = invoke("clean", "run", run, "--backend", "gliner2", "--model", "org/x", "-q")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((run / "config.yaml").read_text())["clean"]["model"] == "org/x@abc"

@@ -7,7 +7,7 @@ import pytest
 from jobembed.config import PipelineConfig
 from jobembed.embed import RunVectors
 from jobembed.errors import DataError
-from jobembed.evaluate import evaluate_systems
+from jobembed.evaluate import EvalSettings, evaluate_systems
 
 CLASSES = ["a", "b", "c"]
 
@@ -62,7 +62,9 @@ def test_every_system_with_unique_keys_and_readable_names():
         "runs/a/encoder": _vectors(splits, "runs/a/encoder", "1" * 16),
         "runs/b/encoder": _vectors(splits, "runs/b/encoder", "2" * 16, 1),
     }
-    result = evaluate_systems(config=_config(), splits=splits, labels=LABELS, vectors=vectors, progress=False)
+    result = evaluate_systems(
+        settings=EvalSettings.of(_config()), splits=splits, labels=LABELS, vectors=vectors, progress=False
+    )
     systems = result.metrics["systems"]
     assert len(systems) == 1 + 5 * 2  # tfidf once, the others (fusion included) per encoder
     assert "mlp@encoder-11111111" in systems and "mlp@encoder-22222222" in systems
@@ -77,13 +79,15 @@ def test_every_system_with_unique_keys_and_readable_names():
 def test_single_class_is_a_clear_error():
     splits = _splits(single_class=True)
     with pytest.raises(DataError, match="single class"):
-        evaluate_systems(config=_config(), splits=splits, labels=LABELS, vectors={}, progress=False)
+        evaluate_systems(settings=EvalSettings.of(_config()), splits=splits, labels=LABELS, vectors={}, progress=False)
 
 
 def test_more_folds_than_groups_is_a_clear_error():
     splits = _splits(n_per_class=4)
     with pytest.raises(DataError, match="--cv-folds 50"):
-        evaluate_systems(config=_config(cv_folds=50), splits=splits, labels=LABELS, vectors={}, progress=False)
+        evaluate_systems(
+            settings=EvalSettings.of(_config(cv_folds=50)), splits=splits, labels=LABELS, vectors={}, progress=False
+        )
 
 
 def test_cv_folds_larger_than_the_smallest_class_still_runs():
@@ -91,7 +95,7 @@ def test_cv_folds_larger_than_the_smallest_class_still_runs():
     splits = _splits(n_per_class=12)
     vectors = {"m": _vectors(splits, "m", "3" * 16)}
     result = evaluate_systems(
-        config=_config(cv_folds=8, systems=["mlp", "centroid"]),
+        settings=EvalSettings.of(_config(cv_folds=8, systems=["mlp", "centroid"])),
         splits=splits,
         labels=LABELS,
         vectors=vectors,

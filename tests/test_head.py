@@ -13,10 +13,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from jobembed.config import HeadConfig
 from jobembed.errors import BundleError, ConfigError, DataError
 from jobembed.head import HEAD_FORMAT, HeadInputError, MLPHead, class_weights
 from jobembed.metrics import expected_calibration_error
+from jobembed.sections import HeadConfig
 
 DIM = 24
 # Deliberately not sorted: classes_ must come out sorted whatever order the labels arrive in.

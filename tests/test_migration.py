@@ -72,3 +72,4 @@ def test_the_new_names_run_what_the_old_names_ran(old_run: Path):
     assert read_json(old_run / "head" / "stage.json")["key"] != before
     result = runner.invoke(app, ["train-head", str(old_run), "-q", "--dropout", "0.3"])
     assert _states(result.output)["head"] == "skip", result.output
+

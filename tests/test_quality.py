@@ -13,13 +13,14 @@ from jobembed import metrics
 from jobembed.baselines import tfidf_logreg
 from jobembed.bundle import load_bundle, save_bundle
 from jobembed.cli import app
-from jobembed.config import ClassifyConfig, EmbedConfig, HeadConfig, HybridConfig, PipelineConfig, TfidfConfig
+from jobembed.config import PipelineConfig
 from jobembed.embed import Embedder, RunVectors
 from jobembed.errors import BundleError, JobembedError
-from jobembed.evaluate import evaluate_systems
+from jobembed.evaluate import EvalSettings, evaluate_systems
 from jobembed.head import MLPHead
 from jobembed.hierarchy import find_hierarchy
 from jobembed.hybrid import HybridHead, TfidfLogReg
+from jobembed.sections import ClassifyConfig, EmbedConfig, HeadConfig, HybridConfig, TfidfConfig
 from tests.conftest import encoder_info
 from tests.synthetic import make_ads, make_labels
 
@@ -205,7 +206,7 @@ def test_stacking_folds_keep_reposts_together_when_a_validation_split_is_given(m
     config = PipelineConfig.model_validate({"text_column": "text", "report": {"hybrid": {"stack_folds": 3}}})
     config = config.model_copy(update={"head": HEAD, "report": config.report.model_copy(update={"tfidf": TFIDF})})
     labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
-    fit_on_train(System("stack", vectors, "enc"), config=config, labels=labels, splits=splits)
+    fit_on_train(System("stack", vectors, "enc"), settings=EvalSettings.of(config), labels=labels, splits=splits)
     assert len(seen) == 1 and (seen[0] == splits["train"]["group"].to_numpy()).all()
 
 
@@ -240,7 +241,9 @@ def test_report_scores_hybrids_parents_and_abstention_on_the_same_splits():
         }
     )
     labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
-    result = evaluate_systems(config=config, splits=splits, labels=labels, vectors={"enc": vectors}, progress=False)
+    result = evaluate_systems(
+        settings=EvalSettings.of(config), splits=splits, labels=labels, vectors={"enc": vectors}, progress=False
+    )
     m = result.metrics
     assert m["hierarchy"]["parents"] == {"11": "1", "12": "1", "21": "2", "22": "2"}
     for key, r in m["systems"].items():
@@ -272,17 +275,20 @@ def test_the_abstention_threshold_is_chosen_on_out_of_fold_answers():
     )
     config = config.model_copy(update={"head": HEAD, "report": config.report.model_copy(update={"tfidf": TFIDF})})
     labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
-    result = evaluate_systems(config=config, splits=splits, labels=labels, vectors={"enc": vectors}, progress=False)
+    result = evaluate_systems(
+        settings=EvalSettings.of(config), splits=splits, labels=labels, vectors={"enc": vectors}, progress=False
+    )
     dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
     X_dev, y_dev = np.concatenate([vectors.train, vectors.val]), dev["label"].to_numpy(dtype=str)
     from jobembed.evaluate import build_systems
 
-    for system in build_systems(config, {"enc": vectors}):
+    settings = EvalSettings.of(config)
+    for system in build_systems(settings, {"enc": vectors}):
         conf, right = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
         for tr, te in cv_folds(dev, n_folds=3, seed=config.prepare.seed):
             texts = dev["text"].iloc[te].tolist()
             _, model = _fit_predict(
-                system, config=config, labels=labels, dev=dev, X_dev=X_dev, train_idx=tr, val_idx=None,
+                system, settings=settings, labels=labels, dev=dev, X_dev=X_dev, train_idx=tr, val_idx=None,
                 X_eval=X_dev[te], texts_eval=texts,
             )  # fmt: skip
             conf[te], right[te] = metrics.confidence_and_correct(

@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from jobembed.bundle import load_bundle, save_bundle
-from jobembed.config import PipelineConfig, ServeConfig
+from jobembed.config import PipelineConfig
 from jobembed.embed import Embedder
 from jobembed.head import MLPHead
+from jobembed.sections import ServeConfig
 from jobembed.serve import ApiError, MicroBatcher, parse_request
 from tests.conftest import encoder_info
 from tests.synthetic import make_ads, make_labels
@@ -624,7 +625,7 @@ def test_a_full_cache_disk_still_answers(bundle_dir, tmp_path, small_disk):
 
 
 def test_onnx_int8_encoder_matches_torch_and_has_its_own_cache(tiny_encoder_dir, tmp_path):
-    from jobembed.config import EmbedConfig
+    from jobembed.sections import EmbedConfig
 
     cfg = EmbedConfig(model=str(tiny_encoder_dir), max_seq_length=64, cache_dir=tmp_path / "cache")
     texts = [AD, "Magazynier, wózek widłowy", "Registered nurse, night shifts", "Programista Java"]

@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from jobembed.cli import app
-from jobembed.config import JudgeMode, LLMConfig, PositiveStrategy, TripletsConfig
+from jobembed.sections import JudgeMode, LLMConfig, PositiveStrategy, TripletsConfig
 from jobembed.store import Store
 from jobembed.triplets import client, judges, llm
 from jobembed.triplets.core import check_privacy

@@ -42,8 +42,9 @@ from jobembed.clean.gliner import WINDOWS_VERSION, Extractor, ScoredSpan, load_g
 from jobembed.clean.pii import pii_report, pii_spans
 from jobembed.clean.rules import RulesCleaner
 from jobembed.clean.spans import Span, dedupe_spans
-from jobembed.config import CleanBackend, CleanConfig, CleanFallback, default_cache_dir
+from jobembed.config import default_cache_dir
 from jobembed.errors import ConfigError
+from jobembed.sections import CleanBackend, CleanConfig, CleanFallback
 from jobembed.store import open_store
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 
 from jobembed.clean.core import Cleaner
 from jobembed.clean.spans import GoldDoc, Span, read_gold_jsonl, span_scores
-from jobembed.config import CleanBackend, CleanConfig
 from jobembed.errors import ConfigError
+from jobembed.sections import CleanBackend, CleanConfig
 
 
 def evaluate_cleaner(

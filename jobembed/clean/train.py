@@ -27,9 +27,9 @@ from jobembed.artifacts import file_sha256, write_json
 from jobembed.clean.core import resolved_schema
 from jobembed.clean.gliner import Extractor, build_from_encoder, load_gliner
 from jobembed.clean.spans import GoldDoc, Span, read_gold_jsonl, span_scores
-from jobembed.config import CleanConfig
 from jobembed.errors import ConfigError, DataError
 from jobembed.fingerprint import folder_fingerprint
+from jobembed.sections import CleanConfig
 
 EXTRACTOR_FORMAT = "jobembed-extractor/1"
 SIDECAR = "jobembed-extractor.json"

@@ -38,8 +38,8 @@ from urllib.parse import urlparse
 
 from jobembed import ui
 from jobembed.artifacts import atomic_write_text
-from jobembed.config import LLMConfig
 from jobembed.errors import ConfigError, DataError, JobembedError
+from jobembed.sections import LLMConfig
 from jobembed.store import Store
 from jobembed.triplets.llm import ReplyError
 

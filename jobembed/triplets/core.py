@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from jobembed.artifacts import atomic_write_text, write_json
-from jobembed.config import JudgeKind, JudgeMode, TripletsConfig
 from jobembed.data import label_texts
+from jobembed.sections import JudgeKind, JudgeMode, TripletsConfig
 from jobembed.store import Store
 from jobembed.triplets import judges, llm
 from jobembed.triplets.client import CallStats, api_key, is_loopback

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from jobembed.baselines import embedding_logreg, tfidf_logreg
-from jobembed.config import JudgeMode, LLMConfig, TfidfConfig
+from jobembed.sections import JudgeMode, LLMConfig, TfidfConfig
 from jobembed.store import Store
 from jobembed.triplets import llm
 from jobembed.triplets.client import Call, CallStats, call_key, run_calls

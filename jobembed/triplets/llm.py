@@ -26,7 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from jobembed.config import JudgeMode
+from jobembed.sections import JudgeMode
 
 PROMPTS = Path(__file__).parent / "prompts"
 SCHEMA_NAME = "triplet_verdict"

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from sentence_transformers import util
 
-from jobembed.config import PositiveStrategy, TripletsConfig
+from jobembed.sections import PositiveStrategy, TripletsConfig
 
 LABEL_PREFIX = "label:"
 COLUMNS = [

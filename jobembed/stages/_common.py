@@ -1,0 +1,93 @@
+"""What several stages share: prepare's splits with the run's text, an encoder's vectors and folder, canonical model
+references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobembed import data, embed, encoders
+from jobembed.bundle import EncoderInfo
+from jobembed.clean.core import load_clean_column
+from jobembed.config import TextColumn
+from jobembed.engine import StageContext
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from jobembed.config import PipelineConfig
+
+
+def reads_clean_text(config: PipelineConfig) -> bool:
+    """Whether the stages after clean read the clean stage's text."""
+    return config.text_column == TextColumn.clean_text
+
+
+def canon(ref: str, cache_dir: Path | None = None) -> str:
+    """A model reference in canonical form: builtins in lower case, Hub ids pinned to a commit, folders as given."""
+    resolved = encoders.resolve(ref, cache_dir=cache_dir, build=False)
+    return ref if resolved.kind == "local" else resolved.ref
+
+
+def encoder_part(config: PipelineConfig, ref: str) -> tuple[str, ...]:
+    """The embed folder of one encoder, as a pattern of embed's files."""
+    resolved = encoders.resolve(ref, cache_dir=config.embed.cache_dir)
+    return (f"{embed.encoder_slug(resolved.ref, encoders.fingerprint_of(resolved))}/*",)
+
+
+def prepared(config: PipelineConfig, *, texts: bool = True) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Prepare's splits and labels; with ``text_column: clean_text`` (and ``texts``) each split gains the clean
+    stage's column."""
+    prepare_dir = config.run_dir / "prepare"
+    splits = data.load_splits(prepare_dir)
+    if texts and reads_clean_text(config):
+        for name, frame in splits.items():
+            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
+    return splits, data.load_labels(prepare_dir)
+
+
+def run_vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:
+    """``model``'s vectors of every split and of the category texts, from the embed stage's folder."""
+    return embed.load_vectors(
+        config.run_dir / "embed",
+        model=model,
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+
+
+def embed_into(ctx: StageContext, section: Any) -> dict[str, Any]:
+    """Every split and the category texts encoded with ``section``'s encoders into the stage's folder."""
+    splits, labels = prepared(ctx.config)
+    folders = embed.embed_splits(
+        splits=splits,
+        labels=labels,
+        out_dir=ctx.out,
+        config=section,
+        text_column=ctx.config.text_column,
+        progress=ctx.progress,
+    )
+    return {"folders": {k: v.name for k, v in folders.items()}}
+
+
+def encoder_info(config: PipelineConfig, run_vectors: embed.RunVectors) -> EncoderInfo:
+    """What a bundle records of the encoder that made ``run_vectors``."""
+    return EncoderInfo(
+        model=run_vectors.model,
+        fingerprint=run_vectors.fingerprint,
+        precision=run_vectors.precision,
+        text_prompt=run_vectors.text_prompt,
+        max_seq_length=config.embed.max_seq_length,
+    )
+
+
+def frozen_identity(config: PipelineConfig) -> dict[str, str]:
+    """The content fingerprint of the frozen encoder (``embed.model``) whose vectors a stage reads."""
+    return {"model": encoders.model_fingerprint(config.embed.model, cache_dir=config.embed.cache_dir)}
+
+
+def names_models(config: PipelineConfig) -> bool:
+    """For ``Stage.names_models`` of a stage that always resolves a model reference."""
+    return True

@@ -1,0 +1,121 @@
+"""bundle: the report's best servable system as a deployable bundle (``bundle/``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from jobembed import data
+from jobembed.artifacts import read_json
+from jobembed.bundle import EncoderInfo, load_head, save_bundle
+from jobembed.cli.base import ConfigOpt, ForceOpt, QuietOpt, RunArg, console, friendly, stage_command
+from jobembed.config import register_section
+from jobembed.engine import Stage, StageContext, register
+from jobembed.errors import DataError
+from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR
+from jobembed.sections import BundleConfig, BundleEncoderChoice
+from jobembed.stages._common import names_models
+
+if TYPE_CHECKING:
+    from jobembed.config import PipelineConfig
+
+
+register_section("bundle", BundleConfig)
+
+
+def _bundle_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
+    out = {"prepare": ("labels.json",), "report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
+    if finetuned:
+        out["finetune"] = ("model/*",)  # copied into the bundle
+    return out
+
+
+def _run_bundle(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
+    finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
+    winner_dir = config.run_dir / "report" / (WINNER_FINETUNED_DIR if finetuned else WINNER_DIR)
+    if finetuned and not config.finetune.enabled:
+        raise DataError(
+            "bundle.encoder is finetuned but finetune is off in this run (finetune.enabled: false), so the report "
+            "holds no fine-tuned encoder",
+            fix="run `jobembed finetune RUN` (it turns the stage on; a model already made under the same settings is "
+            "kept and re-used) and report, or bundle the frozen encoder (--encoder frozen)",
+        )
+    if not (winner_dir / "winner.json").is_file():
+        raise DataError(
+            f"report found no system a bundle can serve ({', '.join(map(str, config.report.systems))})",
+            fix="add mlp, centroid or zeroshot to report.systems (--systems) and re-run report",
+        )
+    winner = read_json(winner_dir / "winner.json")
+    head = load_head(winner_dir / "head", winner["head_kind"])
+    labels = data.load_labels(config.run_dir / "prepare")
+    encoder = EncoderInfo(
+        model=winner["encoder"],
+        fingerprint=winner["encoder_fingerprint"],
+        precision=winner["encoder_precision"],
+        text_prompt=winner["encoder_text_prompt"],
+        max_seq_length=config.embed.max_seq_length,
+    )
+    path = save_bundle(
+        ctx.out,
+        model=head,
+        system=winner["system"],
+        encoder=encoder,
+        config=config,
+        labels=labels,
+        metrics={**winner["metrics"], "selective": winner.get("selective")},
+        # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
+        copy_encoder=config.bundle.copy_encoder or finetuned,
+    )
+    return {"bundle": str(path), "system": winner["key"]}
+
+
+@friendly
+def bundle_command(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    bundle__copy_encoder: Annotated[
+        bool | None,
+        typer.Option("--copy-encoder/--no-copy-encoder", help="Copy the encoder into the bundle (self-contained)."),
+    ] = None,
+    bundle__encoder: Annotated[
+        BundleEncoderChoice | None,
+        typer.Option(
+            "--encoder",
+            help="frozen: the best servable system of the CV ranking; finetuned: that kind of system on the "
+            "fine-tuned encoder (scored on the test split only).",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP or hier head, the fusion
+    or stack hybrid head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never bundled.
+    The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the abstention
+    rule's out-of-fold answers and a hash of every file. With --encoder finetuned, the same kind of system on the
+    run's fine-tuned encoder, which is copied into the bundle."""
+    from jobembed.bundle import read_bundle_meta
+
+    run = stage_command("bundle", dict(locals()))
+    meta = read_bundle_meta(run / "bundle")
+    console.print(f"[green]bundle[/] {run / 'bundle'}: {meta.system} on {meta.encoder.source_ref}")
+
+
+register(
+    Stage(
+        "bundle",
+        section="bundle",
+        reads=("classify", "clean", "embed", "text_column", "finetune.enabled"),
+        ignores=("embed.extra_models",),
+        inputs=("prepare", "report", "finetune"),
+        consumes=_bundle_consume,
+        run=_run_bundle,
+        names_models=names_models,
+        help="the report's best servable system as a deployable bundle",
+        version=2,  # 2: jobembed-bundle/3, bundle.json covered by its own digest
+        command=bundle_command,
+    )
+)

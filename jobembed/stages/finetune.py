@@ -1,0 +1,311 @@
+"""finetune: fine-tune the encoder on the kept triplets (``finetune/``); embed-finetuned: encode every split with
+it (``embed-finetuned/``). Both are off unless ``finetune.enabled``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from jobembed import distributed, embed, encoders
+from jobembed.artifacts import file_sha256, read_json
+from jobembed.cli.base import (
+    ConfigOpt,
+    DeviceOpt,
+    ForceOpt,
+    MaxLenOpt,
+    PrecisionOpt,
+    QuietOpt,
+    RunArg,
+    console,
+    friendly,
+    int_list,
+    stage_command,
+)
+from jobembed.config import register_section, write_resolved
+from jobembed.engine import KeepStamp, Stage, StageContext, register, register_pin
+from jobembed.finetune import finetune, load_triplets
+from jobembed.sections import FinetuneConfig, FinetuneLoss
+from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text
+
+if TYPE_CHECKING:
+    from jobembed.config import PipelineConfig
+
+
+register_section("finetune", FinetuneConfig)
+
+
+def _finetune_base(config: PipelineConfig) -> str:
+    return config.finetune.model or config.embed.model
+
+
+def _finetune_identity(config: PipelineConfig) -> dict[str, Any]:
+    """The base encoder's content, the prompts it trains with (from the embed section or the encoder's family), and
+    an outside triplet file's content (the run's own triplets are an input stage)."""
+    f, e = config.finetune, config.embed
+    base = _finetune_base(config)
+    out: dict[str, Any] = {
+        "base": encoders.model_fingerprint(base, cache_dir=e.cache_dir),
+        "prompts": list(encoders.resolve_prompts(canon(base, e.cache_dir), e.text_prompt, e.label_prompt)),
+    }
+    if f.triplets is not None:
+        if not Path(f.triplets).is_file():
+            raise KeepStamp(f"the --triplets file {f.triplets} is not found", fix="check the path")
+        out["triplets"] = file_sha256(Path(f.triplets))
+    return out
+
+
+def _finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    own = ("val.parquet",) if config.finetune.triplets else ("train.parquet", "val.parquet")
+    out = {"prepare": ("*",), "triplets": own}
+    if reads_clean_text(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _pin_finetune(config: PipelineConfig) -> PipelineConfig:
+    f = config.finetune
+    if f.model is None:
+        return config
+    return config.model_copy(
+        update={"finetune": f.model_copy(update={"model": canon(f.model, config.embed.cache_dir)})}
+    )
+
+
+def centroid_data(config: PipelineConfig, splits) -> dict[str, list[str]] | None:
+    """The CentroidEvaluator's data: the val ads and a stratified sample of ``finetune.eval_train_ads`` training ads
+    (re-encoded at every evaluation, so a sample, not all of train); None without a val split."""
+    f, column = config.finetune, str(config.text_column)
+    train, val_ads = splits["train"], splits["val"]
+    if not len(val_ads):
+        return None
+    rows = [
+        g.sample(n=min(len(g), max(1, f.eval_train_ads * len(g) // len(train))), random_state=f.seed).index
+        for _, g in train.groupby("label")
+    ]
+    keep = train.loc[[i for index in rows for i in index]]
+    return {
+        "train_texts": keep[column].tolist(),
+        "train_labels": keep["label"].tolist(),
+        "val_texts": val_ads[column].tolist(),
+        "val_labels": val_ads["label"].tolist(),
+    }
+
+
+def _run_finetune(ctx: StageContext) -> dict[str, Any]:
+    """Fine-tune the encoder on the run's kept triplets (or finetune.triplets); evaluate on the val split.
+
+    Checkpoints go to ``finetune/checkpoints/<stage key>/``, outside the swapped outputs: a killed run resumes from
+    its own, and never from those of other settings. They are dropped once the model is in place, unless
+    ``keep_checkpoints``.
+    """
+    config = ctx.config
+    f = config.finetune
+    splits, labels = prepared(config)
+    classes = labels["label"].astype(str).tolist()
+    own = config.run_dir / "triplets"
+    triplets = load_triplets(
+        Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
+    )
+    val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
+    model_ref = _finetune_base(config)
+    resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
+    text_prompt, label_prompt = encoders.resolve_prompts(
+        resolved.ref, config.embed.text_prompt, config.embed.label_prompt
+    )
+    checkpoints = ctx.keep_dir("checkpoints") / ctx.key
+    info = finetune(
+        triplets=triplets,
+        val_triplets=val,
+        centroid_data=centroid_data(config, splits),
+        config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
+        model_ref=model_ref,
+        text_prompt=text_prompt,
+        label_prompt=label_prompt,
+        out_dir=ctx.out,
+        checkpoint_dir=checkpoints,
+        final_dir=ctx.folder,
+        progress=ctx.progress,
+    )
+    if distributed.is_main():
+        write_resolved(f, ctx.out)
+        if not f.keep_checkpoints:
+            ctx.after_commit(lambda: _drop_checkpoints(checkpoints))
+    return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val", "resumed_from")} | {
+        "triplets": info["triplets"]["rows"],
+        "judge": info["triplets"]["judge"],
+    }
+
+
+def _drop_checkpoints(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def _finetune_on_cpu(config: PipelineConfig) -> bool:
+    return encoders.pick_device(config.finetune.device) == "cpu"
+
+
+def finetuned_model(config: PipelineConfig) -> str:
+    """The fine-tuned encoder's folder (a local model reference)."""
+    return str(config.run_dir / "finetune" / "model")
+
+
+def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVectors:
+    """The fine-tuned encoder's vectors of every split (``embed-finetuned``'s folder)."""
+    return embed.load_vectors(
+        config.run_dir / "embed-finetuned",
+        model=finetuned_model(config),
+        config=config.embed,
+        splits=splits,
+        labels=labels,
+        text_column=config.text_column,
+    )
+
+
+def _finetuned_identity(config: PipelineConfig) -> dict[str, str]:
+    """The fine-tuned model's content fingerprint: new weights under the same settings are a new encoder."""
+    model = Path(finetuned_model(config))
+    return {"model": encoders.model_fingerprint(str(model)) if model.is_dir() else "missing"}
+
+
+def _embed_finetuned_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    out = {"prepare": ("*",), "finetune": ("model/*",)}
+    if reads_clean_text(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _run_embed_finetuned(ctx: StageContext) -> dict[str, Any]:
+    """Encode every split and the category texts with the fine-tuned encoder (its own folder of vectors)."""
+    config = ctx.config
+    return embed_into(ctx, config.embed.model_copy(update={"model": finetuned_model(config), "extra_models": []}))
+
+
+def _finetune_on(config: PipelineConfig) -> bool:
+    return bool(config.finetune.enabled)
+
+
+def _finetune_off(config: PipelineConfig) -> str:
+    return "finetune.enabled is false; `jobembed finetune RUN` turns it on"
+
+
+register_pin(_pin_finetune)
+
+
+@friendly
+def finetune_command(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    finetune__model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="Encoder to fine-tune [default: embed.model, the frozen one]."),
+    ] = None,
+    finetune__triplets: Annotated[
+        Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
+    ] = None,
+    finetune__loss: Annotated[FinetuneLoss | None, typer.Option("--loss", help="Training loss.")] = None,
+    finetune__class_aware: Annotated[
+        bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
+    ] = None,
+    finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
+    finetune__batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=2, help="Triplets per training step.")
+    ] = None,
+    finetune__learning_rate: Annotated[
+        float | None, typer.Option("--learning-rate", help="AdamW learning rate.")
+    ] = None,
+    finetune__max_seq_length: MaxLenOpt = None,
+    finetune__max_triplets: Annotated[
+        int | None, typer.Option("--max-triplets", min=2, help="Train on at most this many triplets.")
+    ] = None,
+    finetune__matryoshka_dims: Annotated[
+        str | None, typer.Option("--matryoshka-dims", callback=int_list, help="e.g. 384,256,128.")
+    ] = None,
+    finetune__gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save GPU memory.")
+    ] = None,
+    finetune__precision: PrecisionOpt = None,
+    finetune__device: DeviceOpt = None,
+    finetune__pretokenize: Annotated[
+        bool | None, typer.Option("--pretokenize/--no-pretokenize", help="Tokenise every text once, up front.")
+    ] = None,
+    finetune__group_by_length: Annotated[
+        bool | None,
+        typer.Option("--group-by-length/--no-group-by-length", help="Batches of similar-length triplets."),
+    ] = None,
+    finetune__compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (long GPU runs).")
+    ] = None,
+    finetune__dataloader_workers: Annotated[
+        int | None, typer.Option("--dataloader-workers", min=0, help="Data loader worker processes.")
+    ] = None,
+    finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the encoder on the run's kept triplets with SentenceTransformerTrainer (MNRL with the hard negative,
+    same-class in-batch negatives masked, by default). Keeps the checkpoint with the best validation centroid-cosine
+    macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
+    (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
+    ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the
+    fine-tuned vectors report reads). Turns finetune on for the run (finetune.enabled, kept in its
+    config.yaml)."""
+
+    params = dict(locals())
+    params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
+    run = stage_command("finetune", params)
+    info = read_json(run / "finetune" / "finetune.json")
+    val = info["val"]
+    score = val.get("eval_val-centroid_macro_f1")
+    console.print(
+        f"[green]fine-tuned[/] {info['base_model']} on {info['triplets']['rows']} triplets "
+        f"({info['triplets']['judge']}), {info['loss']}, {info['steps']} steps in {info['seconds']} s"
+        + (f"; validation centroid macro-F1 {score:.3f}" if score is not None else "")
+        + f" → {run / 'finetune' / 'model'}"
+    )
+
+
+register(
+    Stage(
+        "finetune",
+        section="finetune",
+        reads=("text_column",),
+        inputs=("prepare", "clean", "triplets"),
+        consumes=_finetune_consume,
+        run=_run_finetune,
+        identity=_finetune_identity,
+        products=("model/*", "ads_seen.json"),
+        enabled=_finetune_on,
+        off_reason=_finetune_off,
+        keep=("checkpoints",),
+        all_ranks=True,
+        on_cpu=_finetune_on_cpu,
+        names_models=names_models,
+        summarise=True,
+        help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",
+        command=finetune_command,
+    )
+)
+
+register(
+    Stage(
+        "embed-finetuned",
+        reads=("embed", "text_column"),
+        ignores=("embed.model", "embed.extra_models"),
+        inputs=("prepare", "clean", "finetune"),
+        consumes=_embed_finetuned_consume,
+        run=_run_embed_finetuned,
+        identity=_finetuned_identity,
+        products=("*/*.npy", "*/embeddings.json"),
+        enabled=_finetune_on,
+        off_reason=_finetune_off,
+        names_models=names_models,
+        help="encode every split with the fine-tuned encoder (when finetune.enabled)",
+    )
+)

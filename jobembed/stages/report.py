@@ -1,0 +1,256 @@
+"""report: every system on the same splits and folds: test, k-fold CV, intervals, significance (``report/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from jobembed import encoders
+from jobembed.artifacts import read_json
+from jobembed.cli.base import (
+    ConfigOpt,
+    ExtraModelOpt,
+    ForceOpt,
+    ModelOpt,
+    QuietOpt,
+    RunArg,
+    TextColOpt,
+    console,
+    friendly,
+    stage_command,
+    systems_list,
+)
+from jobembed.config import register_section
+from jobembed.engine import Stage, StageContext, register
+from jobembed.errors import DataError
+from jobembed.evaluate import EvalSettings, evaluate_finetuned, evaluate_systems
+from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
+from jobembed.sections import ReportConfig, SystemName
+from jobembed.stages._common import encoder_part, names_models, prepared, reads_clean_text, run_vectors
+from jobembed.stages.finetune import finetuned_model, finetuned_vectors
+
+if TYPE_CHECKING:
+    from jobembed.config import PipelineConfig
+
+
+register_section("report", ReportConfig)
+
+
+def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
+    """A fine-tuned folder used as an ordinary encoder (``embed.model`` or ``embed.extra_models``) learned the labels
+    of the ads in its triplets (their ids are in its ``jobembed-ads-seen.json``): cross-validating or testing it on
+    those ads would score it on what it was taught. Raises DataError when it holds any of this run's ads."""
+    dev = set(splits["train"]["id"].astype(str)) | set(splits["val"]["id"].astype(str))
+    test = set(splits["test"]["id"].astype(str))
+    for ref in config.embed.models():
+        sidecar = Path(ref).expanduser() / encoders.SEEN_SIDECAR
+        if not sidecar.is_file():
+            continue
+        seen = {str(i) for i in read_json(sidecar)}
+        if seen & (dev | test):
+            raise DataError(
+                f"the encoder {ref} was fine-tuned on triplets holding {len(seen & dev)} train/val and "
+                f"{len(seen & test)} test ads of this run: cross-validation and the test split would score it on "
+                "labels it learned",
+                fix="drop it from embed.extra_models (the run's config.yaml keeps what earlier commands set: pass "
+                "-c a file with `extra_models: []`), and compare a fine-tune through `jobembed finetune RUN` "
+                "(report then scores it on the test split only)",
+            )
+
+
+def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {
+        "prepare": ("*",),
+        "embed": tuple(p for ref in config.embed.models() for p in encoder_part(config, ref)),
+        "embed-finetuned": ("*",),
+        "finetune": ("ads_seen.json",),
+    }
+    if reads_clean_text(config):
+        out["clean"] = ("*",)
+    return out
+
+
+def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
+    splits, labels = prepared(config)
+    refuse_leaky_encoders(config, splits)
+    vectors = {m: run_vectors(config, m, splits, labels) for m in config.embed.models()}
+    evaluation = evaluate_systems(
+        settings=EvalSettings.of(config), splits=splits, labels=labels, vectors=vectors, progress=ctx.progress
+    )
+    evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
+    if config.finetune.enabled:
+        evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, ctx.progress)
+    write_report(evaluation, out_dir=ctx.out, resolved=config, labels=labels)
+    return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
+
+
+def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, progress: bool) -> dict[str, Any]:
+    tuned = finetuned_vectors(config, splits, labels)
+    info = read_json(config.run_dir / "finetune" / "finetune.json")
+    # Compared with the same system on the encoder it was fine-tuned from (else on embed.model).
+    refs = {r.get("encoder") for r in evaluation.metrics["systems"].values()}
+    base = info["base_model"]
+    if base not in refs:
+        base = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir, build=False).ref
+    frozen_key_of = {
+        r["system"]: key
+        for key, r in evaluation.metrics["systems"].items()
+        if r.get("encoder") == base and r["system"] != "tfidf"
+    }
+    source = info["triplets"] | {
+        "model": finetuned_model(config),
+        "base_model": info["base_model"],
+        "loss": info["loss"],
+        "positive": str(config.triplets.positive),
+    }
+    return evaluate_finetuned(
+        settings=EvalSettings.of(config),
+        splits=splits,
+        labels=labels,
+        tuned=tuned,
+        frozen_key_of=frozen_key_of,
+        frozen_preds=evaluation.test_predictions,
+        source=source,
+        ads_seen=set(read_json(config.run_dir / "finetune" / "ads_seen.json")),
+        fitted=evaluation.models,
+        progress=progress,
+    )
+
+
+def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
+    """For the report: which text the systems read and, if cleaned, by what."""
+    out: dict[str, Any] = {"text_column": str(config.text_column)}
+    report = config.run_dir / "clean" / "report.json"
+    if reads_clean_text(config) and report.is_file():
+        r = read_json(report)
+        out |= {"cleaner": r["cleaner"], "sources": r["sources"], "mean_chars": r["mean_chars"]}
+    return out
+
+
+@friendly
+def report_command(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    embed__model: ModelOpt = None,
+    embed__extra_models: ExtraModelOpt = None,
+    report__systems: Annotated[
+        str | None,
+        typer.Option(
+            "--systems", callback=systems_list, help=f"Comma list of {','.join(s.value for s in SystemName)}."
+        ),
+    ] = None,
+    report__cv_folds: Annotated[int | None, typer.Option("--cv-folds", min=2, help="Cross-validation folds.")] = None,
+    pipeline__text_column: TextColOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare every system in report.systems on every encoder (embed.model and embed.extra_models), on the same
+    repost-grouped splits and CV folds. Default systems: zero-shot cosine, centroid cosine, TF-IDF + LR, LR on
+    embeddings, the MLP head and fusion (MLP + TF-IDF, late fusion); stack (stacked TF-IDF features) and hier (a
+    head trained on both ISCO levels) on request. Systems are ranked by CV macro-F1 over train + val, each scored
+    once on the test split with group-bootstrap intervals, corrected t-tests and McNemar against the winner, and an
+    abstention threshold chosen on the CV's out-of-fold answers. When finetune is on, the fine-tuned encoder's
+    systems get their own test-split section (never ranked: the CV pool holds ads it was trained on).
+
+    Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, winner/ and, with a fine-tune,
+    winner-finetuned/: the head a bundle serves).
+    """
+
+    run = stage_command("report", dict(locals()))
+    metrics = read_json(run / "report" / "metrics.json")
+    console.print(summary_table(metrics))
+    for line in finetuned_lines(metrics) + selective_lines(metrics):
+        console.print(line)
+    console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
+
+
+def selective_lines(metrics: dict[str, Any]) -> list[str]:
+    """The bundled system's coverage-accuracy curve in a few points, and the threshold chosen on out-of-fold
+    answers."""
+    key = metrics.get("bundled")
+    sel = metrics["systems"][key].get("selective") if key else None
+    if not sel or not sel["test_curve"]["coverage"]:
+        return []
+    r, curve = metrics["systems"][key], sel["test_curve"]
+    points = []
+    for share in (0.25, 0.5, 0.75, 1.0):
+        i = min(range(len(curve["coverage"])), key=lambda j: abs(curve["coverage"][j] - share))
+        points.append(f"{curve['coverage'][i]:.0%} → {curve['accuracy'][i]:.1%}")
+    out = [f"coverage → accuracy of {r['display']} on test, most confident first: " + ", ".join(points)]
+    if sel["threshold"] is None:
+        out.append(
+            f"  no confidence threshold reached {sel['target_accuracy']:.0%} accuracy on the out-of-fold answers"
+        )
+    else:
+        out.append(
+            f"  abstaining below confidence {sel['threshold']:.3f} (out-of-fold answers of the CV, for "
+            f"{sel['target_accuracy']:.0%}): "
+            f"{sel['test']['coverage']:.0%} of test ads answered at {sel['test']['accuracy']:.1%} accuracy; "
+            f"`classify --target-accuracy {sel['target_accuracy']}` uses it "
+            "(figure: report/figures/coverage_accuracy.png)"
+        )
+    return out
+
+
+def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned encoder's systems, test split only, against the same system on the frozen encoder."""
+    ft = metrics.get("finetuned")
+    if not ft:
+        return []
+    out = [f"fine-tuned encoder ({ft['source'].get('rows')} triplets, {ft['source'].get('judge')}), test split only:"]
+    for r in ft["systems"].values():
+        frozen_key = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
+        frozen = metrics["systems"].get(frozen_key) if frozen_key else None
+        m = r["mcnemar_vs"].get(frozen_key) if frozen_key else None
+        tail = f" vs frozen {frozen['test']['macro_f1']:.3f} (McNemar p {m['p_value']:.3g})" if frozen and m else ""
+        out.append(f"  {r['display']}: test macro-F1 {r['test']['macro_f1']:.3f}{tail}")
+    return out
+
+
+def summary_table(metrics: dict[str, Any]) -> Table:
+    """The report's headline numbers as a rich table."""
+    k = metrics["data"]["cv_folds"]
+    table = Table(title=f"report ({k}-fold CV on train+val; test split held out)")
+    for col in ("system", "CV macro-F1", "CV accuracy", "test accuracy", "test macro-F1", "test macro-F1 (≥min)"):
+        if col == "system":
+            table.add_column(col, overflow="fold", min_width=16)
+        else:
+            table.add_column(col, justify="right")
+    for key in metrics["ranking"]:
+        r = metrics["systems"][key]
+        cv, t = r["cv"]["summary"], r["test"]
+        name = r.get("display", key)
+        table.add_row(
+            f"[bold]{name}[/]" if key == metrics["winner"] else name,
+            f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['std']:.3f}",
+            f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['std']:.3f}",
+            f"{t['accuracy']:.3f}",
+            f"{t['macro_f1']:.3f}",
+            f"{t['macro_f1_min_support']:.3f}",
+        )
+    return table
+
+
+register(
+    Stage(
+        "report",
+        section="report",
+        formerly=("compare-report",),
+        reads=("head", "text_column", "prepare.seed", "embed.model", "embed.extra_models", "triplets.positive"),
+        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned"),
+        consumes=_report_consume,
+        run=_run_compare_report,
+        products=(f"{WINNER_DIR}/*", f"{WINNER_FINETUNED_DIR}/*"),
+        names_models=names_models,
+        help="every system on the same splits: test, k-fold CV, intervals, significance",
+        # 2: abstention thresholds on out-of-fold answers (were validation's), stored for the bundle; the stack's
+        # out-of-fold features grouped by repost; winner.json carries its encoder's precision and prompt.
+        version=2,
+        command=report_command,
+    )
+)
