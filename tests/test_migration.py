@@ -73,3 +73,25 @@ def test_the_new_names_run_what_the_old_names_ran(old_run: Path):
     result = runner.invoke(app, ["train-head", str(old_run), "-q", "--dropout", "0.3"])
     assert _states(result.output)["head"] == "skip", result.output
 
+
+def test_status_says_what_each_stage_would_do_and_runs_nothing(old_run: Path):
+    """`jobembed status RUN` reads the stamps: the old run is current but for what a test removed, and nothing is
+    written (it runs no stage, not even the one it says would run)."""
+    (old_run / "report" / "metrics.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in old_run.rglob("*")}
+    result = runner.invoke(app, ["status", str(old_run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"│ ([a-z-]+) +│ ([a-z]+) +│", result.output)}
+    assert rows == {
+        "prepare": "current",
+        "clean": "current",
+        "embed": "current",
+        "head": "current",
+        "triplets": "current",
+        "finetune": "off",
+        "embed-finetuned": "off",
+        "report": "runs",
+        "bundle": "waits",
+    }, result.output
+    assert "metrics.json" in result.output  # the reason report would run
+    assert {p: p.stat().st_mtime_ns for p in old_run.rglob("*")} == before

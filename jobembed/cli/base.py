@@ -1,6 +1,6 @@
 """What every ``jobembed`` command shares: the Typer app, its error handling, the shared options, and the runner of
 a stage command. The stage commands live with their stages (``jobembed.stages``); ``jobembed.cli.commands`` adds
-them to the app, beside the commands of no stage (run, classify, serve, clean eval/train).
+them to the app, beside the commands of no stage (run, status, classify, serve, clean eval/train).
 
 Every command is thin: the work happens in the stages and the bundle (``jobembed.bundle``), which tests and
 experiments call directly.

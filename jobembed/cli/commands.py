@@ -1,4 +1,4 @@
-"""The commands of no stage (run, classify, serve, clean eval/train), and every stage's command added to the
+"""The commands of no stage (run, status, classify, serve, clean eval/train), and every stage's command added to the
 app: ``jobembed <stage>`` runs that stage (``clean run`` the clean stage), and the names stages had before a rename
 stay as hidden aliases.
 """
@@ -23,6 +23,7 @@ from jobembed.cli.base import (
     LanguageOpt,
     OneLineErrors,
     QuietOpt,
+    RunArg,
     ThresholdOpt,
     app,
     console,
@@ -34,7 +35,7 @@ from jobembed.cli.base import (
     probability,
 )
 from jobembed.config import load_config
-from jobembed.engine import config_for_run, run_stages
+from jobembed.engine import config_for_run, describe, pin_models, run_stages
 from jobembed.errors import JobembedError
 from jobembed.sections import ServeBackend
 from jobembed.stages import STAGES
@@ -185,6 +186,27 @@ def run(
     for line in finetuned_lines(metrics) + selective_lines(metrics):
         console.print(line)
     console.print(f"[green]done[/]: report {cfg.run_dir / 'report' / 'report.md'}, bundle {cfg.run_dir / 'bundle'}")
+
+
+@app.command()
+@friendly
+def status(
+    ctx: typer.Context,
+    run_dir: RunArg,
+    config: ConfigOpt = None,
+) -> None:
+    """Show what each stage of RUN would do now, and why: current, runs (the reason), waits for an input that runs
+    first, or off. Nothing runs, and nothing is written."""
+    values, flags = overrides(dict(locals()), ctx)
+    cfg = pin_models(config_for_run(run_dir, config, values, flags=flags))
+    table = Table(title=f"stages of {cfg.run_dir}")
+    for col in ("stage", "state", "why", "what it does"):
+        table.add_column(col, overflow="fold")
+    colour = {"current": "green", "runs": "yellow", "waits": "yellow", "off": "dim"}
+    for row in describe(cfg):
+        state = f"[{colour.get(row['state'], 'white')}]{row['state']}[/]"
+        table.add_row(row["stage"], state, row["why"], row["help"])
+    console.print(table)
 
 
 # ------------------------------------------------------------------------------------------ classify
