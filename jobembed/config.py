@@ -34,6 +34,9 @@ class Strict(BaseModel):
     # Fields that change how fast a stage runs (or where it reads from), not what it computes: left out of
     # stage keys.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after runs were made whose default keeps the old behaviour: left out of stage keys while at that
+    # default, so adding one does not re-run what those runs made.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 class TextColumn(StrEnum):
@@ -128,6 +131,10 @@ def section_for_key(section: BaseModel) -> dict[str, Any]:
 
 def _runtime_exclude(section: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {name: True for name in getattr(section, "RUNTIME_FIELDS", ())}
+    fields = type(section).model_fields
+    for name in getattr(section, "LATER_FIELDS", ()):
+        if getattr(section, name) == fields[name].get_default(call_default_factory=True):
+            out[name] = True
     for name in type(section).model_fields:
         value = getattr(section, name)
         if name not in out and isinstance(value, BaseModel) and (inner := _runtime_exclude(value)):

@@ -461,6 +461,12 @@ class Unit:
             _commit(tmp, self.folder, ())
 
 
+def unit_of(stage: str, folder: Path, name: str, identity: Any, products: tuple[str, ...] = ("*",)) -> Unit:
+    """Unit ``name`` of ``stage`` (whose folder is ``folder``); also for a dry look at which units are current."""
+    key = hash_obj({"stage": STAGES[stage].key_name, "unit": name, "identity": identity})
+    return Unit(folder / UNITS / name, key, products)
+
+
 @dataclass
 class StageContext:
     """What a stage's ``run`` gets.
@@ -491,8 +497,7 @@ class StageContext:
 
     def unit(self, name: str, identity: Any, products: tuple[str, ...] = ("*",)) -> Unit:
         """A unit of this stage's work under ``units/<name>``, keyed by ``identity`` (what the unit reads)."""
-        key = hash_obj({"stage": STAGES[self.name].key_name, "unit": name, "identity": identity})
-        return Unit(self.folder / UNITS / name, key, products)
+        return unit_of(self.name, self.folder, name, identity, products)
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the outputs are swapped in (e.g. drop checkpoints that are no longer needed)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,9 @@ class System:
     vectors: RunVectors | None = field(default=None, compare=False, hash=False)
     slug: str | None = None
     display_encoder: str | None = None
+    # A fine-tuning recipe run inside the CV: per fold, (dev vectors, category vectors) of that fold's encoder; the
+    # held-out protocol (test split) reads ``vectors``, the finetune stage's encoder.
+    fold_vectors: tuple[tuple[np.ndarray, np.ndarray], ...] | None = field(default=None, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -99,6 +102,8 @@ class Evaluation:
         y_test: ``(n_test,)`` true labels.
         oof: system key -> ``(confidence, correct)`` of every dev ad from cross-validation (the abstention
             threshold is chosen on it; the bundle keeps its winner's, so classify computes the same threshold).
+        oof_pred: system key -> the predicted label of every dev ad from the fold model that held it out (exact
+            McNemar on the pooled out-of-fold answers: every dev ad predicted once).
     """
 
     metrics: dict[str, Any]
@@ -108,6 +113,7 @@ class Evaluation:
     label_order: list[str]
     y_test: np.ndarray
     oof: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    oof_pred: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,29 @@ class EvalSettings:
         return cls(report=config.report, head=config.head, text_column=config.text_column, seed=config.prepare.seed)
 
 
-def build_systems(settings: EvalSettings, vectors: Mapping[str, RunVectors]) -> list[System]:
-    """The systems to run: TF-IDF once, every other system once per encoder, in config order."""
+@dataclass(frozen=True)
+class TunedCV:
+    """A fine-tuning recipe inside the CV: one fine-tuned encoder per fold (``finetune-cv``) for the CV, and the
+    finetune stage's encoder (fine-tuned on train, val for checkpoint choice) for the test split and the bundle.
+
+    Attributes:
+        tuned: the finetune stage's encoder's vectors of every split.
+        folds: per CV fold, (dev vectors in train + val order, category vectors) of that fold's encoder.
+        base: the frozen encoder's reference it was fine-tuned from (its systems are the comparison).
+        display: what tables call the encoder (``multilingual-e5-small-finetuned``).
+    """
+
+    tuned: RunVectors
+    folds: tuple[tuple[np.ndarray, np.ndarray], ...]
+    base: str
+    display: str
+
+
+def build_systems(
+    settings: EvalSettings, vectors: Mapping[str, RunVectors], tuned_cv: TunedCV | None = None
+) -> list[System]:
+    """The systems to run: TF-IDF once, every other system once per encoder (and once on the fine-tuned encoder of
+    ``tuned_cv``), in config order."""
     slugs = {ref: encoder_slug(v.model, v.fingerprint) for ref, v in vectors.items()}
     shorts = {ref: short_name(v.model) for ref, v in vectors.items()}
     clash = {s for s in shorts.values() if list(shorts.values()).count(s) > 1}
@@ -136,6 +163,13 @@ def build_systems(settings: EvalSettings, vectors: Mapping[str, RunVectors]) -> 
     for ref, vec in vectors.items():
         display = slugs[ref] if shorts[ref] in clash else shorts[ref]
         systems += [System(s, vec, slugs[ref], display) for s in names if s != "tfidf"]
+    if tuned_cv is not None:
+        slug = encoder_slug(tuned_cv.tuned.model, tuned_cv.tuned.fingerprint)
+        systems += [
+            System(s, tuned_cv.tuned, slug, tuned_cv.display, fold_vectors=tuned_cv.folds)
+            for s in names
+            if s != "tfidf"
+        ]
     return systems
 
 
@@ -377,21 +411,27 @@ def cross_validate(
     folds: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[], None] | None = None,
     hierarchy: Hierarchy | None = None,
-) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
+) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray], np.ndarray]:
     """Per-fold metrics of one system over the dev pool (train + val), and its out-of-fold answers; the test
     split is not involved.
 
     Inside a fold the MLP holds out its own stratified, repost-grouped early-stopping rows. With a
-    hierarchy each fold also has ``parent_accuracy`` and ``parent_macro_f1`` (parent of the predicted class).
+    hierarchy each fold also has ``parent_accuracy`` and ``parent_macro_f1`` (parent of the predicted class). A
+    system with ``fold_vectors`` reads fold i's own vectors in fold i (``X_dev`` is then ignored).
 
     Returns:
-        ``(fold metrics, (confidence, correct))``: the second pair has one entry per dev row, from the fold model
-        that held the row (and its reposts) out; the abstention threshold is chosen on it.
+        ``(fold metrics, (confidence, correct), predictions)``: the pair and the predictions have one entry per dev
+        row, from the fold model that held the row (and its reposts) out; the abstention threshold is chosen on
+        the pair.
     """
     y_dev = dev["label"].to_numpy(dtype=str)
     out = []
     confidence, correct = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
-    for tr, te in folds:
+    predictions = np.empty(len(dev), dtype=object)
+    for i, (tr, te) in enumerate(folds):
+        if system.fold_vectors is not None:
+            X_dev, fold_labels = system.fold_vectors[i]
+            system = replace(system, vectors=replace(system.vectors, labels=fold_labels))
         X_eval = X_dev[te] if X_dev is not None else None
         texts_eval = dev[settings.text_column].iloc[te].tolist()
         pred, model = _fit_predict(
@@ -408,6 +448,7 @@ def cross_validate(
         )
         proba = predict_proba(system, model, X_eval, texts_eval)
         confidence[te], correct[te] = metrics.confidence_and_correct(y_dev[te], proba, model.classes_)
+        predictions[te] = pred
         fold = metrics.classification_metrics(y_dev[te], pred, min_support=settings.report.min_support)
         parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=settings.report.min_support)
         if parent is not None:
@@ -415,7 +456,7 @@ def cross_validate(
         out.append(fold)
         if on_fold:
             on_fold()
-    return out, (confidence, correct)
+    return out, (confidence, correct), predictions.astype(str)
 
 
 def evaluate_systems(
@@ -424,6 +465,7 @@ def evaluate_systems(
     splits: Mapping[str, pd.DataFrame],
     labels: pd.DataFrame,
     vectors: Mapping[str, RunVectors],
+    tuned_cv: TunedCV | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Fit, test and cross-validate every configured system on the same splits.
@@ -433,6 +475,9 @@ def evaluate_systems(
         splits: ``{"train", "val", "test"}`` with columns ``id``, ``label``, ``group`` and the text column.
         labels: ``labels.json`` as a frame (``label``, ``name``, ``description``).
         vectors: encoder reference -> its vectors for these splits (``embed.load_vectors``), in report order.
+        tuned_cv: a fine-tuning recipe run inside the CV folds: its systems join the table and the ranking, each
+            compared with the same system on the frozen encoder it came from and with TF-IDF + LR (corrected
+            t-test over the folds, exact McNemar on the pooled out-of-fold answers and on test).
         progress: a bar over the fits.
 
     Raises:
@@ -450,7 +495,7 @@ def evaluate_systems(
             fix="prepare data with at least two labels (check --label-col)",
         )
     folds = cv_folds(dev, n_folds=settings.report.cv_folds, seed=settings.seed)
-    systems = build_systems(settings, vectors)
+    systems = build_systems(settings, vectors, tuned_cv)
     hierarchy = find_hierarchy(labels["label"].astype(str).tolist() + list(y_dev), mode=settings.report.hierarchy)
     val = splits["val"]
     y_val = val["label"].to_numpy(dtype=str)
@@ -459,6 +504,7 @@ def evaluate_systems(
     fitted: dict[str, Any] = {}
     test_preds: dict[str, np.ndarray] = {}
     oof: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    oof_pred: dict[str, np.ndarray] = {}
     with ui.bar(enabled=progress) as bar:
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
@@ -466,7 +512,7 @@ def evaluate_systems(
             pred, model = fit_on_train(system, settings=settings, labels=labels, splits=splits, hierarchy=hierarchy)
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
-            fold_metrics, oof[system.key] = cross_validate(
+            fold_metrics, oof[system.key], oof_pred[system.key] = cross_validate(
                 system,
                 settings=settings,
                 labels=labels,
@@ -506,9 +552,12 @@ def evaluate_systems(
             if system.name in HYBRID_SYSTEMS:
                 results[system.key]["fusion_weight"] = model.weight_
 
+    fold_size = len(dev) / len(folds)
+    if tuned_cv is not None:
+        _versus_frozen(results, tuned_cv, y_dev=y_dev, y_test=y_test, oof_pred=oof_pred, test_preds=test_preds,
+                       n_train=int(len(dev) - fold_size), n_test=int(fold_size))  # fmt: skip
     ranking = sorted(results, key=lambda k: results[k]["cv"]["summary"]["macro_f1"]["mean"], reverse=True)
     winner = ranking[0]
-    fold_size = len(dev) / len(folds)
     pairwise = [
         {
             "a": winner,
@@ -543,7 +592,48 @@ def evaluate_systems(
         "bundled": next((k for k in ranking if results[k]["system"] in BUNDLEABLE), None),
         "pairwise": pairwise,
     }
-    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test, oof)
+    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test, oof, oof_pred)
+
+
+def _versus_frozen(
+    results: dict[str, dict[str, Any]],
+    tuned_cv: TunedCV,
+    *,
+    y_dev: np.ndarray,
+    y_test: np.ndarray,
+    oof_pred: Mapping[str, np.ndarray],
+    test_preds: Mapping[str, np.ndarray],
+    n_train: int,
+    n_test: int,
+) -> None:
+    """Mark the fine-tuned systems and compare each with the same system on its frozen encoder and with TF-IDF + LR:
+    the corrected t-test over the folds (few degrees of freedom with few folds), exact McNemar on the pooled
+    out-of-fold answers (every dev ad predicted once) and on the test split."""
+    tuned_keys = [k for k, r in results.items() if r["encoder"] == tuned_cv.tuned.model]
+    for key in tuned_keys:
+        r = results[key]
+        r["finetuned_cv"] = True
+        frozen = next(
+            (k for k, o in results.items() if o["system"] == r["system"] and o["encoder"] == tuned_cv.base), None
+        )
+        versus = {}
+        for other in (frozen, "tfidf" if "tfidf" in results else None):
+            if other is None:
+                continue
+            versus[other] = {
+                "cv_macro_f1_diff": r["cv"]["summary"]["macro_f1"]["mean"]
+                - results[other]["cv"]["summary"]["macro_f1"]["mean"],
+                "cv_macro_f1_ttest": metrics.corrected_paired_ttest(
+                    [f["macro_f1"] for f in r["cv"]["folds"]],
+                    [f["macro_f1"] for f in results[other]["cv"]["folds"]],
+                    n_train=n_train,
+                    n_test=n_test,
+                ),
+                "mcnemar_oof": metrics.mcnemar(y_dev, oof_pred[key], oof_pred[other]),
+                "mcnemar_test": metrics.mcnemar(y_test, test_preds[key], test_preds[other]),
+            }
+        r["versus"] = versus
+        r["frozen_key"] = frozen
 
 
 def evaluate_finetuned(

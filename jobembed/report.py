@@ -103,11 +103,14 @@ def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evalua
     Not ranked against the frozen systems (its CV would be leaky): the kind is the one CV picked on the frozen
     encoder, and whether to serve it fine-tuned is the user's call on the test-split comparison in the report.
     """
-    tuned = (result.get("finetuned") or {}).get("systems", {})
+    tuned = (result.get("finetuned") or {}).get("systems", {}) or {
+        k: r for k, r in result["systems"].items() if r.get("finetuned_cv")
+    }
     key = next((k for k, r in tuned.items() if r["system"] == kind and k in evaluation.models), None)
     if key is None:
         return
     system = tuned[key]
+    source = (result.get("finetuned") or {}).get("source") or result.get("finetune_cv")
     evaluation.models[key].save(tmp / WINNER_FINETUNED_DIR / "head")
     write_json(
         tmp / WINNER_FINETUNED_DIR / "winner.json",
@@ -119,8 +122,12 @@ def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evalua
             "encoder_fingerprint": system["encoder_fingerprint"],
             "encoder_precision": system["encoder_precision"],
             "encoder_text_prompt": system["encoder_text_prompt"],
-            "metrics": {"test": system["test"], "cv": None, "trained_on": result["finetuned"]["source"]},
-            "selective": _selective_for_bundle(system, None),
+            "metrics": {
+                "test": system["test"],
+                "cv": system["cv"]["summary"] if system.get("cv") else None,
+                "trained_on": source,
+            },
+            "selective": _selective_for_bundle(system, evaluation.oof.get(key) if system.get("cv") else None),
         },
     )
 
@@ -315,6 +322,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
         )
     if metrics.get("finetuned"):
         lines += _finetuned_section(metrics)
+    if metrics.get("finetune_cv"):
+        lines += _finetune_cv_section(metrics)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in metrics["figures"]]
     if metrics.get("bundled"):
         lines += [
@@ -429,10 +438,96 @@ def _fmt_p(p: float) -> str:
     return "–" if p is None or np.isnan(p) else f"{p:.3g}"
 
 
+def _finetune_cv_section(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned systems against the same system on the frozen encoder and against TF-IDF + LR."""
+    res, recipe = metrics["systems"], metrics["finetune_cv"]
+    lines = [
+        "",
+        "## Fine-tuned inside the CV",
+        "",
+        f"The recipe ({recipe['loss']} on triplets judged by {recipe['judge']}, positives {recipe['positive']}) was "
+        f"run once per fold on that fold's training rows ({', '.join(map(str, recipe['fold_triplets']))} triplets); no "
+        "fold's encoder saw a label of its held-out ads or their reposts. " + recipe["note"],
+        "",
+        "| fine-tuned system | CV macro-F1 | vs | CV difference | corrected t-test p | McNemar p (out-of-fold) | "
+        "McNemar p (test) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in metrics["ranking"]:
+        r = res[key]
+        if not r.get("finetuned_cv"):
+            continue
+        cv = r["cv"]["summary"]["macro_f1"]
+        for other, v in r.get("versus", {}).items():
+            lines.append(
+                f"| {r['display']} | {_fmt(cv['mean'])} ± {_fmt(cv['std'])} | {res[other]['display']} | "
+                f"{v['cv_macro_f1_diff']:+.3f} | {_fmt_p(v['cv_macro_f1_ttest']['p_value'])} | "
+                f"{_fmt_p(v['mcnemar_oof']['p_value'])} | {_fmt_p(v['mcnemar_test']['p_value'])} |"
+            )
+    lines += [
+        "",
+        f"With {metrics['data']['cv_folds']} folds the corrected t-test has {metrics['data']['cv_folds'] - 1} degrees "
+        "of freedom; McNemar on the pooled out-of-fold answers uses every dev ad once.",
+    ]
+    return lines
+
+
+def _headline(metrics: dict[str, Any]) -> list[str]:
+    """With the recipe inside the CV: which system to use, by how much it beats the frozen cosine baseline and TF-IDF
+    + LR, how sure, and what it costs: one paragraph for a portal's manager."""
+    recipe = metrics.get("finetune_cv")
+    if not recipe:
+        return []
+    res, ranking = metrics["systems"], metrics["ranking"]
+    use = metrics.get("bundled") or metrics["winner"]
+    r = res[use]
+
+    def mf1(key: str) -> float:
+        return res[key]["cv"]["summary"]["macro_f1"]["mean"]
+
+    frozen_cosine = next(
+        (k for k in ranking if res[k]["system"] == "centroid" and not res[k].get("finetuned_cv")), None
+    )
+    parts = [
+        f"**Use {r['display']}** ({SYSTEM_TITLES[r['system']]}): CV macro-F1 {mf1(use):.3f} ± "
+        f"{r['cv']['summary']['macro_f1']['std']:.3f} over {metrics['data']['cv_folds']} folds, test accuracy "
+        f"{r['test']['accuracy']:.3f} and macro-F1 {r['test']['macro_f1']:.3f}."
+    ]
+    pairs = {p["b"]: p for p in metrics["pairwise"]}
+    for other, what in ((frozen_cosine, "the frozen cosine baseline"), ("tfidf", "TF-IDF + LR")):
+        if other is None or other not in res or other == use:
+            continue
+        p = pairs.get(other) if use == metrics["winner"] else None
+        sure = (
+            f" (corrected t-test p = {_fmt_p(p['cv_macro_f1_ttest']['p_value'])}, McNemar on test p = "
+            f"{_fmt_p(p['mcnemar_test']['p_value'])})"
+            if p
+            else ""
+        )
+        parts.append(
+            f"That is {mf1(use) - mf1(other):+.3f} CV macro-F1 against {what} ({res[other]['display']}){sure}."
+        )
+    if r.get("finetuned_cv"):
+        secs = recipe["finetune_seconds"]
+        parts.append(
+            f"It costs a fine-tune ({secs['bundled'] / 60:.1f} minutes on {recipe['device']} for the bundled model, "
+            f"{secs['folds'] / 60:.1f} for the {recipe['folds']} CV folds), ${recipe['llm_cost']:.2f} of LLM calls, "
+            f"and {recipe['encode_seconds_per_1000']:.1f} s to encode 1,000 ads."
+        )
+    else:
+        best_tuned = next((k for k in ranking if res[k].get("finetuned_cv")), None)
+        if best_tuned:
+            parts.append(
+                f"Fine-tuning did not pay here: the best fine-tuned system, {res[best_tuned]['display']}, reaches "
+                f"{mf1(best_tuned):.3f} ({mf1(best_tuned) - mf1(use):+.3f})."
+            )
+    return [" ".join(parts), ""]
+
+
 def _answer(metrics: dict[str, Any]) -> list[str]:
     """One paragraph that answers the question the toolkit exists for, with the numbers."""
     res, winner = metrics["systems"], metrics["winner"]
-    out = []
+    out = _headline(metrics)
 
     def cv(key: str) -> str:
         s = res[key]["cv"]["summary"]["macro_f1"]

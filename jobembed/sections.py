@@ -313,6 +313,19 @@ class ReportConfig(_Strict):
     # classify --target-accuracy computes thresholds by the same rule (validation confidences are optimistic: the
     # validation split stopped and calibrated the heads).
     target_accuracy: float = Field(0.9, gt=0, le=1)
+    # Fine-tune inside every CV fold (the finetune-cv stage: mine, judge, fine-tune and encode on the fold's training
+    # rows only), so the fine-tuned systems join the CV table, its tests and the ranking. Off by default: it costs
+    # one fine-tune per fold (on 2 CPU cores ~35 minutes a fold on pl-jobads' 6,248 dev ads; minutes on a GPU).
+    finetune_cv: bool = False
+    # Keep each fold's fine-tuned model after its vectors are written (~470 MB each for a base-size encoder).
+    keep_fold_models: bool = False
+    # Fine-tune at most this many folds in one command, then stop with one line (finished folds are kept): a CPU
+    # run split over several sittings. None: all of them.
+    max_new_folds: int | None = Field(None, ge=1)
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"keep_fold_models", "max_new_folds"})
+    # Added after runs were made: out of the key while at their defaults, so those runs' reports stay current.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"finetune_cv"})
 
     @field_validator("systems")
     @classmethod

@@ -75,3 +75,11 @@ def steps(description: str, total: int) -> Iterator[Callable[[str], None]]:
             progress.update(task, advance=1, description=f"{description}: {step}")
 
         yield advance
+
+
+def note(message: str) -> None:
+    """One progress line on stderr (``fold 2 of 3``), silenced with the bars."""
+    if _ENABLED:
+        from rich.console import Console
+
+        Console(stderr=True).print(message, highlight=False)

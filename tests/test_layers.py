@@ -49,7 +49,9 @@ LAYERS = [
 # Inside the packages, lowest first (``__init__`` may import any of its package's modules).
 CLEAN_LAYERS = ["spans", "pii", "rules", "gliner", "core", "eval", "train"]
 TRIPLET_LAYERS = ["mine", "llm", "client", "judges", "core"]
-STAGE_LAYERS = ["_common", "prepare", "clean", "embed", "head", "triplets", "finetune", "report", "bundle"]
+STAGE_LAYERS = [
+    "_common", "prepare", "clean", "embed", "head", "triplets", "finetune", "finetune_cv", "report", "bundle",
+]  # fmt: skip
 PACKAGES = {"clean": CLEAN_LAYERS, "triplets": TRIPLET_LAYERS, "stages": STAGE_LAYERS}
 
 

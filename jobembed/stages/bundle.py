@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,6 +17,7 @@ from jobembed.errors import DataError
 from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR
 from jobembed.sections import BundleConfig, BundleEncoderChoice
 from jobembed.stages._common import names_models
+from jobembed.stages.finetune import finetuned_model
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -27,7 +29,7 @@ register_section("bundle", BundleConfig)
 def _bundle_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
     out = {"prepare": ("labels.json",), "report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
-    if finetuned:
+    if finetuned or config.report.finetune_cv:  # with the recipe in the CV, the CV winner may be fine-tuned
         out["finetune"] = ("model/*",)  # copied into the bundle
     return out
 
@@ -58,6 +60,7 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
         text_prompt=winner["encoder_text_prompt"],
         max_seq_length=config.embed.max_seq_length,
     )
+    tuned = finetuned or Path(winner["encoder"]) == Path(finetuned_model(config))
     path = save_bundle(
         ctx.out,
         model=head,
@@ -67,7 +70,7 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
         labels=labels,
         metrics={**winner["metrics"], "selective": winner.get("selective")},
         # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
-        copy_encoder=config.bundle.copy_encoder or finetuned,
+        copy_encoder=config.bundle.copy_encoder or tuned,
     )
     return {"bundle": str(path), "system": winner["key"]}
 

@@ -37,15 +37,15 @@ if TYPE_CHECKING:
 register_section("finetune", FinetuneConfig)
 
 
-def _finetune_base(config: PipelineConfig) -> str:
+def finetune_base(config: PipelineConfig) -> str:
     return config.finetune.model or config.embed.model
 
 
-def _finetune_identity(config: PipelineConfig) -> dict[str, Any]:
+def finetune_identity(config: PipelineConfig) -> dict[str, Any]:
     """The base encoder's content, the prompts it trains with (from the embed section or the encoder's family), and
     an outside triplet file's content (the run's own triplets are an input stage)."""
     f, e = config.finetune, config.embed
-    base = _finetune_base(config)
+    base = finetune_base(config)
     out: dict[str, Any] = {
         "base": encoders.model_fingerprint(base, cache_dir=e.cache_dir),
         "prompts": list(encoders.resolve_prompts(canon(base, e.cache_dir), e.text_prompt, e.label_prompt)),
@@ -110,7 +110,7 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
         Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
     )
     val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
-    model_ref = _finetune_base(config)
+    model_ref = finetune_base(config)
     resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
     text_prompt, label_prompt = encoders.resolve_prompts(
         resolved.ref, config.embed.text_prompt, config.embed.label_prompt
@@ -146,7 +146,7 @@ def _drop_checkpoints(folder: Path) -> None:
         parent.rmdir()
 
 
-def _finetune_on_cpu(config: PipelineConfig) -> bool:
+def finetune_on_cpu(config: PipelineConfig) -> bool:
     return encoders.pick_device(config.finetune.device) == "cpu"
 
 
@@ -279,13 +279,13 @@ register(
         inputs=("prepare", "clean", "triplets"),
         consumes=_finetune_consume,
         run=_run_finetune,
-        identity=_finetune_identity,
+        identity=finetune_identity,
         products=("model/*", "ads_seen.json"),
         enabled=_finetune_on,
         off_reason=_finetune_off,
         keep=("checkpoints",),
         all_ranks=True,
-        on_cpu=_finetune_on_cpu,
+        on_cpu=finetune_on_cpu,
         names_models=names_models,
         summarise=True,
         help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -20,17 +21,20 @@ from jobembed.cli.base import (
     TextColOpt,
     console,
     friendly,
+    overrides,
     stage_command,
     systems_list,
 )
 from jobembed.config import register_section
+from jobembed.embed import short_name
 from jobembed.engine import Stage, StageContext, register
-from jobembed.errors import DataError
-from jobembed.evaluate import EvalSettings, evaluate_finetuned, evaluate_systems
+from jobembed.errors import DataError, JobembedError
+from jobembed.evaluate import EvalSettings, TunedCV, evaluate_finetuned, evaluate_systems
 from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
 from jobembed.sections import ReportConfig, SystemName
 from jobembed.stages._common import encoder_part, names_models, prepared, reads_clean_text, run_vectors
 from jobembed.stages.finetune import finetuned_model, finetuned_vectors
+from jobembed.stages.finetune_cv import dev_pool, fold_vectors
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -67,6 +71,7 @@ def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
         "embed": tuple(p for ref in config.embed.models() for p in encoder_part(config, ref)),
         "embed-finetuned": ("*",),
         "finetune": ("ads_seen.json",),
+        "finetune-cv": ("*",),
     }
     if reads_clean_text(config):
         out["clean"] = ("*",)
@@ -78,14 +83,71 @@ def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
     splits, labels = prepared(config)
     refuse_leaky_encoders(config, splits)
     vectors = {m: run_vectors(config, m, splits, labels) for m in config.embed.models()}
+    tuned_cv = _tuned_cv(config, splits, labels) if config.report.finetune_cv else None
     evaluation = evaluate_systems(
-        settings=EvalSettings.of(config), splits=splits, labels=labels, vectors=vectors, progress=ctx.progress
+        settings=EvalSettings.of(config),
+        splits=splits,
+        labels=labels,
+        vectors=vectors,
+        tuned_cv=tuned_cv,
+        progress=ctx.progress,
     )
     evaluation.metrics["data"]["cleaning"] = _cleaning_summary(config)
-    if config.finetune.enabled:
+    if tuned_cv is not None:
+        evaluation.metrics["finetune_cv"] = _recipe(config, tuned_cv)
+    elif config.finetune.enabled:
         evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, ctx.progress)
     write_report(evaluation, out_dir=ctx.out, resolved=config, labels=labels)
     return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
+
+
+def _frozen_base(config: PipelineConfig, base_model: str) -> str:
+    """The frozen encoder a fine-tune is compared with: the one it was fine-tuned from when the report has it, else
+    ``embed.model``."""
+    refs = {encoders.resolve(m, cache_dir=config.embed.cache_dir, build=False).ref for m in config.embed.models()}
+    if base_model in refs:
+        return base_model
+    return encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir, build=False).ref
+
+
+def _tuned_cv(config: PipelineConfig, splits, labels) -> TunedCV:
+    """The recipe inside the CV (finetune-cv's fold encoders) and the finetune stage's encoder for the test split."""
+    info = read_json(config.run_dir / "finetune" / "finetune.json")
+    dev = dev_pool(splits)
+    return TunedCV(
+        tuned=finetuned_vectors(config, splits, labels),
+        folds=tuple(fold_vectors(config, dev, config.report.cv_folds)),
+        base=_frozen_base(config, info["base_model"]),
+        display=f"{short_name(str(info['base_model']))}-finetuned",
+    )
+
+
+def _recipe(config: PipelineConfig, tuned_cv: TunedCV) -> dict[str, Any]:
+    """What the fine-tuned rows of the CV table are, and what they cost."""
+    folds = read_json(config.run_dir / "finetune-cv" / "folds.json")
+    info = read_json(config.run_dir / "finetune" / "finetune.json")
+    triplets = config.run_dir / "triplets" / "report.json"
+    llm = (read_json(triplets).get("llm") or {}) if triplets.is_file() else {}
+    n_dev = len(np.load(config.run_dir / "finetune-cv" / "fold-1" / "dev.npy", mmap_mode="r"))
+    return {
+        "model": str(tuned_cv.tuned.model),
+        "base_model": info["base_model"],
+        "loss": info["loss"],
+        "judge": info["triplets"].get("judge"),
+        "positive": str(config.triplets.positive),
+        "folds": folds["folds"],
+        "fold_triplets": folds["triplets"],
+        "finetune_seconds": {"folds": folds["finetune_seconds"], "bundled": info["seconds"]},
+        "device": str(config.finetune.device),
+        "llm_cost": round(folds["llm_cost"] + float(llm.get("cost", 0.0)), 4),
+        "encode_seconds_per_1000": round(1000 * folds["encode_seconds"] / max(1, folds["folds"] * n_dev), 1),
+        "note": (
+            "CV figures of the fine-tuned systems are those of the recipe (one fine-tune per fold on the fold's "
+            "training rows); their test figures and the bundle are those of the finetune stage's model (train split, "
+            "val for checkpoint choice, finetune.seed). The recipe's defaults (lr, loss, positives) were chosen "
+            "earlier on a validation split that is now inside the CV pool."
+        ),
+    }
 
 
 def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, progress: bool) -> dict[str, Any]:
@@ -93,9 +155,7 @@ def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, prog
     info = read_json(config.run_dir / "finetune" / "finetune.json")
     # Compared with the same system on the encoder it was fine-tuned from (else on embed.model).
     refs = {r.get("encoder") for r in evaluation.metrics["systems"].values()}
-    base = info["base_model"]
-    if base not in refs:
-        base = encoders.resolve(config.embed.model, cache_dir=config.embed.cache_dir, build=False).ref
+    base = info["base_model"] if info["base_model"] in refs else _frozen_base(config, info["base_model"])
     frozen_key_of = {
         r["system"]: key
         for key, r in evaluation.metrics["systems"].items()
@@ -144,7 +204,33 @@ def report_command(
         ),
     ] = None,
     report__cv_folds: Annotated[int | None, typer.Option("--cv-folds", min=2, help="Cross-validation folds.")] = None,
+    report__finetune_cv: Annotated[
+        bool | None,
+        typer.Option(
+            "--finetune-cv/--no-finetune-cv",
+            help="Fine-tune inside every CV fold (the finetune-cv stage), so the fine-tuned systems join the CV table "
+            "and the ranking; turns finetune on (the test split and the bundle use its model).",
+        ),
+    ] = None,
+    report__keep_fold_models: Annotated[
+        bool | None,
+        typer.Option("--keep-fold-models/--no-keep-fold-models", help="Keep each fold's fine-tuned model."),
+    ] = None,
+    report__max_new_folds: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-folds", min=1, help="Fine-tune at most this many folds now, then stop (they are kept)."
+        ),
+    ] = None,
     pipeline__text_column: TextColOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="With --finetune-cv: print the fine-tunes, encodes and LLM calls this would need, net of what is "
+            "kept and cached; nothing runs.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -155,18 +241,60 @@ def report_command(
     head trained on both ISCO levels) on request. Systems are ranked by CV macro-F1 over train + val, each scored
     once on the test split with group-bootstrap intervals, corrected t-tests and McNemar against the winner, and an
     abstention threshold chosen on the CV's out-of-fold answers. When finetune is on, the fine-tuned encoder's
-    systems get their own test-split section (never ranked: the CV pool holds ads it was trained on).
+    systems get their own test-split section (not ranked: the CV pool holds ads it was trained on). With
+    --finetune-cv the recipe is run inside every fold instead (finetune-cv: triplets mined, judged and fine-tuned on
+    the fold's training rows only), and the fine-tuned systems join the CV table and the ranking, each compared with
+    the same system on the frozen encoder and with TF-IDF + LR (corrected t-test, exact McNemar on the pooled
+    out-of-fold answers and on test); the report opens with the answer and its cost.
 
     Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, winner/ and, with a fine-tune,
     winner-finetuned/: the head a bundle serves).
     """
-
-    run = stage_command("report", dict(locals()))
+    params = dict(locals())
+    if report__finetune_cv:
+        params["finetune__enabled"] = True  # the fine-tuned rows' test figures and bundle are the finetune stage's
+    if dry_run:
+        _print_dry_run(params)
+        return
+    run = stage_command("report", params)
     metrics = read_json(run / "report" / "metrics.json")
     console.print(summary_table(metrics))
     for line in finetuned_lines(metrics) + selective_lines(metrics):
         console.print(line)
     console.print(f"[green]report[/] {run / 'report' / 'report.md'}")
+
+
+def _print_dry_run(params: dict[str, Any]) -> None:
+    """What `report --finetune-cv` would run, from the stamps and the call cache; nothing runs or is written."""
+    from jobembed.engine import config_for_run, describe, pin_models
+    from jobembed.stages.finetune_cv import dry_run
+
+    values, flags = overrides(params, params["ctx"])
+    cfg = config_for_run(params["run_dir"], params["config"], values, flags=flags)
+    if not cfg.report.finetune_cv:
+        raise JobembedError("--dry-run counts what --finetune-cv needs", fix="add --finetune-cv")
+    cfg = pin_models(cfg)
+    states = {row["stage"]: row["state"] for row in describe(cfg)}
+    if states["embed"] != "current":
+        raise JobembedError(
+            "the frozen vectors are not made yet, and the count mines triplets with them",
+            fix=f"run `jobembed embed {params['run_dir']}` first",
+        )
+    plan = dry_run(cfg)
+    kept = plan["folds"] - len(plan["todo"])
+    tuned = "kept" if states["finetune"] == "current" else "1 fine-tune on train (the model a bundle serves)"
+    console.print(
+        f"dry run: {plan['folds']} CV folds, {len(plan['todo'])} to fine-tune and encode"
+        + (f" ({kept} kept)" if kept else "")
+        + f"; finetune stage: {tuned}; report then fits every system on every fold's vectors. Nothing was run."
+    )
+    if plan["llm"] is not None:
+        est = plan["llm"]
+        console.print(
+            f"llm judge ({cfg.triplets.llm.model}) for those folds: {est['calls']} calls, {est['cached']} cached, "
+            f"{est['to_send']} to send, ~${est['cost_est']:.2f} (Batch API ~${est['batch_cost_est']:.2f}); the "
+            f"finetune stage's own triplets: `jobembed triplets {params['run_dir']} --dry-run`."
+        )
 
 
 def selective_lines(metrics: dict[str, Any]) -> list[str]:
@@ -242,7 +370,7 @@ register(
         section="report",
         formerly=("compare-report",),
         reads=("head", "text_column", "prepare.seed", "embed.model", "embed.extra_models", "triplets.positive"),
-        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned"),
+        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned", "finetune-cv"),
         consumes=_report_consume,
         run=_run_compare_report,
         products=(f"{WINNER_DIR}/*", f"{WINNER_FINETUNED_DIR}/*"),

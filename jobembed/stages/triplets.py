@@ -11,6 +11,7 @@ from jobembed.artifacts import file_sha256, read_json
 from jobembed.clean.core import load_clean_column
 from jobembed.cli.base import ConfigOpt, ForceOpt, ModelOpt, QuietOpt, RunArg, console, friendly, overrides, print_stage
 from jobembed.config import default_cache_dir, register_section, write_resolved
+from jobembed.embed import RunVectors
 from jobembed.engine import Stage, StageContext, config_for_run, pin_models, register, run_stages
 from jobembed.errors import JobembedError
 from jobembed.sections import CleanBackend, JudgeKind, JudgeMode, NoiseFilter, PositiveStrategy, TripletsConfig
@@ -20,41 +21,70 @@ from jobembed.triplets import core as triplets_core
 from jobembed.triplets.core import TripletInputs, make_triplets
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
     from jobembed.config import PipelineConfig
 
 
 register_section("triplets", TripletsConfig)
 
 
-def triplet_inputs(config: PipelineConfig) -> TripletInputs:
-    """What triplets reads: train/val frames, their texts (the run's and the judge's), frozen vectors."""
+def judged_splits(config: PipelineConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Prepare's splits and labels with the run's text column; train and val also get ``clean_text`` whenever a
+    cleaner ran (the judge reads the cleaned text even when the systems read the raw one)."""
     splits, labels = prepared(config)
-    vectors = run_vectors(config, config.embed.model, splits, labels)
-    column = str(config.text_column)
-    cleaned = config.clean.backend != CleanBackend.none
-    judge_texts = {}
-    for name in ("train", "val"):
-        frame = splits[name]
-        if cleaned and "clean_text" not in frame:
-            frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
-        judge_texts[name] = frame["clean_text" if cleaned else "text"]
+    if config.clean.backend != CleanBackend.none:
+        for name in ("train", "val"):  # the judge never reads the test split
+            frame = splits[name]
+            if "clean_text" not in frame:
+                frame["clean_text"] = load_clean_column(config.run_dir / "clean", name, frame["id"]).to_numpy()
+    return splits, labels
+
+
+def inputs_for(
+    config: PipelineConfig,
+    *,
+    frames: dict[str, pd.DataFrame],
+    vectors: dict[str, np.ndarray],
+    frozen: RunVectors,
+    labels: pd.DataFrame,
+) -> TripletInputs:
+    """What mining and judging read, for any ``train``/``val`` frames (from ``judged_splits``) and their frozen
+    vectors: the run's own splits, or a CV fold's inner slices."""
+    judge = "clean_text" if config.clean.backend != CleanBackend.none else "text"
     return TripletInputs(
-        frames={n: splits[n] for n in ("train", "val")},
-        texts={n: splits[n][column] for n in ("train", "val")},
-        judge_texts=judge_texts,
-        judge_reads="clean_text" if cleaned else "text",
+        frames=frames,
+        texts={n: f[str(config.text_column)] for n, f in frames.items()},
+        judge_texts={n: f[judge] for n, f in frames.items()},
+        judge_reads=judge,
         labels=labels,
-        vectors={"train": vectors.train, "val": vectors.val},
-        label_vectors=vectors.labels,
-        encoder=vectors.model,
-        fingerprint=vectors.fingerprint,
+        vectors=vectors,
+        label_vectors=frozen.labels,
+        encoder=frozen.model,
+        fingerprint=frozen.fingerprint,
     )
 
 
-def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
-    """The frozen encoder that mined the candidates, and the judge's prompt templates (edited prompts re-judge)."""
+def triplet_inputs(config: PipelineConfig) -> TripletInputs:
+    """What triplets reads: train/val frames, their texts (the run's and the judge's), frozen vectors."""
+    splits, labels = judged_splits(config)
+    frozen = run_vectors(config, config.embed.model, splits, labels)
+    frames = {n: splits[n] for n in ("train", "val")}
+    return inputs_for(
+        config, frames=frames, vectors={"train": frozen.train, "val": frozen.val}, frozen=frozen, labels=labels
+    )
+
+
+def prompts_identity() -> dict[str, str]:
+    """The judge's prompt templates by content: edited prompts re-judge."""
     prompts = sorted((Path(triplets_core.__file__).parent / "prompts").glob("*.txt"))
-    return frozen_identity(config) | {p.name: file_sha256(p) for p in prompts}
+    return {p.name: file_sha256(p) for p in prompts}
+
+
+def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
+    """The frozen encoder that mined the candidates, and the judge's prompt templates."""
+    return frozen_identity(config) | prompts_identity()
 
 
 def _triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
