@@ -35,6 +35,7 @@ import contextlib
 import fnmatch
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -519,9 +520,10 @@ def check_run_dir(run_dir: Path) -> None:
             break
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".jobembed-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of its own: the ranks of a distributed launch check the same new folder at the same moment
+        fd, probe = tempfile.mkstemp(prefix=".jobembed-write-test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise ConfigError(
             f"cannot write into the run folder {run_dir} ({e.strerror or e})",

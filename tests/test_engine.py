@@ -367,3 +367,26 @@ def test_a_disabled_stage_is_off_and_keeps_its_folder(graph):
     assert ("b", "off", "size is 2 or less") in lines
     assert (graph.run_dir / "b" / "b.txt").read_text() == "b"
     assert [r["state"] for r in engine.describe(graph)] == ["current", "off", "current"]
+
+
+def test_ranks_checking_one_new_run_folder_at_once_do_not_trip_over_each_other(tmp_path):
+    """Reproduces: under torchrun both ranks wrote and removed the same probe file in a new run folder, and the
+    slower one failed with 'cannot write into the run folder ... (No such file or directory)'."""
+    import threading
+
+    errors = []
+
+    def check(folder):
+        try:
+            engine.check_run_dir(folder)
+        except Exception as e:  # collected for the assertion
+            errors.append(e)
+
+    for i in range(40):
+        threads = [threading.Thread(target=check, args=(tmp_path / f"run-{i}",)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert not [p for p in tmp_path.rglob(".jobembed-write-test*")]
