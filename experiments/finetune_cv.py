@@ -76,7 +76,7 @@ def print_folds(config) -> None:
     X_dev = np.concatenate([frozen.train, frozen.val])
     folds = cv_folds(dev, n_folds=FOLDS, seed=config.prepare.seed)
     settings = EvalSettings.of(config)
-    print("| fold | triplets | fine-tune s | system | frozen macro-F1 | fine-tuned macro-F1 |")
+    print("| fold | triplets trained on | fine-tune s | system | frozen macro-F1 | fine-tuned macro-F1 |")
     print("|---|---|---|---|---|---|")
     for k in range(1, FOLDS + 1):
         unit = folder / f"fold-{k}"
@@ -94,7 +94,7 @@ def print_folds(config) -> None:
                 folds=one,
             )  # fmt: skip
             print(
-                f"| {k} | {info['triplets']['kept']} | {info['finetune']['seconds']:.0f} | {name} | "
+                f"| {k} | {info['finetune']['triplets']} | {info['finetune']['seconds']:.0f} | {name} | "
                 f"{base[0]['macro_f1']:.3f} | {ft[0]['macro_f1']:.3f} |"
             )
 
