@@ -146,8 +146,8 @@ def main() -> None:
     # the plain way to re-encode the dev pool with a fold's model, same texts and batch size
     from sentence_transformers import SentenceTransformer
 
+    from jobembed.evaluate import dev_pool
     from jobembed.stages import prepared
-    from jobembed.stages.finetune_cv import dev_pool
 
     splits, _ = prepared(config)
     texts = dev_pool(splits)[str(config.text_column)].tolist()

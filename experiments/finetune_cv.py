@@ -23,24 +23,16 @@ import time
 
 import numpy as np
 from common import OUT, pl_jobads
+from finetune_quality import MAIN
 
 from jobembed.config import load_config
-from jobembed.evaluate import EvalSettings, System, cross_validate, cv_folds
+from jobembed.evaluate import EvalSettings, System, cross_validate, cv_folds, dev_pool
 from jobembed.stages import pin_models, prepared, run_stages, run_vectors
-from jobembed.stages.finetune_cv import FoldsLeft, dev_pool
+from jobembed.stages.finetune_cv import FoldsLeft
 
 FOLDS = 3
 SYSTEMS = ["zeroshot", "centroid", "tfidf", "mlp", "fusion"]
-RECIPE = {
-    "enabled": True,
-    "max_triplets": 1728,
-    "max_seq_length": 128,
-    "batch_size": 32,
-    "epochs": 1,
-    "learning_rate": 3e-5,
-    "evals_per_epoch": 1,
-    "eval_train_ads": 1000,
-}
+RECIPE = MAIN | {"evals_per_epoch": 1}  # the recipe of docs/results.md#fine-tuning, one evaluation
 
 
 def config_for(max_new_folds: int | None):

@@ -221,9 +221,9 @@ def load_config(
                 f"{which}: {msg}{shown}", fix=f"correct {which} (see --help for the allowed values)"
             ) from None
         src = f"{path}: " if path else ""
+        field = f"config field '{where}': " if where else ""  # a check across sections names its own fields
         raise ConfigError(
-            f"{src}config field '{where}': {msg}{shown}",
-            fix="correct that field in the YAML or the matching CLI flag",
+            f"{src}{field}{msg}{shown}", fix="correct that field in the YAML or the matching CLI flag"
         ) from None
 
 

@@ -268,7 +268,7 @@ def fit_on_train(
     Returns:
         (test predictions in test-split order, the fitted model).
     """
-    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    dev = dev_pool(splits)
     n_train, v = len(splits["train"]), system.vectors
     return _fit_predict(
         system,
@@ -382,6 +382,11 @@ def _test_scores(
     }
 
 
+def dev_pool(splits: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Train + val in the order the CV reads them (fold indices point into this frame)."""
+    return pd.concat([splits["train"], splits["val"]], ignore_index=True)
+
+
 def cv_folds(dev: pd.DataFrame, *, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold over the dev pool with every repost group inside one fold.
 
@@ -484,7 +489,7 @@ def evaluate_systems(
         DataError: an empty test split, fewer than two classes, fewer repost groups than CV folds.
     """
     col = settings.text_column
-    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    dev = dev_pool(splits)
     test = splits["test"]
     if len(test) == 0:
         raise DataError("the test split is empty", fix="re-run prepare with a larger --test-size or more data")
@@ -665,7 +670,7 @@ def evaluate_finetuned(
         fitted: if given, system key -> the fitted model is added to it (for the bundle).
     """
     col = settings.text_column
-    dev = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    dev = dev_pool(splits)
     test = splits["test"]
     y_test = test["label"].to_numpy(dtype=str)
     seen_test = ads_seen & set(test["id"].astype(str))

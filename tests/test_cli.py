@@ -51,6 +51,7 @@ def workspace(tmp_path_factory, tiny_encoder_dir):
     (root / "cp1250.csv").write_bytes("id,text,label\n1,Kierowca,83\n2,Ksi\u0119gowa,43\n".encode("cp1250"))
     (root / "dup.csv").write_text("id,text,label,text\n1,a,83,b\n")
     (root / "bad.yaml").write_text("name: [unclosed\n")
+    (root / "cv-alone.yaml").write_text("name: cv\nreport:\n  finetune_cv: true\n")
     (root / "unset.yaml").write_text("name: x\nprepare:\n  input: ${JOBEMBED_TEST_UNSET_VAR}/ads.csv\n")
     (root / "afile").write_text("not a folder")
     pd.DataFrame({"text": np.arange(40), "label": ["a", "b"] * 20}).to_parquet(root / "numbers.parquet")
@@ -450,6 +451,10 @@ BAD_INPUTS = [
     (["run", "--config", "{ws}/bad.yaml"], "not valid YAML"),
     (["run", "--config", "{ws}/unset.yaml"], "JOBEMBED_TEST_UNSET_VAR"),
     (["run", "{ws}/tiny.yaml"], "--config"),
+    # look-only commands on a folder that holds no run: were a Hub lookup of the default models
+    (["status", "{ws}/runs/never"], "holds no run"),
+    (["report", "{ws}/runs/never", "--finetune-cv", "--dry-run"], "holds no run"),
+    (["run", "--config", "{ws}/cv-alone.yaml"], "report.finetune_cv needs finetune.enabled"),  # said "field ''"
 ]
 
 

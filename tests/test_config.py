@@ -33,6 +33,8 @@ def test_unset_variable_without_default_is_named(tmp_path, monkeypatch):
         ({"head.class_weight": "heavy"}, {"head.class_weight": "--class-weight"}, "--class-weight"),
         ({"prepare.test_size": 0.9, "prepare.val_size": 0.9}, {"prepare.test_size": "--test-size"}, "--test-size"),
         ({"report.systems": ["mlp", "svm"]}, None, "config field 'report.systems.1'"),
+        # a check across sections names its fields itself (was "config field '': report.finetune_cv needs ...")
+        ({"report.finetune_cv": True}, None, r"c\.yaml: report\.finetune_cv needs finetune\.enabled"),
     ],
 )
 def test_invalid_override_names_the_flag(tmp_path, overrides, flags, needle):

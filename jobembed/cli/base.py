@@ -245,6 +245,17 @@ ChunkStrideOpt = Annotated[
 ]
 
 
+def require_run(run_dir: Path, config_path: Path | None) -> None:
+    """For commands that only look at a run (status, dry runs): one line when RUN holds no run, instead of the
+    defaults resolving models that are not there."""
+    if config_path is None and not (Path(run_dir) / "config.yaml").is_file():
+        raise JobembedError(
+            f"{run_dir} holds no run (no config.yaml)",
+            fix=f"make one with `jobembed prepare {run_dir} --input ADS.csv` or `jobembed run -c FILE`, or pass its "
+            "settings with -c FILE",
+        )
+
+
 def stage_command(stage: str, params: dict[str, Any]) -> Path:
     """Load the run's config with the flags on top and run ``stage`` (and whatever it needs that is stale)."""
     from jobembed.engine import config_for_run, run_stages

@@ -33,6 +33,7 @@ from jobembed.cli.base import (
     pairs,
     print_stage,
     probability,
+    require_run,
 )
 from jobembed.config import load_config
 from jobembed.engine import config_for_run, describe, pin_models, run_stages
@@ -197,6 +198,7 @@ def status(
 ) -> None:
     """Show what each stage of RUN would do now, and why: current, runs (the reason), waits for an input that runs
     first, or off. Nothing runs, and nothing is written."""
+    require_run(run_dir, config)
     values, flags = overrides(dict(locals()), ctx)
     cfg = pin_models(config_for_run(run_dir, config, values, flags=flags))
     table = Table(title=f"stages of {cfg.run_dir}")

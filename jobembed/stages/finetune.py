@@ -26,7 +26,7 @@ from jobembed.cli.base import (
 )
 from jobembed.config import register_section, write_resolved
 from jobembed.engine import KeepStamp, Stage, StageContext, register, register_pin
-from jobembed.finetune import finetune, load_triplets
+from jobembed.finetune import Triplets, finetune, load_triplets
 from jobembed.sections import FinetuneConfig, FinetuneLoss
 from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text
 
@@ -110,20 +110,12 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
         Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
     )
     val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
-    model_ref = finetune_base(config)
-    resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
-    text_prompt, label_prompt = encoders.resolve_prompts(
-        resolved.ref, config.embed.text_prompt, config.embed.label_prompt
-    )
     checkpoints = ctx.keep_dir("checkpoints") / ctx.key
-    info = finetune(
+    info = run_recipe(
+        config,
         triplets=triplets,
-        val_triplets=val,
-        centroid_data=centroid_data(config, splits),
-        config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
-        model_ref=model_ref,
-        text_prompt=text_prompt,
-        label_prompt=label_prompt,
+        val=val,
+        centroid=centroid_data(config, splits),
         out_dir=ctx.out,
         checkpoint_dir=checkpoints,
         final_dir=ctx.folder,
@@ -137,6 +129,41 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
         "triplets": info["triplets"]["rows"],
         "judge": info["triplets"]["judge"],
     }
+
+
+def run_recipe(
+    config: PipelineConfig,
+    *,
+    triplets: Triplets,
+    val: Triplets | None,
+    centroid: dict[str, list[str]] | None,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    final_dir: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """The run's finetune section applied to ``triplets`` (``val`` and ``centroid`` for the checkpoint choice) on
+    its base encoder with the prompts embed uses; returns finetune.json. The finetune stage and each CV fold of
+    finetune-cv call it."""
+    f = config.finetune
+    model_ref = finetune_base(config)
+    resolved = encoders.resolve(model_ref, cache_dir=config.embed.cache_dir)
+    text_prompt, label_prompt = encoders.resolve_prompts(
+        resolved.ref, config.embed.text_prompt, config.embed.label_prompt
+    )
+    return finetune(
+        triplets=triplets,
+        val_triplets=val,
+        centroid_data=centroid,
+        config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
+        model_ref=model_ref,
+        text_prompt=text_prompt,
+        label_prompt=label_prompt,
+        out_dir=out_dir,
+        checkpoint_dir=checkpoint_dir,
+        final_dir=final_dir,
+        progress=progress,
+    )
 
 
 def _drop_checkpoints(folder: Path) -> None:

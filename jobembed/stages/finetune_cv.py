@@ -38,12 +38,12 @@ from jobembed.config import default_cache_dir, register_check
 from jobembed.embed import Embedder, label_texts
 from jobembed.engine import Stage, StageContext, Unit, register
 from jobembed.errors import DataError, JobembedError
-from jobembed.evaluate import cv_folds
-from jobembed.finetune import finetune, load_triplets
+from jobembed.evaluate import cv_folds, dev_pool
+from jobembed.finetune import load_triplets
 from jobembed.head import holdout_split
-from jobembed.stages._common import encoder_part, frozen_identity, names_models, reads_clean_text, run_vectors
-from jobembed.stages.finetune import centroid_data, finetune_base, finetune_identity, finetune_on_cpu
-from jobembed.stages.triplets import inputs_for, judged_splits, prompts_identity
+from jobembed.stages._common import frozen_identity, names_models, run_vectors
+from jobembed.stages.finetune import centroid_data, finetune_identity, finetune_on_cpu, run_recipe
+from jobembed.stages.triplets import inputs_for, judged_splits, prompts_identity, triplets_consume
 from jobembed.store import open_store
 from jobembed.triplets.core import make_triplets
 
@@ -55,11 +55,6 @@ FOLDS_FORMAT = "jobembed-finetune-cv/1"
 
 class FoldsLeft(JobembedError):
     """The stage stopped at ``report.max_new_folds`` with folds left to do (the finished ones are kept)."""
-
-
-def dev_pool(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Train + val in the order the report's CV reads them."""
-    return pd.concat([splits["train"], splits["val"]], ignore_index=True)
 
 
 def ids_sha1(frame: pd.DataFrame) -> str:
@@ -81,13 +76,6 @@ def inner_slice(config: PipelineConfig, dev: pd.DataFrame, train_idx: np.ndarray
 def _identity(config: PipelineConfig) -> dict[str, Any]:
     """The frozen encoder that mines, the judge's prompts, and the base encoder with its training prompts."""
     return frozen_identity(config) | prompts_identity() | {"finetune": finetune_identity(config)}
-
-
-def _consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
-    out = {"prepare": ("*",), "embed": encoder_part(config, config.embed.model)}
-    if reads_clean_text(config) or str(config.clean.backend) != "none":  # the judge reads cleaned text
-        out["clean"] = ("*",)
-    return out
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
@@ -238,19 +226,11 @@ def _fold(
         triplets = load_triplets(tmp / "triplets" / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed)
         val_file = tmp / "triplets" / "val.parquet"
         val = load_triplets(val_file, classes=triplets.classes) if len(pd.read_parquet(val_file)) >= 2 else None
-        base = finetune_base(config)
-        resolved = encoders.resolve(base, cache_dir=config.embed.cache_dir)
-        text_prompt, label_prompt = encoders.resolve_prompts(
-            resolved.ref, config.embed.text_prompt, config.embed.label_prompt
-        )
-        info = finetune(
+        info = run_recipe(
+            config,
             triplets=triplets,
-            val_triplets=val,
-            centroid_data=centroid_data(config, frames),
-            config=f.model_copy(update={"cache_dir": f.cache_dir or config.embed.cache_dir}),
-            model_ref=base,
-            text_prompt=text_prompt,
-            label_prompt=label_prompt,
+            val=val,
+            centroid=centroid_data(config, frames),
             out_dir=tmp / "finetune",
             checkpoint_dir=checkpoints,
             final_dir=unit.folder / "finetune",
@@ -372,7 +352,7 @@ register(
         # (refused), other encoders
         ignores=("finetune.enabled", "finetune.triplets", "embed.extra_models"),
         inputs=("prepare", "clean", "embed"),
-        consumes=_consume,
+        consumes=triplets_consume,  # it mines and judges as the triplets stage does
         run=_run,
         identity=_identity,
         products=("folds.json", "fold-*/*"),

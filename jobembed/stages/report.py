@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
@@ -22,6 +21,7 @@ from jobembed.cli.base import (
     console,
     friendly,
     overrides,
+    require_run,
     stage_command,
     systems_list,
 )
@@ -29,12 +29,12 @@ from jobembed.config import register_section
 from jobembed.embed import short_name
 from jobembed.engine import Stage, StageContext, register
 from jobembed.errors import DataError, JobembedError
-from jobembed.evaluate import EvalSettings, TunedCV, evaluate_finetuned, evaluate_systems
+from jobembed.evaluate import EvalSettings, TunedCV, dev_pool, evaluate_finetuned, evaluate_systems
 from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
 from jobembed.sections import ReportConfig, SystemName
 from jobembed.stages._common import encoder_part, names_models, prepared, reads_clean_text, run_vectors
 from jobembed.stages.finetune import finetuned_model, finetuned_vectors
-from jobembed.stages.finetune_cv import dev_pool, fold_vectors
+from jobembed.stages.finetune_cv import fold_vectors
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -128,7 +128,7 @@ def _recipe(config: PipelineConfig, tuned_cv: TunedCV) -> dict[str, Any]:
     info = read_json(config.run_dir / "finetune" / "finetune.json")
     triplets = config.run_dir / "triplets" / "report.json"
     llm = (read_json(triplets).get("llm") or {}) if triplets.is_file() else {}
-    n_dev = len(np.load(config.run_dir / "finetune-cv" / "fold-1" / "dev.npy", mmap_mode="r"))
+    n_dev = len(tuned_cv.folds[0][0])
     return {
         "model": str(tuned_cv.tuned.model),
         "base_model": info["base_model"],
@@ -269,6 +269,7 @@ def _print_dry_run(params: dict[str, Any]) -> None:
     from jobembed.engine import config_for_run, describe, pin_models
     from jobembed.stages.finetune_cv import dry_run
 
+    require_run(params["run_dir"], params["config"])
     values, flags = overrides(params, params["ctx"])
     cfg = config_for_run(params["run_dir"], params["config"], values, flags=flags)
     if not cfg.report.finetune_cv:

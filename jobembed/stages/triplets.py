@@ -87,7 +87,7 @@ def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
     return frozen_identity(config) | prompts_identity()
 
 
-def _triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+def triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     out = {"prepare": ("*",), "embed": encoder_part(config, config.embed.model)}
     if reads_clean_text(config) or config.clean.backend != CleanBackend.none:  # the judge reads cleaned text
         out["clean"] = ("*",)
@@ -254,7 +254,7 @@ register(
         formerly=("make-triplets",),
         reads=("text_column", "clean.backend"),
         inputs=("prepare", "clean", "embed"),
-        consumes=_triplets_consume,
+        consumes=triplets_consume,
         run=_run_make_triplets,
         identity=_triplets_identity,
         products=("train.parquet", "val.parquet"),
