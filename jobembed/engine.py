@@ -551,7 +551,8 @@ def run_stages(
 ) -> dict[str, str]:
     """Run ``target`` (default: every stage) and whatever it needs that is not current.
 
-    The run's config.yaml is written after each stage that succeeds, so a bad flag never sticks to the run.
+    The run's config.yaml is written after each stage that succeeds and once all are current, so a bad flag never
+    sticks to the run and a good one always does.
 
     Args:
         force: re-run ``target`` (every stage when ``target`` is None) even when current.
@@ -648,6 +649,10 @@ def _run(
             summary=summary if stage.summarise else None,
             replaces=stage.formerly,
         )
+        write_resolved(config, config.run_dir)
+    if main and config.run_dir.is_dir():
+        # Every stage asked for is current under this config: it is the run's now, though no stage read what
+        # changed (a field that only a stage after the target reads).
         write_resolved(config, config.run_dir)
     return status
 

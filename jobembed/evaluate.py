@@ -743,3 +743,45 @@ def evaluate_finetuned(
             entry["mcnemar_vs"] = versus
             out[system.key] = entry
     return {"source": dict(source), "systems": out}
+
+
+def summarise_seeds(
+    per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], *, frozen: Mapping[str, Mapping[str, float]]
+) -> dict[str, Any]:
+    """The test-split protocol over fine-tuning seeds, per system: each seed, the mean and spread, the lift.
+
+    Args:
+        per_seed: seed -> system name -> ``{"display", "macro_f1", "accuracy", "mcnemar_frozen",
+            "mcnemar_tfidf"}`` (the McNemar dicts of ``metrics.mcnemar``, fine-tuned side first, or None), seeds in
+            the protocol's order.
+        frozen: system name -> ``{"macro_f1", "accuracy"}`` of the same system on the frozen encoder (test split).
+
+    Returns:
+        system name -> ``{"display", "seeds", "macro_f1": {"values", "mean", "std"}, "accuracy": {...},
+        "frozen_macro_f1", "lift": {"mean", "std"}, "mcnemar_frozen": [...], "mcnemar_tfidf": [...]}``; ``std`` is
+        the sample standard deviation over seeds (0 with one seed).
+    """
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        arr = np.asarray(values, dtype=float)
+        return {"values": values, "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+    seeds = list(per_seed)
+    names = [n for n in per_seed[seeds[0]] if all(n in per_seed[s] for s in seeds)]
+    out: dict[str, Any] = {}
+    for name in names:
+        rows = [per_seed[s][name] for s in seeds]
+        f1 = [float(r["macro_f1"]) for r in rows]
+        base = frozen.get(name, {}).get("macro_f1")
+        out[name] = {
+            "display": rows[0]["display"],
+            "seeds": seeds,
+            "macro_f1": spread(f1),
+            "accuracy": spread([float(r["accuracy"]) for r in rows]),
+            "frozen_macro_f1": base,
+            "frozen_accuracy": frozen.get(name, {}).get("accuracy"),
+            "lift": spread([v - base for v in f1]) if base is not None else None,
+            "mcnemar_frozen": [r.get("mcnemar_frozen") for r in rows],
+            "mcnemar_tfidf": [r.get("mcnemar_tfidf") for r in rows],
+        }
+    return out

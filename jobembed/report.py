@@ -324,6 +324,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
         lines += _finetuned_section(metrics)
     if metrics.get("finetune_cv"):
         lines += _finetune_cv_section(metrics)
+    if metrics.get("finetune_seeds"):
+        lines += _seeds_section(metrics)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in metrics["figures"]]
     if metrics.get("bundled"):
         lines += [
@@ -429,8 +431,43 @@ def _finetuned_section(metrics: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "One fine-tuning run is one draw: the spread over fine-tuning seeds is what tells a real lift from luck "
-        "(experiments/ has the seeded comparison).",
+        + (
+            "(next section)."
+            if metrics.get("finetune_seeds")
+            else "(`jobembed finetune RUN --seeds 13,14,15` fine-tunes the other seeds; the report then shows each)."
+        ),
     ]
+    return lines
+
+
+def _seeds_section(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned systems seed by seed on the test split: the spread, the lift, McNemar per seed."""
+    fs = metrics["finetune_seeds"]
+    seeds = " / ".join(map(str, fs["seeds"]))
+    lines = [
+        "",
+        f"## Fine-tuned encoder over {len(fs['seeds'])} seeds (test split)",
+        "",
+        f"Seeds {seeds}: {fs['note']}. Lift: the fine-tuned macro-F1 minus the same system's on the frozen encoder; "
+        "± is the sample standard deviation over seeds. McNemar: exact, on the test ads, per seed.",
+        "",
+        f"| system | frozen macro-F1 | fine-tuned macro-F1, seeds {seeds} | mean ± sd | lift ± sd | accuracy mean ± sd "
+        f"(frozen) | McNemar p vs frozen, seeds {seeds} | vs TF-IDF + LR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ps(tests: list[dict[str, Any] | None]) -> str:
+        return " / ".join(_fmt_p(t["p_value"]) if t else "–" for t in tests)
+
+    for name, r in fs["systems"].items():
+        f1, acc, lift = r["macro_f1"], r["accuracy"], r["lift"]
+        lines.append(
+            f"| {r['display']} ({name}) | {_fmt(r['frozen_macro_f1'])} | {' / '.join(_fmt(v) for v in f1['values'])} "
+            f"| {_fmt(f1['mean'])} ± {_fmt(f1['std'])} | "
+            + (f"{lift['mean']:+.3f} ± {lift['std']:.3f}" if lift else "–")
+            + f" | {_fmt(acc['mean'])} ± {_fmt(acc['std'])} ({_fmt(r['frozen_accuracy'])}) | "
+            f"{ps(r['mcnemar_frozen'])} | {ps(r['mcnemar_tfidf'])} |"
+        )
     return lines
 
 
@@ -524,6 +561,26 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
     return [" ".join(parts), ""]
 
 
+def _seeds_bullets(metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuned MLP head (else the first fine-tuned system) over seeds, in one line."""
+    fs = metrics.get("finetune_seeds")
+    if not fs or not fs["systems"]:
+        return []
+    name = "mlp" if "mlp" in fs["systems"] else next(iter(fs["systems"]))
+    r = fs["systems"][name]
+    significant = sum(1 for t in r["mcnemar_frozen"] if t and t["p_value"] < 0.05 and t["a_only"] > t["b_only"])
+    lift = (
+        f" vs {_fmt(r['frozen_macro_f1'])} frozen ({r['lift']['mean']:+.3f} ± {r['lift']['std']:.3f})"
+        if r["lift"]
+        else ""
+    )
+    return [
+        f"- Over {len(fs['seeds'])} fine-tuning seeds, {r['display']} ({SYSTEM_TITLES[name]}) scores test macro-F1 "
+        f"{r['macro_f1']['mean']:.3f} ± {r['macro_f1']['std']:.3f}{lift}; better than the frozen encoder by McNemar "
+        f"(p < 0.05) on {significant} of {len(fs['seeds'])} seeds."
+    ]
+
+
 def _answer(metrics: dict[str, Any]) -> list[str]:
     """One paragraph that answers the question the toolkit exists for, with the numbers."""
     res, winner = metrics["systems"], metrics["winner"]
@@ -571,6 +628,7 @@ def _answer(metrics: dict[str, Any]) -> list[str]:
             f"corrected CV t-test p = {_fmt_p(pv)}."
         )
     out.append(f"- Best by CV macro-F1: **{res[winner]['display']}** ({cv(winner)}).{sig}")
+    out += _seeds_bullets(metrics)
     sel = res[winner].get("selective")
     if sel and sel["threshold"] is not None:
         out.append(

@@ -390,3 +390,16 @@ def test_ranks_checking_one_new_run_folder_at_once_do_not_trip_over_each_other(t
             t.join()
     assert not errors, errors[0]
     assert not [p for p in tmp_path.rglob(".jobembed-write-test*")]
+
+
+def test_a_setting_only_a_later_stage_reads_sticks_when_the_target_is_current(graph, monkeypatch):
+    """`jobembed finetune RUN --seeds 13,14,15` with finetune current: no stage it runs reads the new field, yet the
+    run's config must keep it for the command that does (before, config.yaml was written only after a stage ran)."""
+    written: list[int] = []
+    monkeypatch.setattr(engine, "write_resolved", lambda config, folder: written.append(config.size))
+    engine.register(engine.Stage("a", run=lambda ctx: None))
+    engine.register(engine.Stage("b", inputs=("a",), reads=("size",), run=lambda ctx: None))
+    engine.run_stages(graph, target="a", progress=False)
+    graph.size, written[:] = 7, []
+    assert engine.run_stages(graph, target="a", progress=False) == {"a": "skipped"}
+    assert written == [7]

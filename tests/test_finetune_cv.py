@@ -233,3 +233,23 @@ def test_max_new_folds_stops_with_one_line_and_the_next_command_goes_on(cv_run: 
     second = invoke("report", run, "--max-new-folds", "1")
     assert second.exit_code == 0, second.output
     assert (run / "report" / "metrics.json").is_file()
+
+
+def test_seeds_beside_the_cv_score_the_bundled_model_and_the_other_seeds_on_test(cv_run: Path, tmp_path):
+    """finetune.seeds with the recipe in the CV: seed 13's row is the CV rows' test figure (the finetune stage's
+    model), seed 14 is a fine-tune of its own, and no fold is fine-tuned again."""
+    run = tmp_path / "runs" / "seeds"
+    shutil.copytree(cv_run, run)
+    folds = (run / "finetune-cv" / "stage.json").stat().st_mtime_ns
+    assert invoke("finetune", run, "--seeds", "13,14", "-q").exit_code == 0
+    result = invoke("report", run, "-q")
+    assert result.exit_code == 0, result.output
+    assert (run / "finetune-cv" / "stage.json").stat().st_mtime_ns == folds
+    m = read_json(run / "report" / "metrics.json")
+    fs = m["finetune_seeds"]
+    assert fs["seeds"] == [13, 14] and set(fs["systems"]) == {"centroid", "mlp"}
+    for name, r in fs["systems"].items():
+        tuned = next(e for e in m["systems"].values() if e.get("finetuned_cv") and e["system"] == name)
+        assert r["macro_f1"]["values"][0] == tuned["test"]["macro_f1"]
+        assert r["mcnemar_frozen"][0] == tuned["versus"][tuned["frozen_key"]]["mcnemar_test"]
+    assert "## Fine-tuned encoder over 2 seeds" in (run / "report" / "report.md").read_text()

@@ -50,7 +50,8 @@ LAYERS = [
 CLEAN_LAYERS = ["spans", "pii", "rules", "gliner", "core", "eval", "train"]
 TRIPLET_LAYERS = ["mine", "llm", "client", "judges", "core"]
 STAGE_LAYERS = [
-    "_common", "prepare", "clean", "embed", "head", "triplets", "finetune", "finetune_cv", "report", "bundle",
+    "_common", "prepare", "clean", "embed", "head", "triplets", "finetune", "finetune_seeds", "finetune_cv", "report",
+    "bundle",
 ]  # fmt: skip
 PACKAGES = {"clean": CLEAN_LAYERS, "triplets": TRIPLET_LAYERS, "stages": STAGE_LAYERS}
 

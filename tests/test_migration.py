@@ -90,6 +90,7 @@ def test_status_says_what_each_stage_would_do_and_runs_nothing(old_run: Path):
         "triplets": "current",
         "finetune": "off",
         "embed-finetuned": "off",
+        "finetune-seeds": "off",
         "finetune-cv": "off",
         "report": "runs",
         "bundle": "waits",

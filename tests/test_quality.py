@@ -75,6 +75,28 @@ def test_tfidf_logreg_matches_scikit_learn_and_round_trips_without_pickle(tmp_pa
     np.testing.assert_allclose(loaded.predict_proba(texts), ours.predict_proba(texts), atol=1e-12)
 
 
+def test_a_tfidf_fit_on_the_same_inputs_is_made_once_and_each_keeps_its_own_temperature(monkeypatch):
+    """report fits the same TF-IDF + LR for fusion on every encoder of a fold: the second is the first's parts."""
+    from jobembed import hybrid
+
+    calls = []
+    real = hybrid.tfidf_logreg
+    monkeypatch.setattr(hybrid, "tfidf_logreg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hybrid, "_FITS", type(hybrid._FITS)())
+    _, y, texts = _data()
+    first = TfidfLogReg(config=TFIDF).fit(texts, y)
+    second = TfidfLogReg(config=TFIDF).fit(texts, y)
+    assert len(calls) == 1 and second.coef_ is first.coef_
+    first.calibrate(texts[:40], y[:40])
+    assert second.temperature_ == 1.0 != first.temperature_
+    with pytest.raises(ValueError, match="read-only"):
+        second.coef_ += 1  # shared parts cannot be changed through one of their users
+    TfidfLogReg(config=TFIDF).fit(texts[1:], y[1:])  # other rows: a fit of its own
+    TfidfLogReg(config=TFIDF, random_state=14).fit(texts, y)  # another seed too
+    assert len(calls) == 3
+    np.testing.assert_allclose(second.predict_proba(texts), real(TFIDF).fit(texts, y).predict_proba(texts), atol=1e-10)
+
+
 def test_tfidf_file_edited_is_refused(tmp_path):
     _, y, texts = _data(10)
     TfidfLogReg(config=TFIDF).fit(texts, y).save(tmp_path / "t")

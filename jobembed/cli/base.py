@@ -153,6 +153,15 @@ def int_list(value: str | None) -> list[int] | None:
     return sizes
 
 
+def seed_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of integer seeds, e.g. 13,14,15") from None
+
+
 def systems_list(value: str | None) -> list[str] | None:
     if value is None:
         return None

@@ -7,12 +7,14 @@ The graph today::
 
     prepare ──▶ clean ──▶ embed ──▶ head
                              ├────▶ triplets ──▶ finetune ──▶ embed-finetuned ──┐
+                             │            └──▶ finetune-seeds (one unit per other seed) ─┤
                              ├────▶ finetune-cv (one unit per CV fold) ────────────┤
                              └─────────────────────────────────────────────────────┴─▶ report ──▶ bundle
 
 ``finetune`` and ``embed-finetuned`` are off unless ``finetune.enabled`` (``jobembed finetune RUN`` turns it on);
-off, they neither run nor are read, and their folders are left as they are. ``finetune-cv`` is off unless
-``report.finetune_cv`` (``jobembed report RUN --finetune-cv``).
+off, they neither run nor are read, and their folders are left as they are. ``finetune-seeds`` runs when
+``finetune.seeds`` names a seed besides ``finetune.seed`` (``jobembed finetune RUN --seeds 13,14,15``).
+``finetune-cv`` is off unless ``report.finetune_cv`` (``jobembed report RUN --finetune-cv``).
 
 Run folder (``runs/<name>/``), each stage writing only its own folder, whole (see ``jobembed.engine``)::
 
@@ -24,6 +26,7 @@ Run folder (``runs/<name>/``), each stage writing only its own folder, whole (se
     triplets/          {train,val}.parquet (kept), candidates/, noise.csv, report.md/json
     finetune/          model/ (with its model card), finetune.json, log.jsonl, ads_seen.json; checkpoints/<key>/
     embed-finetuned/   the fine-tuned encoder's vectors, laid out like embed/
+    finetune-seeds/    seed-<s>/{train,val,test,labels}.npy + seed.json, seeds.json; units/seed-<s>/ (finetune.json)
     finetune-cv/       fold-<k>/{dev,labels}.npy + fold.json, folds.json; units/fold-<k>/ (its triplets, finetune.json)
     head/              bundle of the MLP head on embed.model; stage.json
     report/            report.md, metrics.json, per_class/, figures/, winner/; stage.json
@@ -42,6 +45,7 @@ from jobembed.stages import embed  # noqa: F401
 from jobembed.stages import head  # noqa: F401
 from jobembed.stages import triplets  # noqa: F401
 from jobembed.stages import finetune  # noqa: F401
+from jobembed.stages import finetune_seeds  # noqa: F401
 from jobembed.stages import finetune_cv  # noqa: F401
 from jobembed.stages import report  # noqa: F401
 from jobembed.stages import bundle  # noqa: F401

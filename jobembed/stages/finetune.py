@@ -4,6 +4,7 @@ it (``embed-finetuned/``). Both are off unless ``finetune.enabled``."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +23,7 @@ from jobembed.cli.base import (
     console,
     friendly,
     int_list,
+    seed_list,
     stage_command,
 )
 from jobembed.config import register_section, write_resolved
@@ -31,6 +33,9 @@ from jobembed.sections import FinetuneConfig, FinetuneLoss
 from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
     from jobembed.config import PipelineConfig
 
 
@@ -39,6 +44,18 @@ register_section("finetune", FinetuneConfig)
 
 def finetune_base(config: PipelineConfig) -> str:
     return config.finetune.model or config.embed.model
+
+
+def protocol_seeds(config: PipelineConfig) -> list[int]:
+    """The seeds of the test-split protocol: ``finetune.seed`` (the bundled model) first, then the others of
+    ``finetune.seeds`` in their order, each once."""
+    f = config.finetune
+    return list(dict.fromkeys([f.seed, *f.seeds]))
+
+
+def extra_seeds(config: PipelineConfig) -> list[int]:
+    """The seeds this stage fine-tunes: those of the protocol besides ``finetune.seed``."""
+    return protocol_seeds(config)[1:]
 
 
 def finetune_identity(config: PipelineConfig) -> dict[str, Any]:
@@ -57,7 +74,7 @@ def finetune_identity(config: PipelineConfig) -> dict[str, Any]:
     return out
 
 
-def _finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+def finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     own = ("val.parquet",) if config.finetune.triplets else ("train.parquet", "val.parquet")
     out = {"prepare": ("*",), "triplets": own}
     if reads_clean_text(config):
@@ -166,6 +183,24 @@ def run_recipe(
     )
 
 
+def encode_with(
+    config: PipelineConfig, model: Path, frames: Sequence[pd.DataFrame], labels: pd.DataFrame
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The run's text of each frame and the category texts with the fine-tuned ``model``, as embed encodes them (its
+    length, chunking and precision; the prompts the fine-tune trained with). No cache: a fold's or a seed's model is
+    dropped once its vectors are written."""
+    section = config.embed.model_copy(update={"model": str(model), "extra_models": []})
+    text_prompt, label_prompt = encoders.resolve_prompts(str(model), section.text_prompt, section.label_prompt)
+    texts = embed.Embedder(section, prompt=text_prompt, model=str(model), cache=False)
+    label = (
+        texts
+        if label_prompt == text_prompt
+        else embed.Embedder(section, prompt=label_prompt, model=str(model), cache=False)
+    )
+    out = [texts.encode(frame[str(config.text_column)].tolist(), progress=False) for frame in frames]
+    return out, label.encode(embed.label_texts(labels, str(section.label_text)))
+
+
 def _drop_checkpoints(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     parent = folder.parent
@@ -271,7 +306,16 @@ def finetune_command(
     finetune__dataloader_workers: Annotated[
         int | None, typer.Option("--dataloader-workers", min=0, help="Data loader worker processes.")
     ] = None,
-    finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    finetune__seed: Annotated[int | None, typer.Option("--seed", help="Training seed (of the bundled model).")] = None,
+    finetune__seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            callback=seed_list,
+            help="e.g. 13,14,15: fine-tune once more per seed besides --seed (finetune-seeds); report shows each seed "
+            "on test with McNemar per seed.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -281,12 +325,18 @@ def finetune_command(
     macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
     (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
     ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the
-    fine-tuned vectors report reads). Turns finetune on for the run (finetune.enabled, kept in its
-    config.yaml)."""
-
+    fine-tuned vectors report reads). With --seeds, the finetune-seeds stage then fine-tunes once more for every
+    other seed on the same triplets and encodes every split with each (RUN/finetune-seeds/; each seed's model is
+    dropped once encoded), so that report can show the fine-tuned systems seed by seed on the test split. Turns
+    finetune on for the run (finetune.enabled, kept in its config.yaml)."""
     params = dict(locals())
     params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
+    from jobembed.config import load_config
+
     run = stage_command("finetune", params)
+    seeds = extra_seeds(load_config(run / "config.yaml"))
+    if seeds:
+        stage_command("finetune-seeds", params)
     info = read_json(run / "finetune" / "finetune.json")
     val = info["val"]
     score = val.get("eval_val-centroid_macro_f1")
@@ -296,6 +346,12 @@ def finetune_command(
         + (f"; validation centroid macro-F1 {score:.3f}" if score is not None else "")
         + f" → {run / 'finetune' / 'model'}"
     )
+    if seeds:
+        done = read_json(run / "finetune-seeds" / "seeds.json")
+        console.print(
+            f"[green]fine-tuned[/] seeds {', '.join(map(str, seeds))} as well ({done['finetune_seconds']:.0f} s of "
+            f"fine-tuning) → {run / 'finetune-seeds'}; `jobembed report {run}` scores every seed on test"
+        )
 
 
 register(
@@ -303,8 +359,9 @@ register(
         "finetune",
         section="finetune",
         reads=("text_column",),
+        ignores=("finetune.seeds",),  # the other seeds are finetune-seeds' fine-tunes
         inputs=("prepare", "clean", "triplets"),
-        consumes=_finetune_consume,
+        consumes=finetune_consume,
         run=_run_finetune,
         identity=finetune_identity,
         products=("model/*", "ads_seen.json"),

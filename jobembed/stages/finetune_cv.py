@@ -26,23 +26,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from jobembed import distributed, encoders, ui
+from jobembed import distributed, ui
 from jobembed.artifacts import hash_obj, pause_for_test, read_json, write_json
 from jobembed.config import default_cache_dir, register_check
-from jobembed.embed import Embedder, label_texts
 from jobembed.engine import Stage, StageContext, Unit, register
 from jobembed.errors import DataError, JobembedError
 from jobembed.evaluate import cv_folds, dev_pool
 from jobembed.finetune import load_triplets
 from jobembed.head import holdout_split
 from jobembed.stages._common import frozen_identity, names_models, run_vectors
-from jobembed.stages.finetune import centroid_data, finetune_identity, finetune_on_cpu, run_recipe
+from jobembed.stages.finetune import centroid_data, encode_with, finetune_identity, finetune_on_cpu, run_recipe
 from jobembed.stages.triplets import inputs_for, judged_splits, prompts_identity, triplets_consume
 from jobembed.store import open_store
 from jobembed.triplets.core import make_triplets
@@ -239,7 +237,7 @@ def _fold(
         if main:
             model = tmp / "finetune" / "model"
             started = time.perf_counter()
-            dev_vectors, label_vectors = _encode(config, model, dev, labels)
+            (dev_vectors,), label_vectors = encode_with(config, model, [dev], labels)
             encode_seconds = time.perf_counter() - started
             np.save(tmp / "dev.npy", dev_vectors)
             np.save(tmp / "labels.npy", label_vectors)
@@ -276,19 +274,6 @@ def _fold(
             )
     if main:
         shutil.rmtree(checkpoints, ignore_errors=True)
-
-
-def _encode(config: PipelineConfig, model: Path, dev: pd.DataFrame, labels: pd.DataFrame) -> tuple[np.ndarray, ...]:
-    """Every dev ad and the category texts with one fold's encoder, as embed encodes them (its length, chunking,
-    precision and prompts; the prompts the fine-tune trained with). No cache: the model is gone after this."""
-    section = config.embed.model_copy(update={"model": str(model), "extra_models": []})
-    text_prompt, label_prompt = encoders.resolve_prompts(str(model), section.text_prompt, section.label_prompt)
-    texts = Embedder(section, prompt=text_prompt, model=str(model), cache=False)
-    label = (
-        texts if label_prompt == text_prompt else Embedder(section, prompt=label_prompt, model=str(model), cache=False)
-    )
-    dev_vectors = texts.encode(dev[str(config.text_column)].tolist(), progress=False)
-    return dev_vectors, label.encode(label_texts(labels, str(section.label_text)))
 
 
 def fold_vectors(config: PipelineConfig, dev: pd.DataFrame, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -349,8 +334,8 @@ register(
             "head.seed",
         ),
         # what the fold fine-tunes do not read: whether the test-split fine-tune runs, an outside triplet file
-        # (refused), other encoders
-        ignores=("finetune.enabled", "finetune.triplets", "embed.extra_models"),
+        # (refused), the test-split protocol's seeds, other encoders
+        ignores=("finetune.enabled", "finetune.triplets", "finetune.seeds", "embed.extra_models"),
         inputs=("prepare", "clean", "embed"),
         consumes=triplets_consume,  # it mines and judges as the triplets stage does
         run=_run,

@@ -29,12 +29,20 @@ from jobembed.config import register_section
 from jobembed.embed import short_name
 from jobembed.engine import Stage, StageContext, register
 from jobembed.errors import DataError, JobembedError
-from jobembed.evaluate import EvalSettings, TunedCV, dev_pool, evaluate_finetuned, evaluate_systems
+from jobembed.evaluate import (
+    EvalSettings,
+    TunedCV,
+    dev_pool,
+    evaluate_finetuned,
+    evaluate_systems,
+    summarise_seeds,
+)
 from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
 from jobembed.sections import ReportConfig, SystemName
 from jobembed.stages._common import encoder_part, names_models, prepared, reads_clean_text, run_vectors
-from jobembed.stages.finetune import finetuned_model, finetuned_vectors
+from jobembed.stages.finetune import extra_seeds, finetuned_model, finetuned_vectors, protocol_seeds
 from jobembed.stages.finetune_cv import fold_vectors
+from jobembed.stages.finetune_seeds import seed_vectors
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -72,6 +80,7 @@ def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
         "embed-finetuned": ("*",),
         "finetune": ("ads_seen.json",),
         "finetune-cv": ("*",),
+        "finetune-seeds": ("*",),
     }
     if reads_clean_text(config):
         out["clean"] = ("*",)
@@ -97,6 +106,8 @@ def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
         evaluation.metrics["finetune_cv"] = _recipe(config, tuned_cv)
     elif config.finetune.enabled:
         evaluation.metrics["finetuned"] = _evaluate_finetuned(config, splits, labels, evaluation, ctx.progress)
+    if config.finetune.enabled and extra_seeds(config):
+        evaluation.metrics["finetune_seeds"] = _seed_protocol(config, splits, labels, evaluation, ctx.progress)
     write_report(evaluation, out_dir=ctx.out, resolved=config, labels=labels)
     return {"winner": evaluation.metrics["winner"], "bundled": evaluation.metrics["bundled"]}
 
@@ -181,6 +192,78 @@ def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, prog
     )
 
 
+def _main_seed(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The finetune stage's model's systems on test (system name -> the seed row of ``summarise_seeds``, with the
+    frozen system's key), from the CV rows (``--finetune-cv``) or the test-only section."""
+    out = {}
+    if metrics.get("finetune_cv"):
+        for r in metrics["systems"].values():
+            if r.get("finetuned_cv"):
+                versus = r.get("versus", {})
+                frozen = r.get("frozen_key")
+                out[r["system"]] = {
+                    "frozen_key": frozen,
+                    "mcnemar_frozen": versus[frozen]["mcnemar_test"] if frozen in versus else None,
+                    "mcnemar_tfidf": versus["tfidf"]["mcnemar_test"] if "tfidf" in versus else None,
+                } | {"display": r["display"], "macro_f1": r["test"]["macro_f1"], "accuracy": r["test"]["accuracy"]}
+        return out
+    for r in metrics["finetuned"]["systems"].values():
+        frozen = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
+        out[r["system"]] = {
+            "frozen_key": frozen,
+            "mcnemar_frozen": r["mcnemar_vs"].get(frozen) if frozen else None,
+            "mcnemar_tfidf": r["mcnemar_vs"].get("tfidf"),
+        } | {"display": r["display"], "macro_f1": r["test"]["macro_f1"], "accuracy": r["test"]["accuracy"]}
+    return out
+
+
+def _seed_protocol(config: PipelineConfig, splits, labels, evaluation, progress: bool) -> dict[str, Any]:
+    """Every seed of ``finetune.seeds`` on the test split: the finetune stage's model for ``finetune.seed``, the
+    finetune-seeds stage's for the others; each system fit on train and scored once, exact McNemar per seed."""
+    m = evaluation.metrics
+    main = _main_seed(m)
+    frozen_key_of = {name: row["frozen_key"] for name, row in main.items() if row["frozen_key"]}
+    frozen = {
+        name: {k: m["systems"][key]["test"][k] for k in ("macro_f1", "accuracy")} for name, key in frozen_key_of.items()
+    }
+    info = read_json(config.run_dir / "finetune" / "finetune.json")
+    per_seed: dict[int, dict[str, Any]] = {config.finetune.seed: main}
+    for seed, (vectors, seen) in seed_vectors(config, splits, like=finetuned_vectors(config, splits, labels)).items():
+        result = evaluate_finetuned(
+            settings=EvalSettings.of(config),
+            splits=splits,
+            labels=labels,
+            tuned=vectors,
+            frozen_key_of=frozen_key_of,
+            frozen_preds=evaluation.test_predictions,
+            source={"base_model": info["base_model"], "positive": str(config.triplets.positive)},
+            ads_seen=seen,
+            progress=progress,
+        )
+        per_seed[seed] = {
+            r["system"]: {
+                "display": main.get(r["system"], {}).get("display", r["display"]),
+                "macro_f1": r["test"]["macro_f1"],
+                "accuracy": r["test"]["accuracy"],
+                "mcnemar_frozen": r["mcnemar_vs"].get(frozen_key_of.get(r["system"], "")),
+                "mcnemar_tfidf": r["mcnemar_vs"].get("tfidf"),
+            }
+            for r in result["systems"].values()
+        }
+    seeds_meta = read_json(config.run_dir / "finetune-seeds" / "seeds.json")
+    return {
+        "seeds": protocol_seeds(config),
+        "bundled_seed": config.finetune.seed,
+        "systems": summarise_seeds(per_seed, frozen=frozen),
+        "finetune_seconds": {"bundled": info["seconds"], "other_seeds": seeds_meta["finetune_seconds"]},
+        "note": (
+            f"seed {config.finetune.seed} is the finetune stage's model (the one a bundle serves); every seed is the "
+            "same recipe on the same kept triplets (with finetune.max_triplets, each seed draws its own sample), "
+            "validation for the checkpoint choice, scored once on the test split"
+        ),
+    }
+
+
 def _cleaning_summary(config: PipelineConfig) -> dict[str, Any]:
     """For the report: which text the systems read and, if cleaned, by what."""
     out: dict[str, Any] = {"text_column": str(config.text_column)}
@@ -227,8 +310,8 @@ def report_command(
         bool,
         typer.Option(
             "--dry-run",
-            help="With --finetune-cv: print the fine-tunes, encodes and LLM calls this would need, net of what is "
-            "kept and cached; nothing runs.",
+            help="Print the fine-tunes, encodes and LLM calls --finetune-cv and finetune.seeds would need, net of "
+            "what is kept and cached; nothing runs.",
         ),
     ] = False,
     config: ConfigOpt = None,
@@ -245,7 +328,9 @@ def report_command(
     --finetune-cv the recipe is run inside every fold instead (finetune-cv: triplets mined, judged and fine-tuned on
     the fold's training rows only), and the fine-tuned systems join the CV table and the ranking, each compared with
     the same system on the frozen encoder and with TF-IDF + LR (corrected t-test, exact McNemar on the pooled
-    out-of-fold answers and on test); the report opens with the answer and its cost.
+    out-of-fold answers and on test); the report opens with the answer and its cost. With finetune.seeds (`jobembed
+    finetune RUN --seeds 13,14,15`) the fine-tuned systems are also scored on test once per fine-tuning seed (the
+    finetune-seeds stage runs the other seeds first): each seed, the spread, and exact McNemar per seed.
 
     Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, winner/ and, with a fine-tune,
     winner-finetuned/: the head a bundle serves).
@@ -265,17 +350,32 @@ def report_command(
 
 
 def _print_dry_run(params: dict[str, Any]) -> None:
-    """What `report --finetune-cv` would run, from the stamps and the call cache; nothing runs or is written."""
+    """What `report` would fine-tune for --finetune-cv and finetune.seeds, from the stamps and the call cache;
+    nothing runs or is written."""
     from jobembed.engine import config_for_run, describe, pin_models
     from jobembed.stages.finetune_cv import dry_run
+    from jobembed.stages.finetune_seeds import seeds_todo
 
     require_run(params["run_dir"], params["config"])
     values, flags = overrides(params, params["ctx"])
     cfg = config_for_run(params["run_dir"], params["config"], values, flags=flags)
-    if not cfg.report.finetune_cv:
-        raise JobembedError("--dry-run counts what --finetune-cv needs", fix="add --finetune-cv")
+    seeds = extra_seeds(cfg) if cfg.finetune.enabled else []
+    if not cfg.report.finetune_cv and not seeds:
+        raise JobembedError(
+            "--dry-run counts the fine-tunes of --finetune-cv and of finetune.seeds, and this run asks for neither",
+            fix="add --finetune-cv, or set seeds with `jobembed finetune RUN --seeds 13,14,15`",
+        )
     cfg = pin_models(cfg)
     states = {row["stage"]: row["state"] for row in describe(cfg)}
+    tuned = "kept" if states["finetune"] == "current" else "1 fine-tune on train (the model a bundle serves)"
+    if seeds:
+        todo = seeds_todo(cfg)
+        console.print(
+            f"dry run: finetune stage: {tuned}; {len(seeds)} other seed(s) of finetune.seeds, {len(todo)} to fine-tune "
+            f"and encode" + (f" ({', '.join(map(str, todo))})" if todo else "") + ". Nothing was run."
+        )
+    if not cfg.report.finetune_cv:
+        return
     if states["embed"] != "current":
         raise JobembedError(
             "the frozen vectors are not made yet, and the count mines triplets with them",
@@ -283,7 +383,6 @@ def _print_dry_run(params: dict[str, Any]) -> None:
         )
     plan = dry_run(cfg)
     kept = plan["folds"] - len(plan["todo"])
-    tuned = "kept" if states["finetune"] == "current" else "1 fine-tune on train (the model a bundle serves)"
     console.print(
         f"dry run: {plan['folds']} CV folds, {len(plan['todo'])} to fine-tune and encode"
         + (f" ({kept} kept)" if kept else "")
@@ -328,9 +427,10 @@ def selective_lines(metrics: dict[str, Any]) -> list[str]:
 
 def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
     """The fine-tuned encoder's systems, test split only, against the same system on the frozen encoder."""
+    out = _seed_lines(metrics)
     ft = metrics.get("finetuned")
     if not ft:
-        return []
+        return out
     out = [f"fine-tuned encoder ({ft['source'].get('rows')} triplets, {ft['source'].get('judge')}), test split only:"]
     for r in ft["systems"].values():
         frozen_key = next((k for k in r["mcnemar_vs"] if k != "tfidf"), None)
@@ -338,6 +438,17 @@ def finetuned_lines(metrics: dict[str, Any]) -> list[str]:
         m = r["mcnemar_vs"].get(frozen_key) if frozen_key else None
         tail = f" vs frozen {frozen['test']['macro_f1']:.3f} (McNemar p {m['p_value']:.3g})" if frozen and m else ""
         out.append(f"  {r['display']}: test macro-F1 {r['test']['macro_f1']:.3f}{tail}")
+    return out + _seed_lines(metrics)
+
+
+def _seed_lines(metrics: dict[str, Any]) -> list[str]:
+    fs = metrics.get("finetune_seeds")
+    if not fs:
+        return []
+    out = [f"fine-tuned systems over seeds {' / '.join(map(str, fs['seeds']))}, test split:"]
+    for name, r in fs["systems"].items():
+        lift = f" (lift {r['lift']['mean']:+.3f} ± {r['lift']['std']:.3f})" if r["lift"] else ""
+        out.append(f"  {r['display']} {name}: macro-F1 {r['macro_f1']['mean']:.3f} ± {r['macro_f1']['std']:.3f}{lift}")
     return out
 
 
@@ -371,7 +482,7 @@ register(
         section="report",
         formerly=("compare-report",),
         reads=("head", "text_column", "prepare.seed", "embed.model", "embed.extra_models", "triplets.positive"),
-        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned", "finetune-cv"),
+        inputs=("prepare", "clean", "embed", "finetune", "embed-finetuned", "finetune-cv", "finetune-seeds"),
         consumes=_report_consume,
         run=_run_compare_report,
         products=(f"{WINNER_DIR}/*", f"{WINNER_FINETUNED_DIR}/*"),
