@@ -39,3 +39,41 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def pl_taxonomy(out: Path = OUT / "pl-taxonomy.csv") -> Path:
+    """pl-jobads' taxonomy folder (KZiS in Polish, the statistics office's thesaurus, ESCO's Polish labels) as the one
+    ``code, text, kind`` table ``prepare.taxonomy`` reads; written once to ``out`` (derived data, not committed).
+
+    Kinds: ``kzis_name`` (every level, 1-6 digits), ``kzis_synthesis`` and ``kzis_tasks`` (2-, 3- and 4-digit
+    groups), ``occupation`` (the 2,552 6-digit names), ``thesaurus`` (job titles per 6-digit code), ``esco_name``,
+    ``esco_alt``, ``esco_description``, ``esco_skills``.
+    """
+    import pandas as pd
+
+    if out.is_file():
+        return out
+    folder = DATA / "pl-jobads" / "taxonomy"
+    read = {"dtype": str, "keep_default_na": False}
+    parts = [pd.read_csv(folder / "kzis-hierarchy-2023.tsv", sep="\t", **read).rename(columns={"class": "code"})
+             .assign(kind="kzis_name").rename(columns={"name": "text"})]  # fmt: skip
+    for level in (2, 3, 4):
+        desc = pd.read_csv(folder / f"kzis-desc-level{level}.csv", **read)
+        for column, kind in (("synteza", "kzis_synthesis"), ("zadania_zawodowe", "kzis_tasks")):
+            parts.append(pd.DataFrame({"code": desc["kod"], "text": desc[column], "kind": kind}))
+    official = pd.read_csv(folder / "kzis-official-2023.csv", **read)
+    parts.append(pd.DataFrame({"code": official["code"], "text": official["name"], "kind": "occupation"}))
+    thesaurus = pd.read_csv(folder / "gus-thesaurus.csv", **read)
+    parts.append(pd.DataFrame({"code": thesaurus["code"], "text": thesaurus["desc"], "kind": "thesaurus"}))
+    esco = pd.read_csv(folder / "esco-kzis-selected.csv", **read)
+    kinds = {
+        "occupation_name": "esco_name",
+        "occupation_alternative_names": "esco_alt",
+        "occupation_description": "esco_description",
+        "skills": "esco_skills",
+    }
+    parts.append(pd.DataFrame({"code": esco["code"], "text": esco["desc"], "kind": esco["var"].map(kinds)}))
+    table = pd.concat(parts, ignore_index=True)[["code", "text", "kind"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    return out

@@ -690,11 +690,16 @@ def load_splits(prepare_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 def load_labels(prepare_dir: Path) -> pd.DataFrame:
-    """``labels.json`` from ``prepare`` as a frame with columns ``label``, ``name``, ``description`` (str)."""
+    """``labels.json`` from ``prepare`` as a frame with columns ``label``, ``name``, ``description`` (str), and
+    ``taxonomy`` (each label's own taxonomy text) and ``taxonomy_texts`` (every text rolled up into it, one per
+    line) when prepare read a taxonomy."""
     path = Path(prepare_dir) / "labels.json"
     if not path.is_file():
         raise DataError(f"{path} not found", fix=f"run `jobembed prepare` with the output folder {prepare_dir}")
-    frame = pd.DataFrame(read_json(path), columns=["label", "name", "description"])
+    rows = read_json(path)
+    extra = ["taxonomy", "taxonomy_texts"] if any("taxonomy" in d for d in rows) else []
+    columns = ["label", "name", "description", *extra]
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.fillna("").astype(str)
 
 
@@ -703,9 +708,24 @@ def label_texts(labels: pd.DataFrame, mode: str) -> list[str]:
 
     Args:
         labels: frame with columns ``label``, ``name``, ``description`` (from ``prepare``'s labels.json).
-        mode: ``name`` | ``description`` | ``name_description``. A missing description falls back to
-            the name, so the mode never silently embeds empty strings.
+        mode: ``name`` | ``description`` | ``name_description`` | ``taxonomy`` | ``taxonomy_mean`` (each label's
+            texts one per line, for ``embed.label_vectors`` to average). A missing description falls back
+            to the name, and a missing taxonomy text to ``name_description``, so no mode silently embeds empty
+            strings.
+
+    Raises:
+        DataError: ``taxonomy`` on a run whose prepare read no taxonomy.
     """
+    if mode in ("taxonomy", "taxonomy_mean"):
+        if "taxonomy" not in labels.columns:
+            raise DataError(
+                f"embed.label_text is {mode}, but this run's prepare read no taxonomy (labels.json has no texts)",
+                fix="set prepare.taxonomy (a table of code, text, kind) and re-run prepare, or pick another label_text",
+            )
+        fallback = label_texts(labels, "name_description")
+        if mode == "taxonomy_mean":  # one line per text; each label's texts are averaged (embed.label_vectors)
+            return [t if t.strip() else f for t, f in zip(labels["taxonomy_texts"], fallback, strict=True)]
+        return [t if t.strip() else f for t, f in zip(labels["taxonomy"], fallback, strict=True)]
     names = labels["name"].fillna("").astype(str).where(lambda s: s.str.strip() != "", labels["label"].astype(str))
     desc = labels["description"].fillna("").astype(str)
     if mode == "name":

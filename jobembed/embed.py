@@ -296,6 +296,20 @@ class _NoCache:
         return None
 
 
+def label_vectors(embedder: Embedder, texts: list[str], *, mode: str) -> np.ndarray:
+    """``(k, d)`` category vectors from ``label_texts(labels, mode)``: each text's embedding, or with
+    ``taxonomy_mean`` the mean of the unit-length embeddings of each label's lines (one text per line)."""
+    if mode != "taxonomy_mean":
+        return embedder.encode(texts)
+    lines = [[line for line in t.split("\n") if line.strip()] or [t] for t in texts]
+    flat = embedder.encode([line for group in lines for line in group])
+    flat = flat / np.linalg.norm(flat, axis=1, keepdims=True).clip(1e-12)
+    ends = np.cumsum([len(g) for g in lines])
+    return np.stack([flat[end - len(g) : end].mean(axis=0) for g, end in zip(lines, ends, strict=True)]).astype(
+        np.float32
+    )
+
+
 def make_embedders(config: EmbedConfig, *, model: str | None = None) -> tuple[Embedder, Embedder]:
     """(texts embedder, label-texts embedder) for ``model`` (default ``config.model``), prompts from presets."""
     ref = model or config.model
@@ -398,7 +412,7 @@ def embed_splits(
             }
             pause_for_test("embed:split-written")
         texts = label_texts(labels, str(config.label_text))
-        _save_npy(folder / "labels.npy", label_emb.encode(texts))
+        _save_npy(folder / "labels.npy", label_vectors(label_emb, texts, mode=str(config.label_text)))
         meta["labels"] = {"rows": len(texts), "texts_sha1": hashlib.sha1("\n".join(texts).encode()).hexdigest()}
         write_json(folder / "embeddings.json", meta)
         out[text_emb.model_ref] = folder

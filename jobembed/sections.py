@@ -45,6 +45,12 @@ class LabelText(StrEnum):
     name = "name"
     description = "description"
     name_description = "name_description"
+    # the label's own texts from prepare.taxonomy (its label_kinds), in the ads' language; name_description where
+    # the taxonomy has none for a label
+    taxonomy = "taxonomy"
+    # the mean of the embeddings of every taxonomy text rolled up into the label (prepare.taxonomy.prototype_kinds):
+    # a prototype from many short texts (occupation names, job titles) instead of one description
+    taxonomy_mean = "taxonomy_mean"
 
 
 class ChunkingMode(StrEnum):
@@ -74,11 +80,40 @@ class LabelSetConfig(_Strict):
     filter: dict[str, str] = Field(default_factory=dict)
 
 
+class TaxonomyRollUp(StrEnum):
+    prefix = "prefix"
+    map = "map"
+
+
+class TaxonomyConfig(_Strict):
+    """The label taxonomy's texts (``jobembed.taxonomy``): a table of code, text, kind; never ads."""
+
+    # Their content hashes are in prepare's key instead (as the input's).
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"path", "map"})
+
+    path: Path
+    code_col: str = "code"
+    text_col: str = "text"
+    kind_col: str = "kind"
+    # prefix: a text goes to the longest label code its code starts with (ISCO-style codes nest by digits);
+    # map: ``map`` is a CSV of code,label for taxonomies whose codes do not nest.
+    roll_up: TaxonomyRollUp = TaxonomyRollUp.prefix
+    map: Path | None = None
+    # The kinds of a label's own texts that make its text for ``embed.label_text: taxonomy``, in this order; empty:
+    # every kind, in table order.
+    label_kinds: list[str] = Field(default_factory=list)
+    # The kinds whose texts, at the label's level and every level below it, are averaged into its prototype for
+    # ``embed.label_text: taxonomy_mean``; empty: every kind. On pl-jobads the names (KZiS names at every level,
+    # occupation names, ESCO names) doubled zero-shot macro-F1 (experiments/taxonomy_labels.py).
+    prototype_kinds: list[str] = Field(default_factory=list)
+
+
 class PrepareConfig(_Strict):
     """``prepare``: read, validate, dedupe, split."""
 
     # The input file's content hash is in prepare's key, so moving or renaming the file re-runs nothing.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"input"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"taxonomy"})
 
     input: Path | None = None
     text_col: str = "text"
@@ -98,6 +133,8 @@ class PrepareConfig(_Strict):
     seed: int = 13
     # Stratified subsample before splitting; for demos and quick looks. None keeps everything.
     max_rows: int | None = Field(None, ge=10)
+    # The label taxonomy's own texts (prepare/taxonomy.parquet); None: no taxonomy.
+    taxonomy: TaxonomyConfig | None = None
 
     @model_validator(mode="after")
     def _shares_leave_training_data(self) -> PrepareConfig:

@@ -24,6 +24,7 @@ LAYERS = [
     "tables",
     "dedup",
     "data",
+    "taxonomy",
     "builtin_e5",
     "encoders",
     "onnx_backend",

@@ -198,7 +198,8 @@ def encode_with(
         else embed.Embedder(section, prompt=label_prompt, model=str(model), cache=False)
     )
     out = [texts.encode(frame[str(config.text_column)].tolist(), progress=False) for frame in frames]
-    return out, label.encode(embed.label_texts(labels, str(section.label_text)))
+    mode = str(section.label_text)
+    return out, embed.label_vectors(label, embed.label_texts(labels, mode), mode=mode)
 
 
 def _drop_checkpoints(folder: Path) -> None:

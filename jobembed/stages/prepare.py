@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -42,6 +43,17 @@ def _prepare_identity(config: PipelineConfig) -> dict[str, str]:
     out = {"input": file_sha256(Path(p.input))}
     if p.labels is not None and Path(p.labels.path).is_file():
         out["labels"] = file_sha256(Path(p.labels.path))
+    if p.taxonomy is not None:
+        for name, path in (("taxonomy", p.taxonomy.path), ("taxonomy_map", p.taxonomy.map)):
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                raise KeepStamp(
+                    f"the taxonomy file {path} (prepare.taxonomy.{'path' if name == 'taxonomy' else 'map'}) is not "
+                    "found",
+                    fix="check the path, or drop prepare.taxonomy",
+                )
+            out[name] = file_sha256(Path(path))
     return out
 
 
@@ -52,7 +64,38 @@ def _run_prepare(ctx: StageContext) -> dict[str, Any]:
             "prepare needs an input file", fix="pass --input (CSV, JSONL or Parquet) or set prepare.input"
         )
     result = data.prepare(config=config.prepare, out_dir=ctx.out, progress=ctx.progress)
+    if config.prepare.taxonomy is not None:
+        result.card["taxonomy"] = _add_taxonomy(config.prepare, ctx.out, result.card)
     return {"card": result.card}
+
+
+def _add_taxonomy(p: PrepareConfig, out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """taxonomy.parquet, each label's own taxonomy text in labels.json, and the taxonomy's counts in the data card."""
+    from jobembed import taxonomy
+    from jobembed.artifacts import atomic_write_bytes, write_json
+
+    assert p.taxonomy is not None
+    labels = read_json(out / "labels.json")
+    rare = card["rare_classes"]
+    merged = dict.fromkeys(rare["classes"], rare["merged_into"]) if rare["merged_into"] else {}
+    dropped = set(rare["classes"]) if str(rare["policy"]) == RarePolicy.drop.value else set()
+    table, summary = taxonomy.roll_up(
+        taxonomy.load_taxonomy(p.taxonomy),
+        labels=[str(d["label"]) for d in labels],
+        config=p.taxonomy,
+        merged=merged,
+        dropped=dropped,
+    )
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "taxonomy.parquet", buf.getvalue())
+    for d in labels:
+        d["taxonomy"] = taxonomy.label_text(table, str(d["label"]), p.taxonomy.label_kinds)
+        d["taxonomy_texts"] = taxonomy.label_texts_all(table, str(d["label"]), p.taxonomy.prototype_kinds)
+    write_json(out / "labels.json", labels)
+    card["taxonomy"] = summary
+    write_json(out / "data_card.json", card)
+    return summary
 
 
 @friendly
@@ -120,7 +163,7 @@ register(
         section="prepare",
         run=_run_prepare,
         identity=_prepare_identity,
-        products=("*.parquet", "labels.json"),
+        products=("*.parquet", "labels.json"),  # taxonomy.parquet too, when prepare.taxonomy is set
         help="read, validate, dedupe, group reposts, split",
         command=prepare_command,
     )
