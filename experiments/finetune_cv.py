@@ -26,7 +26,7 @@ from common import OUT, pl_jobads
 from finetune_quality import MAIN
 
 from jobembed.config import load_config
-from jobembed.evaluate import EvalSettings, System, cross_validate, cv_folds, dev_pool
+from jobembed.evaluate import EvalSettings, FoldVectors, System, cross_validate, cv_folds, dev_pool
 from jobembed.stages import pin_models, prepared, run_stages, run_vectors
 from jobembed.stages.finetune_cv import FoldsLeft
 
@@ -75,7 +75,7 @@ def print_folds(config) -> None:
         if not (unit / "stage.json").is_file():
             continue
         info = json.loads((unit / "fold.json").read_text())
-        tuned = (np.load(unit / "dev.npy"), np.load(unit / "labels.npy"))
+        tuned = FoldVectors(dev=np.load(unit / "dev.npy"), labels=np.load(unit / "labels.npy"))
         for name in ("centroid", "mlp"):
             one = [folds[k - 1]]
             base, _, _ = cross_validate(

@@ -126,19 +126,33 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
 class CentroidClassifier(CosineClassifier):
     """Cosine to the normalised mean training embedding of each class."""
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> CentroidClassifier:
-        """Args: X (n, dim) vectors; y (n,) labels."""
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> CentroidClassifier:
+        """Args: X (n, dim) vectors; y (n,) labels; sample_weight (n,) weights of the rows in their class's mean."""
         X, y = _unit(np.asarray(X)), np.asarray(y, dtype=str)
         classes = np.unique(y)
-        centroids = np.stack([X[y == c].mean(axis=0) for c in classes])
+        if sample_weight is None:
+            centroids = np.stack([X[y == c].mean(axis=0) for c in classes])
+        else:
+            w = np.asarray(sample_weight, dtype=np.float64)
+            centroids = np.stack([np.average(X[y == c], axis=0, weights=w[y == c] + 1e-12) for c in classes])
         return self.fit_prototypes(centroids, classes)
 
 
-def tfidf_logreg(config: TfidfConfig, *, seed: int = 13) -> Pipeline:
+def balanced_sample_weight(y: np.ndarray, sample_weight: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``class_weight="balanced"`` folded into per-row weights, counting each class by its rows' total
+    weight: ``w_i * W / (k * W_{y_i})``. Equal to ``"balanced"`` when every weight is 1."""
+    y, w = np.asarray(y, dtype=str), np.asarray(sample_weight, dtype=np.float64)
+    classes, idx = np.unique(y, return_inverse=True)
+    totals = np.bincount(idx, weights=w, minlength=len(classes))
+    return w * w.sum() / (len(classes) * np.maximum(totals[idx], 1e-12))
+
+
+def tfidf_logreg(config: TfidfConfig, *, seed: int = 13, balanced: bool = True) -> Pipeline:
     """TF-IDF over word and character n-grams, then multinomial logistic regression.
 
     Character n-grams (within word boundaries) carry Polish/Danish inflection and compounds that word
-    n-grams miss; sublinear TF keeps long boilerplate-heavy ads from dominating.
+    n-grams miss; sublinear TF keeps long boilerplate-heavy ads from dominating. ``balanced=False`` leaves the class
+    weights to the caller's ``logreg__sample_weight`` (``balanced_sample_weight``).
     """
     features = FeatureUnion(
         [
@@ -167,14 +181,19 @@ def tfidf_logreg(config: TfidfConfig, *, seed: int = 13) -> Pipeline:
         ]
     )
     clf = LogisticRegression(
-        C=config.C, max_iter=config.max_iter, tol=config.tol, class_weight="balanced", random_state=seed
+        C=config.C,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        class_weight="balanced" if balanced else None,
+        random_state=seed,
     )
     return Pipeline([("tfidf", features), ("logreg", clf)])
 
 
-def embedding_logreg(*, seed: int = 13, C: float = 10.0) -> LogisticRegression:
+def embedding_logreg(*, seed: int = 13, C: float = 10.0, balanced: bool = True) -> LogisticRegression:
     """Plain logistic regression on frozen embeddings: the reference an MLP head must beat.
 
     C=10 because unit-norm embeddings have small coordinates; the default C=1 over-regularises them.
+    ``balanced=False``: the caller passes ``balanced_sample_weight`` to ``fit``.
     """
-    return LogisticRegression(C=C, max_iter=3000, class_weight="balanced", random_state=seed)
+    return LogisticRegression(C=C, max_iter=3000, class_weight="balanced" if balanced else None, random_state=seed)

@@ -48,6 +48,7 @@ from jobembed.fingerprint import folder_fingerprint
 from jobembed.head import MLPHead
 from jobembed.hybrid import HybridHead
 from jobembed.sections import ClassifyConfig, CleanBackend, CleanConfig, EmbedConfig
+from jobembed.topdown import TopDownHead
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -86,8 +87,8 @@ class BundleCleaner(_Meta):
     info: dict[str, Any]  # Cleaner.info() at training time: backend, pattern and model fingerprints, schema
 
 
-HeadKind = Literal["mlp", "cosine", "hybrid"]
-Head = MLPHead | CosineClassifier | HybridHead
+HeadKind = Literal["mlp", "cosine", "hybrid", "topdown"]
+Head = MLPHead | CosineClassifier | HybridHead | TopDownHead
 
 
 def load_head(path: Path, kind: str, *, device: str = "auto") -> Head:
@@ -96,7 +97,22 @@ def load_head(path: Path, kind: str, *, device: str = "auto") -> Head:
         return MLPHead.load(path, device=device)
     if kind == "hybrid":
         return HybridHead.load(path, device=device)
+    if kind == "topdown":
+        return TopDownHead.load(path, device=device)
     return CosineClassifier.load(path)
+
+
+def _kind_of(model: Head) -> HeadKind:
+    if isinstance(model, MLPHead):
+        return "mlp"
+    if isinstance(model, HybridHead):
+        return "hybrid"
+    return "topdown" if isinstance(model, TopDownHead) else "cosine"
+
+
+def reads_texts(head: Head) -> bool:
+    """Whether the head's ``predict_proba`` takes the texts beside the vectors (the lexical part of a hybrid)."""
+    return isinstance(head, HybridHead | TopDownHead)
 
 
 class BundleHead(_Meta):
@@ -154,7 +170,7 @@ def save_bundle(
     """Write a bundle folder (replacing an older one as a whole, atomically).
 
     Args:
-        model: a fitted MLPHead, HybridHead or cosine classifier on ``encoder``'s vectors.
+        model: a fitted MLPHead, HybridHead, TopDownHead or cosine classifier on ``encoder``'s vectors.
         system: the system name it came from (``mlp``, ``hier``, ``fusion``, ``stack``, ``centroid``, ``zeroshot``).
         encoder: the encoder setting of the training vectors (reference, fingerprint, precision, prompt, length).
         labels: frame with ``label``, ``name``, ``description``.
@@ -180,7 +196,7 @@ def save_bundle(
             system=system,
             text_column=config.text_column,
             head=BundleHead(
-                kind="mlp" if isinstance(model, MLPHead) else "hybrid" if isinstance(model, HybridHead) else "cosine",
+                kind=_kind_of(model),
                 path="head",
             ),
             encoder=BundleEncoder(
@@ -390,7 +406,7 @@ class Bundle:
         cleaned = None if cleaner is None else cleaner.clean(list(texts), progress=progress)
         seen = list(texts) if cleaned is None else cleaned.texts
         X = self.embedder.encode(seen, progress=progress, description="classify")
-        if isinstance(self.head, HybridHead):
+        if reads_texts(self.head):
             return self.head.predict_proba(X, texts=seen), cleaned
         return self.head.predict_proba(X), cleaned
 

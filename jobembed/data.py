@@ -703,6 +703,18 @@ def load_labels(prepare_dir: Path) -> pd.DataFrame:
     return frame.fillna("").astype(str)
 
 
+def load_taxonomy_rows(prepare_dir: Path) -> pd.DataFrame | None:
+    """prepare's ``taxonomy.parquet`` (``code, text, kind, label, own``; see ``jobembed.taxonomy``), or None when the
+    run has no taxonomy. Row order is the file's: every encoder's ``taxonomy.npy`` follows it."""
+    path = Path(prepare_dir) / "taxonomy.parquet"
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path)
+    for column in ("code", "text", "kind", "label"):
+        frame[column] = frame[column].astype(str)
+    return frame
+
+
 def label_texts(labels: pd.DataFrame, mode: str) -> list[str]:
     """The text embedded for each category in zero-shot: its name, description, or both.
 

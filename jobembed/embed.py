@@ -360,6 +360,7 @@ def embed_splits(
     out_dir: Path,
     config: EmbedConfig,
     text_column: str = "text",
+    taxonomy: pd.DataFrame | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
     """The ``embed`` stage: encode every split and the category texts with every encoder of the run.
@@ -369,7 +370,10 @@ def embed_splits(
         labels: ``labels.json`` as a frame (``label``, ``name``, ``description``).
         out_dir: the run's ``embed/`` folder; receives one ``<name>-<fingerprint>/`` folder per encoder with
             ``{split}.npy`` (float32, (n_rows, dim), split order), ``labels.npy`` (labels.json order) and
-            ``embeddings.json`` (model, fingerprint, prompts, length, precision, row counts, id hashes).
+            ``embeddings.json`` (model, fingerprint, prompts, length, precision, row counts, id hashes), and
+            ``taxonomy.npy`` (rows in ``taxonomy`` order) when the run has a taxonomy.
+        taxonomy: prepare's ``taxonomy.parquet`` (``text``, ``label``, ...): its texts are encoded like ads (the text
+            prompt), since the systems may train on them beside the ads (``report.taxonomy_rows``).
 
     Returns:
         canonical model reference -> its folder.
@@ -414,14 +418,24 @@ def embed_splits(
         texts = label_texts(labels, str(config.label_text))
         _save_npy(folder / "labels.npy", label_vectors(label_emb, texts, mode=str(config.label_text)))
         meta["labels"] = {"rows": len(texts), "texts_sha1": hashlib.sha1("\n".join(texts).encode()).hexdigest()}
+        if taxonomy is not None:
+            rows = taxonomy["text"].astype(str).tolist()
+            vectors = text_emb.encode(rows, progress=progress, description=f"{short}: taxonomy")
+            _save_npy(folder / "taxonomy.npy", vectors)
+            meta["taxonomy"] = {"rows": len(rows), "texts_sha1": texts_sha1(rows)}
         write_json(folder / "embeddings.json", meta)
         out[text_emb.model_ref] = folder
     return out
 
 
+def texts_sha1(texts: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass
 class RunVectors:
-    """One encoder's vectors for a prepared run, rows aligned with the splits and labels.json."""
+    """One encoder's vectors for a prepared run, rows aligned with the splits and labels.json (and the taxonomy's
+    rows in prepare's ``taxonomy.parquet`` order, when the run has a taxonomy)."""
 
     model: str
     fingerprint: str
@@ -431,6 +445,7 @@ class RunVectors:
     val: np.ndarray
     test: np.ndarray
     labels: np.ndarray
+    taxonomy: np.ndarray | None = None
 
 
 def load_vectors(
@@ -441,8 +456,10 @@ def load_vectors(
     splits: dict[str, pd.DataFrame],
     labels: pd.DataFrame,
     text_column: str,
+    taxonomy: pd.DataFrame | None = None,
 ) -> RunVectors:
-    """Read the ``embed`` stage's vectors for ``model`` and check they still belong to these splits.
+    """Read the ``embed`` stage's vectors for ``model`` and check they still belong to these splits (and to
+    ``taxonomy``'s texts, when given).
 
     Raises:
         DataError: no vectors for this encoder, or vectors made for other rows, another text column,
@@ -484,11 +501,17 @@ def load_vectors(
     texts = label_texts(labels, str(config.label_text))
     if meta.get("labels", {}).get("texts_sha1") != hashlib.sha1("\n".join(texts).encode()).hexdigest():
         raise DataError(f"{folder}/labels.npy was made for other category texts", fix=rerun)
+    taxonomy_vectors = None
+    if taxonomy is not None:
+        if meta.get("taxonomy", {}).get("texts_sha1") != texts_sha1(taxonomy["text"].astype(str).tolist()):
+            raise DataError(f"{folder} holds no vectors of this run's taxonomy texts (taxonomy.npy)", fix=rerun)
+        taxonomy_vectors = np.load(folder / "taxonomy.npy", allow_pickle=False)
     return RunVectors(
         model=resolved.ref,
         fingerprint=fingerprint,
         precision=str(meta["precision"]),
         text_prompt=meta.get("text_prompt"),
         labels=np.load(folder / "labels.npy", allow_pickle=False),
+        taxonomy=taxonomy_vectors,
         **vectors,
     )

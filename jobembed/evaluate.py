@@ -12,7 +12,13 @@ tfidf       word + char n-gram TF-IDF + logistic regression on the text column
 fusion      late fusion of calibrated TF-IDF + LR and MLP probabilities, weight chosen on validation
 stack       the MLP on the embedding plus out-of-fold TF-IDF + LR log-probabilities
 hier        the MLP with a second loss on the parent level of nested codes (ISCO sub-major in major)
+topdown     the parent group first, then the class within it, probabilities multiplied (``report.topdown_base``:
+            fusion or MLP models at both levels; the published reference's recipe on pl-jobads)
 ==========  ===============================================================================
+
+Taxonomy rows (``report.taxonomy_rows``): the label taxonomy's own texts (prepare's ``taxonomy.parquet``) join the
+training side of every fit of the systems that train (centroid, logreg, mlp, tfidf, fusion, hier, topdown), each
+weighing ``weight`` of an ad; never a validation slice, a held-out fold or test, since they are not ads.
 
 Protocol: (1) fit on ``train`` (the MLP stops early on ``val``), score once on the held-out ``test``
 split, with bootstrap intervals that resample repost groups; (2) stratified, repost-grouped k-fold
@@ -39,7 +45,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from jobembed import metrics, ui
-from jobembed.baselines import CentroidClassifier, CosineClassifier, embedding_logreg, tfidf_logreg
+from jobembed.baselines import (
+    CentroidClassifier,
+    CosineClassifier,
+    balanced_sample_weight,
+    embedding_logreg,
+    tfidf_logreg,
+)
 from jobembed.config import TextColumn
 from jobembed.embed import RunVectors, encoder_slug, short_name
 from jobembed.errors import DataError
@@ -47,10 +59,16 @@ from jobembed.head import MLPHead, holdout_split
 from jobembed.hierarchy import Hierarchy, find_hierarchy
 from jobembed.hybrid import HybridHead
 from jobembed.sections import HeadConfig, ReportConfig
+from jobembed.topdown import TopDownHead
 
 REPORT_FORMAT = "jobembed-report/4"
-BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "centroid", "zeroshot")
+BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "topdown", "centroid", "zeroshot")
 HYBRID_SYSTEMS = ("fusion", "stack")
+# The systems that read texts as well as vectors (predict_proba(X, texts=...)).
+TEXT_SYSTEMS = ("fusion", "stack", "topdown")
+# The systems that train on taxonomy rows when report.taxonomy_rows is set (zero-shot trains on nothing; the stack's
+# out-of-fold features would need the rows inside its inner folds, which are repost groups of ads).
+EXTRA_ROW_SYSTEMS = ("centroid", "logreg", "mlp", "tfidf", "fusion", "hier", "topdown")
 SYSTEM_TITLES = {
     "zeroshot": "zero-shot cosine (category texts)",
     "centroid": "centroid cosine",
@@ -60,7 +78,37 @@ SYSTEM_TITLES = {
     "fusion": "late fusion of TF-IDF + LR and the MLP head",
     "stack": "MLP head on embedding + out-of-fold TF-IDF + LR",
     "hier": "MLP head with a parent-level loss (hierarchy)",
+    "topdown": "top-down: parent group, then the class within it",
 }
+
+
+@dataclass(frozen=True)
+class FoldVectors:
+    """One CV fold's encoder's vectors: the dev pool (train + val order), the category texts, and the taxonomy's
+    texts (None when the run has no taxonomy)."""
+
+    dev: np.ndarray
+    labels: np.ndarray
+    taxonomy: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ExtraRows:
+    """Labelled texts that are not ads (``report.taxonomy_rows``), joined to the training side of every fit of the
+    ``EXTRA_ROW_SYSTEMS``, ``weight`` each (an ad weighs 1).
+
+    Attributes:
+        rows: indices into prepare's taxonomy table, and so into every encoder's taxonomy vectors.
+        texts: those rows' texts (what TF-IDF reads); labels: their labels.
+        weight: each row's weight relative to an ad.
+        kinds: the taxonomy kinds they come from (for the report).
+    """
+
+    rows: np.ndarray
+    texts: list[str]
+    labels: np.ndarray
+    weight: float
+    kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,9 +123,9 @@ class System:
     vectors: RunVectors | None = field(default=None, compare=False, hash=False)
     slug: str | None = None
     display_encoder: str | None = None
-    # A fine-tuning recipe run inside the CV: per fold, (dev vectors, category vectors) of that fold's encoder; the
-    # held-out protocol (test split) reads ``vectors``, the finetune stage's encoder.
-    fold_vectors: tuple[tuple[np.ndarray, np.ndarray], ...] | None = field(default=None, compare=False, hash=False)
+    # A fine-tuning recipe run inside the CV: per fold, that fold's encoder's vectors; the held-out protocol (test
+    # split) reads ``vectors``, the finetune stage's encoder.
+    fold_vectors: tuple[FoldVectors, ...] | None = field(default=None, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -118,18 +166,57 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What evaluation reads of a run's config: its own section, the MLP head's, the text the systems read, and the
-    seed of the splits that every model and fold is seeded from."""
+    """What evaluation reads of a run's config: its own section, the MLP head's, the text the systems read, the
+    seed of the splits that every model and fold is seeded from, and the taxonomy rows the systems train on."""
 
     report: ReportConfig
     head: HeadConfig
     text_column: TextColumn
     seed: int
+    extra: ExtraRows | None = None
 
     @classmethod
-    def of(cls, config: Any) -> EvalSettings:
-        """From a PipelineConfig (``report``, ``head``, ``text_column`` and ``prepare.seed``)."""
-        return cls(report=config.report, head=config.head, text_column=config.text_column, seed=config.prepare.seed)
+    def of(cls, config: Any, extra: ExtraRows | None = None) -> EvalSettings:
+        """From a PipelineConfig (``report``, ``head``, ``text_column`` and ``prepare.seed``) and the run's taxonomy
+        rows (``extra_rows``)."""
+        return cls(
+            report=config.report,
+            head=config.head,
+            text_column=config.text_column,
+            seed=config.prepare.seed,
+            extra=extra,
+        )
+
+
+def extra_rows(config: Any, taxonomy: pd.DataFrame | None) -> ExtraRows | None:
+    """The taxonomy rows ``report.taxonomy_rows`` asks for, from prepare's taxonomy table.
+
+    Raises:
+        DataError: rows are asked for, but the run has no taxonomy, or none of its rows is of the kinds asked for.
+    """
+    wanted = config.report.taxonomy_rows
+    if wanted is None:
+        return None
+    if taxonomy is None:
+        raise DataError(
+            "report.taxonomy_rows is set, but this run's prepare read no taxonomy (prepare/taxonomy.parquet)",
+            fix="set prepare.taxonomy (a table of code, text, kind) and re-run prepare, or unset report.taxonomy_rows",
+        )
+    keep = taxonomy["kind"].isin(wanted.kinds).to_numpy() if wanted.kinds else np.ones(len(taxonomy), dtype=bool)
+    if not keep.any():
+        raise DataError(
+            f"report.taxonomy_rows.kinds {wanted.kinds} match no taxonomy row",
+            found="kinds " + ", ".join(sorted(set(taxonomy["kind"]))),
+            fix="name kinds the taxonomy has, or leave kinds empty for all of them",
+        )
+    rows = np.flatnonzero(keep)
+    return ExtraRows(
+        rows=rows,
+        texts=taxonomy["text"].iloc[rows].astype(str).tolist(),
+        labels=taxonomy["label"].iloc[rows].to_numpy(dtype=str),
+        weight=float(wanted.weight),
+        kinds=tuple(sorted(set(taxonomy["kind"].iloc[rows]))),
+    )
 
 
 @dataclass(frozen=True)
@@ -139,13 +226,13 @@ class TunedCV:
 
     Attributes:
         tuned: the finetune stage's encoder's vectors of every split.
-        folds: per CV fold, (dev vectors in train + val order, category vectors) of that fold's encoder.
+        folds: per CV fold, that fold's encoder's vectors (dev pool in train + val order, category texts, taxonomy).
         base: the frozen encoder's reference it was fine-tuned from (its systems are the comparison).
         display: what tables call the encoder (``multilingual-e5-small-finetuned``).
     """
 
     tuned: RunVectors
-    folds: tuple[tuple[np.ndarray, np.ndarray], ...]
+    folds: tuple[FoldVectors, ...]
     base: str
     display: str
 
@@ -185,8 +272,13 @@ def _fit_predict(
     X_eval: np.ndarray | None,
     texts_eval: list[str],
     hierarchy: Hierarchy | None = None,
+    X_extra: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Fit one system on dev rows ``train_idx`` (``val_idx`` for early stopping) and predict the eval rows.
+
+    With ``settings.extra`` (taxonomy rows) the systems of ``EXTRA_ROW_SYSTEMS`` also train on those rows
+    (``X_extra``: their vectors from the system's encoder), weighted; the heads' held-out slice is then cut here,
+    from the ads alone, exactly as the head would cut it.
 
     Returns:
         (predicted labels for the eval rows, the fitted model)
@@ -194,47 +286,89 @@ def _fit_predict(
     col = settings.text_column
     y = dev["label"].to_numpy(dtype=str)
     texts_dev = dev[col].tolist()
+    extra = settings.extra if system.name in EXTRA_ROW_SYSTEMS else None
+    if extra is not None and system.vectors is not None and X_extra is None:
+        raise DataError(
+            f"{system.display} has no vectors of the taxonomy texts that report.taxonomy_rows asks for",
+            fix="re-run `jobembed embed RUN` (every encoder encodes the taxonomy texts of a run that has them)",
+        )
+    heads_hold_out = system.name in ("mlp", "hier", "fusion", "topdown")
+    if extra is not None and heads_hold_out and (val_idx is None or not len(val_idx)):
+        # the slice the head would hold out of the fold's ads (same function, fraction, seed and groups)
+        tr, va = holdout_split(
+            np.unique(y[train_idx], return_inverse=True)[1],
+            fraction=settings.head.validation_fraction,
+            seed=settings.head.seed,
+            groups=dev["group"].to_numpy()[train_idx],
+        )
+        train_idx, val_idx = train_idx[tr], train_idx[va]
+    weights = None
+    if extra is not None:
+        weights = np.concatenate([np.ones(len(train_idx)), np.full(len(extra.labels), extra.weight)])
+    texts_tr = [texts_dev[i] for i in train_idx] + (extra.texts if extra is not None else [])
+    y_tr = np.concatenate([y[train_idx], extra.labels]) if extra is not None else y[train_idx]
     if system.name == "tfidf":
-        model = tfidf_logreg(settings.report.tfidf, seed=settings.seed)
-        model.fit([texts_dev[i] for i in train_idx], y[train_idx])
+        if extra is None:
+            model = tfidf_logreg(settings.report.tfidf, seed=settings.seed)
+            model.fit(texts_tr, y_tr)
+        else:
+            model = tfidf_logreg(settings.report.tfidf, seed=settings.seed, balanced=False)
+            model.fit(texts_tr, y_tr, logreg__sample_weight=balanced_sample_weight(y_tr, weights))
         return np.asarray(model.predict(texts_eval), dtype=str), model
     assert system.vectors is not None and X_dev is not None and X_eval is not None
-    X_tr, y_tr = X_dev[train_idx], y[train_idx]
+    X_tr = X_dev[train_idx] if extra is None else np.concatenate([X_dev[train_idx], X_extra]).astype(np.float32)
     X_val = X_dev[val_idx] if val_idx is not None and len(val_idx) else None
     y_val = y[val_idx] if X_val is not None else None
+    texts_val = None if X_val is None else [texts_dev[i] for i in val_idx]
     # Repost groups always: the stack's out-of-fold TF-IDF features and any held-out rows keep reposts together.
     groups = dev["group"].to_numpy()[train_idx]
+    if extra is not None:  # each taxonomy row is its own group (none is held out: the slice is cut above)
+        groups = np.concatenate([groups, groups.max(initial=0) + 1 + np.arange(len(extra.labels))])
     if system.name in HYBRID_SYSTEMS:
         model = HybridHead(
             mode=system.name, head=settings.head, tfidf=settings.report.tfidf, hybrid=settings.report.hybrid
         ).fit(
-            X_tr,
-            y_tr,
-            texts=[texts_dev[i] for i in train_idx],
-            X_val=X_val,
-            y_val=y_val,
-            texts_val=None if X_val is None else [texts_dev[i] for i in val_idx],
-            groups=groups,
-        )
+            X_tr, y_tr, texts=texts_tr, X_val=X_val, y_val=y_val, texts_val=texts_val, groups=groups,
+            sample_weight=weights,
+        )  # fmt: skip
+        return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
+    if system.name == "topdown":
+        parents = hierarchy.parents if hierarchy is not None else {}
+        model = TopDownHead(
+            base=str(settings.report.topdown_base),
+            head=settings.head,
+            tfidf=settings.report.tfidf,
+            hybrid=settings.report.hybrid,
+        ).fit(
+            X_tr, y_tr, texts=texts_tr, parents=parents, X_val=X_val, y_val=y_val, texts_val=texts_val,
+            groups=groups, sample_weight=weights,
+        )  # fmt: skip
         return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
     if system.name == "zeroshot":
         model = CosineClassifier().fit_prototypes(system.vectors.labels, labels["label"].astype(str).tolist())
     elif system.name == "centroid":
-        model = CentroidClassifier().fit(X_tr, y_tr)
+        model = CentroidClassifier().fit(X_tr, y_tr, sample_weight=weights)
     elif system.name == "logreg":
-        model = embedding_logreg(seed=settings.seed).fit(X_tr, y_tr)
+        if weights is None:
+            model = embedding_logreg(seed=settings.seed).fit(X_tr, y_tr)
+        else:
+            model = embedding_logreg(seed=settings.seed, balanced=False)
+            model.fit(X_tr, y_tr, sample_weight=balanced_sample_weight(y_tr, weights))
     elif system.name in ("mlp", "hier"):
         head_config = settings.head
         parents = hierarchy.parents if hierarchy is not None and system.name == "hier" else None
         if parents:  # with a flat label set `hier` is the flat MLP (the report's hierarchy note says so)
             head_config = head_config.model_copy(update={"parent_weight": settings.report.hierarchy_weight})
         model = MLPHead.from_config(head_config).fit(
-            X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, parents=parents
+            X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, parents=parents, sample_weight=weights
         )
     else:  # pragma: no cover - guarded by the config's enum
         raise ValueError(system.name)
     if isinstance(model, CosineClassifier):
-        _calibrate_cosine(model, X_tr, y_tr, X_val=X_val, y_val=y_val, groups=groups, head=settings.head)
+        n_ads = len(train_idx)  # the calibration slice comes from the ads
+        _calibrate_cosine(
+            model, X_tr[:n_ads], y_tr[:n_ads], X_val=X_val, y_val=y_val, groups=groups[:n_ads], head=settings.head
+        )
     return np.asarray(model.predict(X_eval), dtype=str), model
 
 
@@ -281,7 +415,15 @@ def fit_on_train(
         X_eval=None if v is None else v.test,
         texts_eval=splits["test"][settings.text_column].tolist(),
         hierarchy=hierarchy,
+        X_extra=_extra_vectors(settings, None if v is None else v.taxonomy),
     )
+
+
+def _extra_vectors(settings: EvalSettings, taxonomy: np.ndarray | None) -> np.ndarray | None:
+    """The taxonomy rows' vectors of one encoder (None without taxonomy rows or without that encoder's vectors)."""
+    if settings.extra is None or taxonomy is None:
+        return None
+    return taxonomy[settings.extra.rows]
 
 
 def uncalibrated_proba(model: Any, X: np.ndarray | None) -> np.ndarray | None:
@@ -295,7 +437,7 @@ def predict_proba(system: System, model: Any, X: np.ndarray | None, texts: list[
     """``(n, k)`` probabilities of a fitted system, columns in ``model.classes_`` order."""
     if system.name == "tfidf":
         return np.asarray(model.predict_proba(texts))
-    if system.name in HYBRID_SYSTEMS:
+    if system.name in TEXT_SYSTEMS:
         return model.predict_proba(X, texts=texts)
     return np.asarray(model.predict_proba(X))
 
@@ -434,9 +576,11 @@ def cross_validate(
     confidence, correct = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
     predictions = np.empty(len(dev), dtype=object)
     for i, (tr, te) in enumerate(folds):
+        taxonomy = system.vectors.taxonomy if system.vectors is not None else None
         if system.fold_vectors is not None:
-            X_dev, fold_labels = system.fold_vectors[i]
-            system = replace(system, vectors=replace(system.vectors, labels=fold_labels))
+            fold_vectors = system.fold_vectors[i]
+            X_dev, taxonomy = fold_vectors.dev, fold_vectors.taxonomy
+            system = replace(system, vectors=replace(system.vectors, labels=fold_vectors.labels, taxonomy=taxonomy))
         X_eval = X_dev[te] if X_dev is not None else None
         texts_eval = dev[settings.text_column].iloc[te].tolist()
         pred, model = _fit_predict(
@@ -450,6 +594,7 @@ def cross_validate(
             X_eval=X_eval,
             texts_eval=texts_eval,
             hierarchy=hierarchy,
+            X_extra=_extra_vectors(settings, taxonomy),
         )
         proba = predict_proba(system, model, X_eval, texts_eval)
         confidence[te], correct[te] = metrics.confidence_and_correct(y_dev[te], proba, model.classes_)
@@ -591,6 +736,10 @@ def evaluate_systems(
             "text_column": col,
         },
         "hierarchy": {"parents": hierarchy.parents, "note": hierarchy.note},
+        "taxonomy_rows": _extra_summary(settings.extra),
+        # Rare classes, where macro-F1 is lost: per-class F1 over the pooled out-of-fold answers (every dev ad
+        # predicted once; test F1 on a class with 1-4 test ads is noise), for the classes with few dev ads.
+        "rare_classes_oof": _rare_classes(y_dev, oof_pred, ranking, max_ads=settings.report.rare_class_max_ads),
         "systems": results,
         "ranking": ranking,
         "winner": winner,
@@ -598,6 +747,39 @@ def evaluate_systems(
         "pairwise": pairwise,
     }
     return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test, oof, oof_pred)
+
+
+def _extra_summary(extra: ExtraRows | None) -> dict[str, Any] | None:
+    if extra is None:
+        return None
+    counts = pd.Series(extra.labels).value_counts()
+    return {
+        "rows": len(extra.labels),
+        "kinds": list(extra.kinds),
+        "weight": extra.weight,
+        "systems": [s for s in EXTRA_ROW_SYSTEMS],
+        "labels_reached": len(counts),
+        "rows_per_label": {str(k): int(v) for k, v in counts.sort_index().items()},
+    }
+
+
+def _rare_classes(
+    y_dev: np.ndarray, oof_pred: Mapping[str, np.ndarray], ranking: list[str], *, max_ads: int
+) -> dict[str, Any]:
+    """Per-class precision, recall and F1 of every system over the pooled out-of-fold answers, for the classes with
+    at most ``max_ads`` dev ads (their counts beside them)."""
+    counts = pd.Series(y_dev).value_counts()
+    rare = sorted(counts[counts <= max_ads].index.astype(str), key=lambda c: (counts[c], c))
+    out: dict[str, Any] = {"max_ads": max_ads, "classes": {c: int(counts[c]) for c in rare}, "systems": {}}
+    if not rare:
+        return out
+    for key in ranking:
+        table = metrics.per_class_table(y_dev, oof_pred[key], labels=rare)
+        out["systems"][key] = {
+            row.label: {"precision": float(row.precision), "recall": float(row.recall), "f1": float(row.f1)}
+            for row in table.itertuples()
+        }
+    return out
 
 
 def _versus_frozen(

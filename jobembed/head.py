@@ -326,6 +326,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         y_val: Any = None,
         groups: Any = None,
         parents: Mapping[str, str] | None = None,
+        sample_weight: Any = None,
     ) -> MLPHead:
         """Train on embeddings, stop early on validation macro-F1, then calibrate the temperature.
 
@@ -339,6 +340,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                 rows never share a group with the training rows, so early stopping is not fooled by copies.
             parents: ``{class: parent class}`` for the parent-level loss (``parent_weight`` > 0); classes
                 missing from it are their own parent. Ignored when ``parent_weight`` is 0.
+            sample_weight: ``(n,)`` non-negative weights of ``X``'s rows in the loss, the class weights and the
+                standardisation (rows that are not ads, such as taxonomy texts, weigh less than an ad). Needs
+                ``X_val``: rows of another kind must not be held out for early stopping.
 
         Returns:
             ``self``.
@@ -356,6 +360,15 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise HeadInputError("pass both X_val and y_val, or neither")
         if groups is not None and len(groups) != X.shape[0]:
             raise HeadInputError(f"groups has {len(groups)} entries but X has {X.shape[0]} rows")
+        weights = None
+        if sample_weight is not None:
+            weights = np.asarray(sample_weight, dtype=np.float64)
+            if weights.shape != (X.shape[0],) or not np.isfinite(weights).all() or (weights < 0).any():
+                raise HeadInputError(
+                    f"sample_weight must be {X.shape[0]} finite non-negative numbers, found shape {weights.shape}"
+                )
+            if X_val is None:
+                raise HeadInputError("sample_weight needs X_val and y_val", fix="hold out validation rows yourself")
         if X_val is None:
             tr, va = self._holdout(y_idx, seed, None if groups is None else np.asarray(groups))
             X_tr, y_tr, X_va, y_va = X[tr], y_idx[tr], X[va], y_idx[va]
@@ -381,7 +394,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.parents_ = {str(c): str(parents.get(str(c), c)) for c in classes} if self.parent_weight and parents else {}
         self.n_features_in_ = X.shape[1]
         self.device_ = str(device)
-        self.class_weights_ = class_weights(np.bincount(y_tr, minlength=len(classes)), self.class_weight)
+        # With sample weights a class's count is its rows' total weight (what the loss sees of it).
+        counts = np.bincount(y_tr, weights=weights, minlength=len(classes))
+        self.class_weights_ = class_weights(counts, self.class_weight)
         # A private RNG scope: seeding must not disturb the caller's global torch state.
         if device.type == "cuda":
             fork = torch.random.fork_rng(devices=[device.index or torch.cuda.current_device()], device_type="cuda")
@@ -394,9 +409,14 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                 # Unit-norm sentence embeddings have tiny, unevenly scaled coordinates; z-scoring them on the
                 # training rows helps the first layer (5-fold CV on the dev pool: experiments/head_ablation.py).
                 stats = self.model_[0]
-                stats.mean.copy_(torch.from_numpy(X_tr.mean(axis=0)).to(device))
-                stats.scale.copy_(torch.from_numpy(X_tr.std(axis=0) + 1e-6).to(device))
-            self._train(X_tr, y_tr, X_va, y_va, device, seed)
+                if weights is None:
+                    mean, std = X_tr.mean(axis=0), X_tr.std(axis=0)
+                else:
+                    mean = np.average(X_tr, axis=0, weights=weights).astype(np.float32)
+                    std = np.sqrt(np.average((X_tr - mean) ** 2, axis=0, weights=weights)).astype(np.float32)
+                stats.mean.copy_(torch.from_numpy(mean).to(device))
+                stats.scale.copy_(torch.from_numpy(std + 1e-6).to(device))
+            self._train(X_tr, y_tr, X_va, y_va, device, seed, weights)
         self.model_.eval()
 
         val_logits = self._logits(X_va)
@@ -412,12 +432,28 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _train(
-        self, X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, device: torch.device, seed: int
+        self,
+        X_tr: np.ndarray,
+        y_tr: np.ndarray,
+        X_va: np.ndarray,
+        y_va: np.ndarray,
+        device: torch.device,
+        seed: int,
+        sample_weight: np.ndarray | None = None,
     ) -> None:
         model = self.model_
         opt = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         weight = torch.tensor(self.class_weights_, dtype=torch.float32, device=device)
-        ce = nn.CrossEntropyLoss(weight=weight)
+        ce_mean = nn.CrossEntropyLoss(weight=weight)
+        rows_w = None if sample_weight is None else torch.from_numpy(sample_weight.astype(np.float32)).to(device)
+
+        def ce(logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+            if w is None:
+                return ce_mean(logits, target)
+            # the class-weighted mean, each row also counted w times (as CrossEntropyLoss(weight=...) normalises)
+            per_row = nn.functional.cross_entropy(logits, target, weight=weight, reduction="none")
+            return (per_row * w).sum() / (weight[target] * w).sum().clamp_min(1e-12)
+
         if self.parent_weight and self.parents_:
             # The parent's log-probability is the logsumexp of its children's: consistent with the class
             # probabilities by construction, so "sub-major summed into major" is what the loss trains.
@@ -425,10 +461,12 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             log_mask = torch.from_numpy(mask).to(device)
             y_parent = torch.from_numpy(np.argmax(mask == 0, axis=1)).to(device)
 
-            def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            def loss_fn(logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
                 logp = torch.log_softmax(logits, dim=1)
                 parent_logp = torch.logsumexp(logp.unsqueeze(2) + log_mask.unsqueeze(0), dim=1)
-                return ce(logits, target) + self.parent_weight * nn.functional.nll_loss(parent_logp, y_parent[target])
+                parent_nll = nn.functional.nll_loss(parent_logp, y_parent[target], reduction="none")
+                parent_nll = parent_nll.mean() if w is None else (parent_nll * w).sum() / w.sum().clamp_min(1e-12)
+                return ce(logits, target, w) + self.parent_weight * parent_nll
         else:
             loss_fn = ce
         Xt, yt = torch.from_numpy(X_tr).to(device), torch.from_numpy(y_tr.astype(np.int64)).to(device)
@@ -451,7 +489,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                 perm = torch.randperm(n, generator=gen).to(device)
                 for start in range(0, n, self.batch_size):
                     idx = perm[start : start + self.batch_size]
-                    loss = loss_fn(model(Xt[idx]), yt[idx])
+                    loss = loss_fn(model(Xt[idx]), yt[idx], None if rows_w is None else rows_w[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

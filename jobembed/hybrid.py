@@ -37,7 +37,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.validation import check_is_fitted
 
 from jobembed.artifacts import check_format, file_sha256, read_json, write_json
-from jobembed.baselines import tfidf_logreg
+from jobembed.baselines import balanced_sample_weight, tfidf_logreg
 from jobembed.errors import BundleError, DataError
 from jobembed.head import MLPHead, holdout_split
 from jobembed.metrics import fit_temperature, nll
@@ -58,9 +58,10 @@ _FITS: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 _FITS_KEPT = 12
 
 
-def _fit_key(texts: list[str], y: np.ndarray, config: TfidfConfig, seed: int) -> str:
+def _fit_key(texts: list[str], y: np.ndarray, config: TfidfConfig, seed: int, weights: np.ndarray | None = None) -> str:
     h = hashlib.sha1()
-    for part in (config.model_dump_json(), str(seed), "\x1e".join(texts), "\x1e".join(y.tolist())):
+    w = "" if weights is None else weights.astype(np.float64).tobytes().hex()
+    for part in (config.model_dump_json(), str(seed), "\x1e".join(texts), "\x1e".join(y.tolist()), w):
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\x1d")
     return h.hexdigest()
@@ -87,24 +88,31 @@ class TfidfLogReg(ClassifierMixin, BaseEstimator):
         self.config = config
         self.random_state = random_state
 
-    def fit(self, texts: Sequence[str], y: Sequence[str]) -> TfidfLogReg:
+    def fit(self, texts: Sequence[str], y: Sequence[str], sample_weight: Sequence[float] | None = None) -> TfidfLogReg:
         """Fit on ``texts`` and their labels; the same inputs and settings fitted before in this process are not
-        fitted again (a deterministic fit: same seed, same result)."""
+        fitted again (a deterministic fit: same seed, same result). ``sample_weight``: per-row weights (rows that are
+        not ads weigh less); the classes stay balanced, each counted by its rows' total weight."""
         config, texts, y = self.config or TfidfConfig(), list(texts), np.asarray(y, dtype=str)
-        key = _fit_key(texts, y, config, self.random_state)
+        weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        key = _fit_key(texts, y, config, self.random_state, weights)
         if key in _FITS:
             _FITS.move_to_end(key)
         else:
-            _FITS[key] = self._fit_parts(texts, y, config)
+            _FITS[key] = self._fit_parts(texts, y, config, weights)
             while len(_FITS) > _FITS_KEPT:
                 _FITS.popitem(last=False)
         self.vectorizers_, self.coef_, self.intercept_, self.classes_ = _FITS[key]
         self.temperature_ = 1.0
         return self
 
-    def _fit_parts(self, texts: list[str], y: np.ndarray, config: TfidfConfig) -> tuple[Any, ...]:
-        pipe = tfidf_logreg(config, seed=self.random_state)
-        pipe.fit(texts, y)
+    def _fit_parts(
+        self, texts: list[str], y: np.ndarray, config: TfidfConfig, weights: np.ndarray | None = None
+    ) -> tuple[Any, ...]:
+        pipe = tfidf_logreg(config, seed=self.random_state, balanced=weights is None)
+        if weights is None:
+            pipe.fit(texts, y)
+        else:
+            pipe.fit(texts, y, logreg__sample_weight=balanced_sample_weight(y, weights))
         lr = pipe.named_steps["logreg"]
         coef, intercept = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
         if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
@@ -236,6 +244,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         y_val: Sequence[str] | None = None,
         texts_val: Sequence[str] | None = None,
         groups: Sequence[Any] | None = None,
+        sample_weight: Sequence[float] | None = None,
     ) -> HybridHead:
         """Fit both parts; validation rows (given, or held out stratified and repost-grouped) stop the MLP early,
         calibrate, and choose the fusion weight.
@@ -244,6 +253,8 @@ class HybridHead(ClassifierMixin, BaseEstimator):
             X: ``(n, d)`` embeddings; y: ``(n,)`` labels; texts: the ``n`` texts.
             X_val, y_val, texts_val: validation rows, all three or none.
             groups: ``(n,)`` repost groups, for the held-out rows and the stacking folds.
+            sample_weight: ``(n,)`` row weights for both parts (``fusion`` only, and only with validation rows
+                given: rows that are not ads are never held out).
         """
         if self.mode not in HYBRID_MODES:
             raise DataError(f"HybridHead mode={self.mode!r}", expected=" | ".join(HYBRID_MODES))
@@ -252,6 +263,8 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         if not (len(X) == len(y) == len(texts)):
             raise DataError(f"X, y and texts differ in length ({len(X)}, {len(y)}, {len(texts)})")
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        if sample_weight is not None and (self.mode != "fusion" or X_val is None):
+            raise DataError("HybridHead takes sample_weight in fusion mode with validation rows given")
         if X_val is None:
             y_idx = np.unique(y, return_inverse=True)[1]
             tr, va = holdout_split(y_idx, fraction=head.validation_fraction, seed=head.seed, groups=groups)
@@ -262,7 +275,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         X_val, y_val = np.asarray(X_val, dtype=np.float32)[known], y_val[known]
         texts_val = [t for t, k in zip(texts_val, known, strict=True) if k]
         self.classes_ = np.unique(y)
-        self.tfidf_ = TfidfLogReg(config=self.tfidf, random_state=head.seed).fit(texts, y)
+        self.tfidf_ = TfidfLogReg(config=self.tfidf, random_state=head.seed).fit(texts, y, sample_weight=sample_weight)
         if self.mode == "stack":
             oof = self._out_of_fold(texts, y, groups, folds=hybrid.stack_folds, seed=head.seed)
             val_feats = _aligned_log_proba(self.tfidf_, texts_val, self.classes_)
@@ -274,7 +287,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
             )
             self.weight_, self.temperature_, self.fusion_curve_ = None, 1.0, []
             return self
-        self.mlp_ = MLPHead.from_config(head).fit(X, y, X_val=X_val, y_val=y_val)
+        self.mlp_ = MLPHead.from_config(head).fit(X, y, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
         self.tfidf_.calibrate(texts_val, y_val)
         lt, lm = self._parts(X_val, texts_val)
         y_idx = np.searchsorted(self.classes_, y_val)

@@ -39,8 +39,12 @@ WINNER_FINETUNED_DIR = "winner-finetuned"
 
 
 def head_kind(system: str) -> str:
-    """How a bundle stores a system's head: ``mlp``, ``hybrid`` or ``cosine``."""
-    return "mlp" if system in ("mlp", "hier") else "hybrid" if system in HYBRID_SYSTEMS else "cosine"
+    """How a bundle stores a system's head: ``mlp``, ``hybrid``, ``topdown`` or ``cosine``."""
+    if system in ("mlp", "hier"):
+        return "mlp"
+    if system == "topdown":
+        return "topdown"
+    return "hybrid" if system in HYBRID_SYSTEMS else "cosine"
 
 
 def _selective_for_bundle(entry: dict[str, Any], oof: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any] | None:
@@ -306,6 +310,8 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
     lines += _hierarchy_section(metrics)
     lines += _selective_section(metrics)
     names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
+    lines += _taxonomy_rows_section(metrics)
+    lines += _rare_classes_section(metrics, names)
     lines += [
         "",
         f"## Per class ({res[winner]['display']}, test split)",
@@ -335,6 +341,47 @@ def render_markdown(metrics: dict[str, Any], *, labels: pd.DataFrame, per_class:
             "`../bundle/`.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _taxonomy_rows_section(metrics: dict[str, Any]) -> list[str]:
+    """What the taxonomy's texts added to the training side (``report.taxonomy_rows``)."""
+    t = metrics.get("taxonomy_rows")
+    if not t:
+        return []
+    return [
+        "",
+        "## Taxonomy rows",
+        "",
+        f"{t['rows']} texts of the label taxonomy (kinds: {', '.join(t['kinds'])}) joined the training side of every "
+        f"fit of {', '.join(t['systems'])}, each weighing {t['weight']:g} of an ad; they reach {t['labels_reached']} "
+        "labels. They are never in a validation slice, a held-out fold or the test split (they are not ads), so "
+        "every figure above is still measured on ads alone.",
+    ]
+
+
+def _rare_classes_section(metrics: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Per-class F1 of the rare classes over the pooled out-of-fold answers, for the best few systems."""
+    rare = metrics.get("rare_classes_oof") or {}
+    classes = rare.get("classes") or {}
+    if not classes:
+        return []
+    shown = [k for k in metrics["ranking"] if k in rare["systems"]][:4]
+    res = metrics["systems"]
+    lines = [
+        "",
+        f"## Rare classes (at most {rare['max_ads']} dev ads): F1 over the pooled out-of-fold answers",
+        "",
+        "Every dev ad is predicted once, by the fold model that did not see it or its reposts, so a class with 10 ads "
+        "has 10 answers here instead of the 1-2 it has on test (where F1 is noise). All systems: "
+        "`metrics.json` → `rare_classes_oof`.",
+        "",
+        "| label | name | dev ads | " + " | ".join(res[k]["display"] for k in shown) + " |",
+        "|---|---|---|" + "---|" * len(shown),
+    ]
+    for label, count in classes.items():
+        cells = " | ".join(_fmt(rare["systems"][k][label]["f1"]) for k in shown)
+        lines.append(f"| {label} | {names.get(label, '')} | {count} | {cells} |")
+    return lines
 
 
 def _hierarchy_section(metrics: dict[str, Any]) -> list[str]:

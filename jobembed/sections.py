@@ -67,6 +67,7 @@ class SystemName(StrEnum):
     fusion = "fusion"
     stack = "stack"
     hier = "hier"
+    topdown = "topdown"
 
 
 class LabelSetConfig(_Strict):
@@ -320,6 +321,22 @@ class HybridConfig(_Strict):
         return sorted(set(v))
 
 
+class TopDownBase(StrEnum):
+    mlp = "mlp"
+    fusion = "fusion"
+
+
+class TaxonomyRowsConfig(_Strict):
+    """The taxonomy's texts (prepare.taxonomy) as extra training rows of the systems that train; never held out."""
+
+    # Empty: every kind. The names (kzis_name, occupation, esco_name) are short and many; descriptions and tasks
+    # are long and one per group.
+    kinds: list[str] = Field(default_factory=list)
+    # A taxonomy row's weight relative to one ad. The rows are not ads (no boilerplate, another register), and some
+    # groups have hundreds of them: weighted low, they help rare classes without redrawing the frequent ones.
+    weight: float = Field(0.3, gt=0, le=10)
+
+
 class HierarchyMode(StrEnum):
     auto = "auto"  # labels that are digit codes nest by prefix (ISCO: sub-major 24 is inside major 2)
     off = "off"
@@ -345,6 +362,12 @@ class ReportConfig(_Strict):
     hierarchy: HierarchyMode = HierarchyMode.auto
     # The `hier` system's weight of the parent-level loss.
     hierarchy_weight: float = Field(0.5, ge=0)
+    # The `topdown` system's models at both levels: fusion (TF-IDF + MLP, the best flat system) or the MLP alone.
+    topdown_base: TopDownBase = TopDownBase.fusion
+    # The taxonomy's own texts as extra training rows (weighted; every fit's training side only). None: ads only.
+    taxonomy_rows: TaxonomyRowsConfig | None = None
+    # Per-class F1 over the pooled out-of-fold answers is reported for classes with at most this many dev ads.
+    rare_class_max_ads: int = Field(30, ge=1)
     # Selective classification: the confidence threshold at which the out-of-fold answers of the CV reach this
     # accuracy is reported with the coverage and accuracy it gives on test; the bundle keeps those answers, so
     # classify --target-accuracy computes thresholds by the same rule (validation confidences are optimistic: the
@@ -362,7 +385,9 @@ class ReportConfig(_Strict):
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"keep_fold_models", "max_new_folds"})
     # Added after runs were made: out of the key while at their defaults, so those runs' reports stay current.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"finetune_cv"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"finetune_cv", "topdown_base", "taxonomy_rows", "rare_class_max_ads"}
+    )
 
     @field_validator("systems")
     @classmethod

@@ -46,8 +46,14 @@ def prepared(config: PipelineConfig, *, texts: bool = True) -> tuple[dict[str, p
     return splits, data.load_labels(prepare_dir)
 
 
+def taxonomy_rows(config: PipelineConfig) -> pd.DataFrame | None:
+    """prepare's taxonomy table (``data.load_taxonomy_rows``), or None when the run has no taxonomy."""
+    return data.load_taxonomy_rows(config.run_dir / "prepare")
+
+
 def run_vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:
-    """``model``'s vectors of every split and of the category texts, from the embed stage's folder."""
+    """``model``'s vectors of every split, of the category texts and of the taxonomy's texts (when the run has a
+    taxonomy), from the embed stage's folder."""
     return embed.load_vectors(
         config.run_dir / "embed",
         model=model,
@@ -55,6 +61,7 @@ def run_vectors(config: PipelineConfig, model: str, splits, labels) -> embed.Run
         splits=splits,
         labels=labels,
         text_column=config.text_column,
+        taxonomy=taxonomy_rows(config),
     )
 
 
@@ -67,6 +74,7 @@ def embed_into(ctx: StageContext, section: Any) -> dict[str, Any]:
         out_dir=ctx.out,
         config=section,
         text_column=ctx.config.text_column,
+        taxonomy=taxonomy_rows(ctx.config),
         progress=ctx.progress,
     )
     return {"folders": {k: v.name for k, v in folders.items()}}

@@ -52,8 +52,12 @@ def _pin_embed(config: PipelineConfig) -> PipelineConfig:
 
 
 def _embed_identity(config: PipelineConfig) -> dict[str, str]:
-    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model."""
-    return {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
+    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model. A run
+    with a taxonomy also encodes its texts (taxonomy.npy), so such runs made before that re-run embed once."""
+    out = {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
+    if config.prepare.taxonomy is not None:
+        out["taxonomy_rows"] = "encoded"
+    return out
 
 
 def _run_embed(ctx: StageContext) -> dict[str, Any]:

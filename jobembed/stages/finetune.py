@@ -30,7 +30,7 @@ from jobembed.config import register_section, write_resolved
 from jobembed.engine import KeepStamp, Stage, StageContext, register, register_pin
 from jobembed.finetune import Triplets, finetune, load_triplets
 from jobembed.sections import FinetuneConfig, FinetuneLoss
-from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text
+from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text, taxonomy_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -184,11 +184,20 @@ def run_recipe(
 
 
 def encode_with(
-    config: PipelineConfig, model: Path, frames: Sequence[pd.DataFrame], labels: pd.DataFrame
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The run's text of each frame and the category texts with the fine-tuned ``model``, as embed encodes them (its
-    length, chunking and precision; the prompts the fine-tune trained with). No cache: a fold's or a seed's model is
-    dropped once its vectors are written."""
+    config: PipelineConfig,
+    model: Path,
+    frames: Sequence[pd.DataFrame],
+    labels: pd.DataFrame,
+    *,
+    taxonomy: pd.DataFrame | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """The run's text of each frame, the category texts and the taxonomy's texts (when given) with the fine-tuned
+    ``model``, as embed encodes them (its length, chunking and precision; the prompts the fine-tune trained with). No
+    cache: a fold's or a seed's model is dropped once its vectors are written.
+
+    Returns:
+        (one array per frame, category vectors, taxonomy vectors or None).
+    """
     section = config.embed.model_copy(update={"model": str(model), "extra_models": []})
     text_prompt, label_prompt = encoders.resolve_prompts(str(model), section.text_prompt, section.label_prompt)
     texts = embed.Embedder(section, prompt=text_prompt, model=str(model), cache=False)
@@ -199,7 +208,14 @@ def encode_with(
     )
     out = [texts.encode(frame[str(config.text_column)].tolist(), progress=False) for frame in frames]
     mode = str(section.label_text)
-    return out, embed.label_vectors(label, embed.label_texts(labels, mode), mode=mode)
+    extra = None if taxonomy is None else texts.encode(taxonomy["text"].astype(str).tolist(), progress=False)
+    return out, embed.label_vectors(label, embed.label_texts(labels, mode), mode=mode), extra
+
+
+def taxonomy_identity(config: PipelineConfig) -> dict[str, str]:
+    """For the stages that encode with a fine-tuned model: a run with a taxonomy also encodes its texts, so such
+    units made before that are made again once."""
+    return {"taxonomy_rows": "encoded"} if config.prepare.taxonomy is not None else {}
 
 
 def _drop_checkpoints(folder: Path) -> None:
@@ -227,6 +243,7 @@ def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVector
         splits=splits,
         labels=labels,
         text_column=config.text_column,
+        taxonomy=taxonomy_rows(config),
     )
 
 

@@ -17,7 +17,8 @@ stamp and folder under ``units/``), so a killed run resumes with the folds it fi
 checkpoints are dropped once its vectors are written, unless ``report.keep_fold_models``. Under ``torchrun`` every
 rank fine-tunes; rank 0 alone mines, judges, encodes and writes.
 
-Outputs: ``fold-<k>/`` (``dev.npy``: float32 (n_dev, dim) in train + val order; ``labels.npy``; ``fold.json``) and
+Outputs: ``fold-<k>/`` (``dev.npy``: float32 (n_dev, dim) in train + val order; ``labels.npy``; ``taxonomy.npy``
+when the run has a taxonomy; ``fold.json``) and
 ``folds.json``; each unit also keeps its fold's triplets (``triplets/``) and ``finetune/`` (finetune.json, log).
 """
 
@@ -36,11 +37,18 @@ from jobembed.artifacts import hash_obj, pause_for_test, read_json, write_json
 from jobembed.config import default_cache_dir, register_check
 from jobembed.engine import Stage, StageContext, Unit, register
 from jobembed.errors import DataError, JobembedError
-from jobembed.evaluate import cv_folds, dev_pool
+from jobembed.evaluate import FoldVectors, cv_folds, dev_pool
 from jobembed.finetune import load_triplets
 from jobembed.head import holdout_split
-from jobembed.stages._common import frozen_identity, names_models, run_vectors
-from jobembed.stages.finetune import centroid_data, encode_with, finetune_identity, finetune_on_cpu, run_recipe
+from jobembed.stages._common import frozen_identity, names_models, run_vectors, taxonomy_rows
+from jobembed.stages.finetune import (
+    centroid_data,
+    encode_with,
+    finetune_identity,
+    finetune_on_cpu,
+    run_recipe,
+    taxonomy_identity,
+)
 from jobembed.stages.triplets import inputs_for, judged_splits, prompts_identity, triplets_consume
 from jobembed.store import open_store
 from jobembed.triplets.core import make_triplets
@@ -73,7 +81,12 @@ def inner_slice(config: PipelineConfig, dev: pd.DataFrame, train_idx: np.ndarray
 
 def _identity(config: PipelineConfig) -> dict[str, Any]:
     """The frozen encoder that mines, the judge's prompts, and the base encoder with its training prompts."""
-    return frozen_identity(config) | prompts_identity() | {"finetune": finetune_identity(config)}
+    return (
+        frozen_identity(config)
+        | prompts_identity()
+        | {"finetune": finetune_identity(config)}
+        | taxonomy_identity(config)
+    )
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
@@ -107,8 +120,9 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             pause_for_test(f"finetune-cv:fold-{k}-done")
         if distributed.is_main():
             (ctx.out / f"fold-{k}").mkdir()
-            for name in ("dev.npy", "labels.npy", "fold.json"):
-                os.link(unit.folder / name, ctx.out / f"fold-{k}" / name)  # the unit keeps its own
+            for name in ("dev.npy", "labels.npy", "taxonomy.npy", "fold.json"):
+                if (unit.folder / name).is_file():
+                    os.link(unit.folder / name, ctx.out / f"fold-{k}" / name)  # the unit keeps its own
             summaries.append(read_json(unit.folder / "fold.json"))
     if not distributed.is_main():
         return {}
@@ -237,10 +251,14 @@ def _fold(
         if main:
             model = tmp / "finetune" / "model"
             started = time.perf_counter()
-            (dev_vectors,), label_vectors = encode_with(config, model, [dev], labels)
+            (dev_vectors,), label_vectors, taxonomy = encode_with(
+                config, model, [dev], labels, taxonomy=taxonomy_rows(config)
+            )
             encode_seconds = time.perf_counter() - started
             np.save(tmp / "dev.npy", dev_vectors)
             np.save(tmp / "labels.npy", label_vectors)
+            if taxonomy is not None:
+                np.save(tmp / "taxonomy.npy", taxonomy)
             keep = bool(config.report.keep_fold_models)
             if not keep:
                 shutil.rmtree(model)  # ~470 MB for a base-size encoder; its vectors are what the report reads
@@ -276,8 +294,9 @@ def _fold(
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
-def fold_vectors(config: PipelineConfig, dev: pd.DataFrame, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(dev vectors, category vectors) of every fold's encoder, from the stage's folder, checked against ``dev``.
+def fold_vectors(config: PipelineConfig, dev: pd.DataFrame, n_folds: int) -> list[FoldVectors]:
+    """Every fold encoder's vectors of the dev pool, the category texts and the taxonomy's texts (None when the run
+    has none), from the stage's folder, checked against ``dev``.
 
     Raises:
         DataError: the folder is missing or was made for other rows or another number of folds.
@@ -294,10 +313,18 @@ def fold_vectors(config: PipelineConfig, dev: pd.DataFrame, n_folds: int) -> lis
             f"{folder} holds {meta['folds']} folds made for other rows than this report's {n_folds}",
             fix="re-run `jobembed report RUN` (finetune-cv re-runs when its inputs change)",
         )
-    return [
-        (np.load(folder / f"fold-{k}" / "dev.npy"), np.load(folder / f"fold-{k}" / "labels.npy"))
-        for k in range(1, n_folds + 1)
-    ]
+    out = []
+    for k in range(1, n_folds + 1):
+        unit = folder / f"fold-{k}"
+        taxonomy = unit / "taxonomy.npy"
+        out.append(
+            FoldVectors(
+                dev=np.load(unit / "dev.npy"),
+                labels=np.load(unit / "labels.npy"),
+                taxonomy=np.load(taxonomy) if taxonomy.is_file() else None,
+            )
+        )
+    return out
 
 
 def _needs_the_finetune_stage(config: PipelineConfig) -> None:

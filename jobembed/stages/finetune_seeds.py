@@ -35,7 +35,7 @@ from jobembed.embed import RunVectors
 from jobembed.engine import Plan, Stage, StageContext, register
 from jobembed.errors import DataError
 from jobembed.finetune import load_triplets
-from jobembed.stages._common import names_models, prepared
+from jobembed.stages._common import names_models, prepared, taxonomy_rows
 from jobembed.stages.finetune import (
     centroid_data,
     encode_with,
@@ -44,6 +44,7 @@ from jobembed.stages.finetune import (
     finetune_identity,
     finetune_on_cpu,
     run_recipe,
+    taxonomy_identity,
 )
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def ids_sha1(frame: pd.DataFrame) -> str:
 def _identity(config: PipelineConfig) -> dict[str, Any]:
     """The base encoder and prompts (as the finetune stage), and the seeds to fine-tune: a new seed re-runs the stage,
     whose units keep the seeds already done."""
-    return finetune_identity(config) | {"seeds": extra_seeds(config)}
+    return finetune_identity(config) | {"seeds": extra_seeds(config)} | taxonomy_identity(config)
 
 
 def _recipe_key(config: PipelineConfig) -> str:
@@ -141,11 +142,15 @@ def _one_seed(ctx: StageContext, unit, *, seed: int, splits: dict[str, pd.DataFr
         if main:
             model = tmp / "finetune" / "model"
             started = time.perf_counter()
-            vectors, label_vectors = encode_with(config, model, [splits[s] for s in SPLITS], labels)
+            vectors, label_vectors, taxonomy = encode_with(
+                config, model, [splits[s] for s in SPLITS], labels, taxonomy=taxonomy_rows(config)
+            )
             encode_seconds = time.perf_counter() - started
             for name, array in zip(SPLITS, vectors, strict=True):
                 np.save(tmp / f"{name}.npy", array)
             np.save(tmp / "labels.npy", label_vectors)
+            if taxonomy is not None:
+                np.save(tmp / "taxonomy.npy", taxonomy)
             shutil.copyfile(tmp / "finetune" / "ads_seen.json", tmp / "ads_seen.json")
             if not f.keep_checkpoints:
                 shutil.rmtree(model)  # ~470 MB for a base-size encoder; its vectors are what the report reads
@@ -186,7 +191,8 @@ def seed_vectors(
         meta = read_json(where / "seed.json")
         if any(meta["ids_sha1"][s] != ids_sha1(splits[s]) for s in SPLITS):
             raise DataError(f"{where} was made for other rows than this run's splits", fix="run `jobembed report RUN`")
-        vectors = {s: np.load(where / f"{s}.npy", allow_pickle=False) for s in (*SPLITS, "labels")}
+        names = (*SPLITS, "labels", *(("taxonomy",) if (where / "taxonomy.npy").is_file() else ()))
+        vectors = {s: np.load(where / f"{s}.npy", allow_pickle=False) for s in names}
         run_vectors = RunVectors(
             model=str(Path(where) / "model"),
             fingerprint=str(meta["fingerprint"]),

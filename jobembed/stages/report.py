@@ -35,11 +35,19 @@ from jobembed.evaluate import (
     dev_pool,
     evaluate_finetuned,
     evaluate_systems,
+    extra_rows,
     summarise_seeds,
 )
 from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR, write_report
 from jobembed.sections import ReportConfig, SystemName
-from jobembed.stages._common import encoder_part, names_models, prepared, reads_clean_text, run_vectors
+from jobembed.stages._common import (
+    encoder_part,
+    names_models,
+    prepared,
+    reads_clean_text,
+    run_vectors,
+    taxonomy_rows,
+)
 from jobembed.stages.finetune import extra_seeds, finetuned_model, finetuned_vectors, protocol_seeds
 from jobembed.stages.finetune_cv import fold_vectors
 from jobembed.stages.finetune_seeds import seed_vectors
@@ -87,6 +95,11 @@ def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _settings(config: PipelineConfig) -> EvalSettings:
+    """What evaluation reads of the run, with the taxonomy rows ``report.taxonomy_rows`` asks for."""
+    return EvalSettings.of(config, extra_rows(config, taxonomy_rows(config)))
+
+
 def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config
     splits, labels = prepared(config)
@@ -94,7 +107,7 @@ def _run_compare_report(ctx: StageContext) -> dict[str, Any]:
     vectors = {m: run_vectors(config, m, splits, labels) for m in config.embed.models()}
     tuned_cv = _tuned_cv(config, splits, labels) if config.report.finetune_cv else None
     evaluation = evaluate_systems(
-        settings=EvalSettings.of(config),
+        settings=_settings(config),
         splits=splits,
         labels=labels,
         vectors=vectors,
@@ -139,7 +152,7 @@ def _recipe(config: PipelineConfig, tuned_cv: TunedCV) -> dict[str, Any]:
     info = read_json(config.run_dir / "finetune" / "finetune.json")
     triplets = config.run_dir / "triplets" / "report.json"
     llm = (read_json(triplets).get("llm") or {}) if triplets.is_file() else {}
-    n_dev = len(tuned_cv.folds[0][0])
+    n_dev = len(tuned_cv.folds[0].dev)
     return {
         "model": str(tuned_cv.tuned.model),
         "base_model": info["base_model"],
@@ -179,7 +192,7 @@ def _evaluate_finetuned(config: PipelineConfig, splits, labels, evaluation, prog
         "positive": str(config.triplets.positive),
     }
     return evaluate_finetuned(
-        settings=EvalSettings.of(config),
+        settings=_settings(config),
         splits=splits,
         labels=labels,
         tuned=tuned,
@@ -230,7 +243,7 @@ def _seed_protocol(config: PipelineConfig, splits, labels, evaluation, progress:
     per_seed: dict[int, dict[str, Any]] = {config.finetune.seed: main}
     for seed, (vectors, seen) in seed_vectors(config, splits, like=finetuned_vectors(config, splits, labels)).items():
         result = evaluate_finetuned(
-            settings=EvalSettings.of(config),
+            settings=_settings(config),
             splits=splits,
             labels=labels,
             tuned=vectors,
@@ -489,7 +502,8 @@ register(
         names_models=names_models,
         help="every system on the same splits: test, k-fold CV, intervals, significance",
         # 2: abstention thresholds on out-of-fold answers (were validation's), stored for the bundle; the stack's
-        # out-of-fold features grouped by repost; winner.json carries its encoder's precision and prompt.
+        # out-of-fold features grouped by repost; winner.json carries its encoder's precision and prompt. (The
+        # rare-class table and the taxonomy rows are additions, not fixes: a report made before them stays current.)
         version=2,
         command=report_command,
     )
