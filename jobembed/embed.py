@@ -446,6 +446,8 @@ class RunVectors:
     test: np.ndarray
     labels: np.ndarray
     taxonomy: np.ndarray | None = None
+    # An encoder fine-tuned with the classifier loss: its own linear layer (weight (k, d), bias (k,), classes).
+    classifier: tuple[np.ndarray, np.ndarray, list[str]] | None = None
 
 
 def load_vectors(

@@ -14,6 +14,8 @@ stack       the MLP on the embedding plus out-of-fold TF-IDF + LR log-probabilit
 hier        the MLP with a second loss on the parent level of nested codes (ISCO sub-major in major)
 topdown     the parent group first, then the class within it, probabilities multiplied (``report.topdown_base``:
             fusion or MLP models at both levels; the published reference's recipe on pl-jobads)
+e2e         the end-to-end classifier: the linear layer ``finetune --loss classifier`` trained with the encoder
+            (only on such an encoder; nothing is fitted here but its temperature)
 ==========  ===============================================================================
 
 Taxonomy rows (``report.taxonomy_rows``): the label taxonomy's own texts (prepare's ``taxonomy.parquet``) join the
@@ -62,7 +64,7 @@ from jobembed.sections import HeadConfig, ReportConfig
 from jobembed.topdown import TopDownHead
 
 REPORT_FORMAT = "jobembed-report/4"
-BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "topdown", "centroid", "zeroshot")
+BUNDLEABLE = ("mlp", "fusion", "stack", "hier", "topdown", "e2e", "centroid", "zeroshot")
 HYBRID_SYSTEMS = ("fusion", "stack")
 # The systems that read texts as well as vectors (predict_proba(X, texts=...)).
 TEXT_SYSTEMS = ("fusion", "stack", "topdown")
@@ -79,6 +81,7 @@ SYSTEM_TITLES = {
     "stack": "MLP head on embedding + out-of-fold TF-IDF + LR",
     "hier": "MLP head with a parent-level loss (hierarchy)",
     "topdown": "top-down: parent group, then the class within it",
+    "e2e": "end-to-end classifier (the fine-tune's own linear layer)",
 }
 
 
@@ -90,6 +93,8 @@ class FoldVectors:
     dev: np.ndarray
     labels: np.ndarray
     taxonomy: np.ndarray | None = None
+    # the fold's end-to-end classifier layer (weight, bias, classes) when the recipe's loss is ``classifier``
+    classifier: tuple[np.ndarray, np.ndarray, list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -249,15 +254,20 @@ def build_systems(
     systems = [System("tfidf")] if "tfidf" in names else []
     for ref, vec in vectors.items():
         display = slugs[ref] if shorts[ref] in clash else shorts[ref]
-        systems += [System(s, vec, slugs[ref], display) for s in names if s != "tfidf"]
+        systems += [System(s, vec, slugs[ref], display) for s in names if s != "tfidf" and _has(s, vec)]
     if tuned_cv is not None:
         slug = encoder_slug(tuned_cv.tuned.model, tuned_cv.tuned.fingerprint)
         systems += [
             System(s, tuned_cv.tuned, slug, tuned_cv.display, fold_vectors=tuned_cv.folds)
             for s in names
-            if s != "tfidf"
+            if s != "tfidf" and _has(s, tuned_cv.tuned)
         ]
     return systems
+
+
+def _has(name: str, vectors: RunVectors) -> bool:
+    """Whether an encoder has what the system needs: ``e2e`` only exists on an encoder fine-tuned as a classifier."""
+    return name != "e2e" or vectors.classifier is not None
 
 
 def _fit_predict(
@@ -344,6 +354,19 @@ def _fit_predict(
             groups=groups, sample_weight=weights,
         )  # fmt: skip
         return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
+    if system.name == "e2e":
+        weight, bias, classes = system.vectors.classifier
+        model = MLPHead.from_linear(weight, bias, classes, device=settings.head.device)
+        if X_val is None:  # inside a CV fold: the slice the fold's fine-tune chose its checkpoint on
+            _, va = holdout_split(
+                np.unique(y_tr, return_inverse=True)[1],
+                fraction=settings.head.validation_fraction,
+                seed=settings.head.seed,
+                groups=groups,
+            )
+            X_val, y_val = X_tr[va], y_tr[va]
+        model.calibrate_on(X_val, y_val)
+        return np.asarray(model.predict(X_eval), dtype=str), model
     if system.name == "zeroshot":
         model = CosineClassifier().fit_prototypes(system.vectors.labels, labels["label"].astype(str).tolist())
     elif system.name == "centroid":
@@ -580,7 +603,12 @@ def cross_validate(
         if system.fold_vectors is not None:
             fold_vectors = system.fold_vectors[i]
             X_dev, taxonomy = fold_vectors.dev, fold_vectors.taxonomy
-            system = replace(system, vectors=replace(system.vectors, labels=fold_vectors.labels, taxonomy=taxonomy))
+            system = replace(
+                system,
+                vectors=replace(
+                    system.vectors, labels=fold_vectors.labels, taxonomy=taxonomy, classifier=fold_vectors.classifier
+                ),
+            )
         X_eval = X_dev[te] if X_dev is not None else None
         texts_eval = dev[settings.text_column].iloc[te].tolist()
         pred, model = _fit_predict(
@@ -868,7 +896,7 @@ def evaluate_finetuned(
         else "not run: the encoder's triplets carry no ad ids, so whose labels it saw is unknown, and whether test "
         "ads are among them could not be checked (triplets writes the ids)"
     )
-    names = [s for s in map(str, settings.report.systems) if s != "tfidf"]
+    names = [s for s in map(str, settings.report.systems) if s != "tfidf" and _has(s, tuned)]
     slug = encoder_slug(tuned.model, tuned.fingerprint)
     # "multilingual-e5-small-finetuned", not the folder's name ("model")
     display = (

@@ -1,4 +1,5 @@
-"""The finetune stage's core: an encoder trained on triplets' kept triplets with ``SentenceTransformerTrainer``.
+"""The finetune stage's core: an encoder trained with ``SentenceTransformerTrainer`` on triplets' kept triplets, or
+on every training ad with its label.
 
 Input: a triplet table with ``anchor, positive, negative`` (triplets' ``train.parquet``, or any Parquet with
 those columns) and, when present, ``anchor_label`` / ``negative_label``. Only the three text columns and one integer
@@ -6,9 +7,13 @@ those columns) and, when present, ``anchor_label`` / ``negative_label``. Only th
 loss. ``label`` packs the anchor's and the negative's class (``anchor * n_classes + negative``) for the
 class-aware loss.
 
-- Losses (``finetune.loss``): ``mnrl`` (MultipleNegativesRankingLoss with the hard negative; class-aware by default:
-  candidates of the anchor's class are not in-batch negatives), ``cached_mnrl`` (large effective batches in little
-  memory), ``gist`` (GISTEmbedLoss, the frozen encoder as guide), ``triplet``; optionally wrapped in MatryoshkaLoss.
+- Losses (``finetune.loss``): on triplets, ``mnrl`` (MultipleNegativesRankingLoss with the hard negative; class-aware
+  by default: candidates of the anchor's class are not in-batch negatives), ``cached_mnrl`` (large effective batches
+  in little memory), ``gist`` (GISTEmbedLoss, the frozen encoder as guide), ``triplet``; on labelled ads
+  (``labelled_rows``: ``text, label``), ``classifier`` (the plain end-to-end classifier: a linear layer on the
+  sentence embedding, class-weighted cross-entropy; the layer is saved beside the model, ``write_classifier``),
+  ``batch_hard`` / ``batch_all`` (sentence-transformers' BatchHard/BatchAllTripletLoss over batches from
+  GroupByLabelBatchSampler); optionally wrapped in MatryoshkaLoss.
 - Prompts: the encoder family's (e5: ``query: ``) through the trainer's ``prompts``, as ``embed`` uses them.
 - Evaluation on the validation split during training: ``TripletEvaluator`` on triplets' val triplets and a
   ``CentroidEvaluator`` (centroid-cosine macro-F1 of the val ads against train centroids). The kept checkpoint is the
@@ -126,6 +131,69 @@ def load_triplets(
     return Triplets(out, classes, source)
 
 
+@dataclass
+class LabelledRows:
+    """Training rows of a loss on labels (``text``, integer ``label``), the class list behind ``label``, and where
+    they came from. Same role as ``Triplets`` (``source`` carries ``rows``, ``judge`` and ``ads_seen``)."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    source: dict[str, Any]
+
+
+def labelled_rows(
+    texts: list[str],
+    labels: list[str],
+    *,
+    classes: list[str],
+    ids: list[str],
+    what: str,
+    limit: int | None = None,
+    seed: int = 13,
+) -> LabelledRows:
+    """Every training ad with its class index, for ``classifier``, ``batch_hard`` and ``batch_all``.
+
+    Args:
+        classes: the run's label set (``label`` indexes it; labels outside it are added at the end).
+        ids: the ads' ids (the fine-tuned model records whose labels it learned).
+        what: where the rows come from, for finetune.json and the model card.
+        limit: at most this many rows, a stratified sample (``finetune.max_triplets``).
+
+    Ads with an empty text (cleaning left nothing) are left out and counted (``source["empty_left_out"]``).
+
+    Raises:
+        DataError: fewer than 2 rows or fewer than 2 classes left.
+    """
+    frame = pd.DataFrame({"text": [str(t) for t in texts], "label_name": [str(x) for x in labels], "id": ids})
+    # An ad that cleaning emptied (nothing but contact lines and boilerplate) has nothing to learn from.
+    empty = frame["text"].str.strip() == ""
+    frame = frame[~empty.to_numpy()]
+    if limit is not None and len(frame) > limit:
+        share = limit / len(frame)
+        keep = [
+            i
+            for _, g in frame.groupby("label_name")
+            for i in g.sample(n=max(1, round(len(g) * share)), random_state=seed).index
+        ]
+        frame = frame.loc[sorted(keep)]
+    if len(frame) < 2 or frame["label_name"].nunique() < 2:
+        raise DataError(
+            f"{what}: {len(frame)} ads of {frame['label_name'].nunique()} classes: too few to fine-tune on",
+            fix="prepare more data, or raise finetune.max_triplets",
+        )
+    classes = list(classes) + sorted(set(frame["label_name"]) - set(classes))
+    index = {c: i for i, c in enumerate(classes)}
+    out = pd.DataFrame({"text": frame["text"].to_numpy(), "label": frame["label_name"].map(index).astype(np.int64)})
+    source = {
+        "path": what,
+        "rows": len(out),
+        "empty_left_out": int(empty.sum()),
+        "judge": "none (labels)",
+        "ads_seen": sorted(set(frame["id"])),
+    }
+    return LabelledRows(out.reset_index(drop=True), classes, source)
+
+
 # ------------------------------------------------------------------------------------------ loss
 
 
@@ -164,10 +232,56 @@ def class_aware_mnrl(model, *, n_classes: int, scale: float = 20.0):
     return ClassAwareMNRL()
 
 
-def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None):
+CLASSIFIER_FILE = "jobembed-classifier.safetensors"
+CLASSIFIER_META = "jobembed-classifier.json"
+CLASSIFIER_FORMAT = "jobembed-classifier/1"
+
+
+def classifier_loss(model, *, n_classes: int, class_weights: np.ndarray):
+    """The plain end-to-end classifier as a sentence-transformers loss: a linear layer on the sentence embedding,
+    cross-entropy with class weights; the trainer updates the layer with the encoder (``learning_rate_mapping``
+    gives it its own rate). The embedding is unit-length, so it is scaled by sqrt(dim) first (coordinates of unit
+    scale, as the MLP head standardises); ``linear()`` folds the scale into the weights."""
+    from torch import nn
+
+    dim = model.get_embedding_dimension()
+
+    class LinearClassifierLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.scale = float(np.sqrt(dim))
+            self.classifier = nn.Linear(dim, n_classes)
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+
+        def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+            embeddings = self.model(sentence_features[0])["sentence_embedding"]
+            logits = self.classifier(embeddings.to(self.classifier.weight.dtype) * self.scale)
+            return F.cross_entropy(logits, labels, weight=self.class_weights.to(logits.dtype))
+
+        def linear(self) -> tuple[np.ndarray, np.ndarray]:
+            """(weight (k, d), bias (k,)) acting on the unit-length embedding."""
+            w = self.classifier.weight.detach().float().cpu().numpy() * self.scale
+            return w, self.classifier.bias.detach().float().cpu().numpy()
+
+    return LinearClassifierLoss()
+
+
+def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None, class_counts: np.ndarray | None = None):
     from sentence_transformers.sentence_transformer import losses
 
     kind = FinetuneLoss(config.loss)
+    if kind is FinetuneLoss.classifier:
+        from jobembed.head import class_weights
+
+        assert class_counts is not None
+        return classifier_loss(
+            model, n_classes=n_classes, class_weights=class_weights(class_counts, str(config.class_weight))
+        )
+    if kind is FinetuneLoss.batch_hard:
+        return losses.BatchHardTripletLoss(model)
+    if kind is FinetuneLoss.batch_all:
+        return losses.BatchAllTripletLoss(model)
     if kind is FinetuneLoss.mnrl:
         loss = (
             class_aware_mnrl(model, n_classes=n_classes)
@@ -357,7 +471,7 @@ def speed_settings(model, frame: pd.DataFrame, *, config: FinetuneConfig, device
     """What the speed levers change in the trainer (``finetune`` and experiments/bench_finetune.py both use it).
 
     Args:
-        frame: the training triplets (``anchor, positive, negative`` text columns).
+        frame: the training rows: triplets (``anchor, positive, negative``) or labelled ads (``text``), and ``label``.
 
     Returns:
         ``{"data_collator", "batch_sampler", "prompts", "torch_compile"}``: None where the trainer's default stays.
@@ -370,13 +484,14 @@ def speed_settings(model, frame: pd.DataFrame, *, config: FinetuneConfig, device
     }
     if not (config.pretokenize or config.group_by_length):
         return out
-    table, extra = token_table(model, [t for c in TEXT_COLUMNS for t in frame[c]], prompt=text_prompt)
+    columns = [c for c in frame.columns if c != "label"]  # anchor, positive, negative; or text (a loss on labels)
+    table, extra = token_table(model, [t for c in columns for t in frame[c]], prompt=text_prompt)
     if config.pretokenize:
         collator = pretokenized_collator(model, table, extra, multiple_of=8 if str(device).startswith("cuda") else None)
         collator.prompts = text_prompt or {}  # only for a text the table lacks
         out |= {"data_collator": collator, "prompts": None}  # the table's ids carry the prompt already
     if config.group_by_length:
-        lengths = [sum(len(table[t]) for t in row) for row in frame[list(TEXT_COLUMNS)].itertuples(index=False)]
+        lengths = [sum(len(table[t]) for t in row) for row in frame[columns].itertuples(index=False)]
         out["batch_sampler"] = length_grouped_batches(lengths)
     return out
 
@@ -419,9 +534,93 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+class _ClassifierCheckpoints:
+    """Keeps the classifier loss's linear layer with the trainer's checkpoints: the trainer saves and reloads only the
+    model, so without this the best checkpoint's encoder would be served with the last step's layer, and a resumed
+    run would start the layer from scratch."""
+
+    def __init__(self, loss) -> None:
+        self.loss = loss
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.loss.classifier.state_dict().items()}
+        save_file(state, str(Path(folder) / CLASSIFIER_FILE))
+
+    def load(self, folder: str | Path | None) -> bool:
+        from safetensors.torch import load_file
+
+        path = Path(folder) / CLASSIFIER_FILE if folder else None
+        if path is None or not path.is_file():
+            return False
+        state = load_file(str(path))
+        self.loss.classifier.load_state_dict({k: v.to(self.loss.classifier.weight.device) for k, v in state.items()})
+        return True
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        keeper = self
+
+        class SaveClassifier(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if state.is_world_process_zero and folder.is_dir():
+                    keeper.save(folder)
+
+        return SaveClassifier()
+
+
+def write_classifier(folder: Path, *, weight: np.ndarray, bias: np.ndarray, classes: list[str]) -> None:
+    """The end-to-end classifier's linear layer beside the encoder it was trained with (``model/``): weights in
+    safetensors, classes and a checksum in JSON. ``evaluate``'s ``e2e`` system reads it (``read_classifier``)."""
+    from safetensors.numpy import save_file
+
+    from jobembed.artifacts import file_sha256
+
+    save_file(
+        {"weight": np.ascontiguousarray(weight, dtype=np.float32), "bias": np.ascontiguousarray(bias, np.float32)},
+        str(folder / CLASSIFIER_FILE),
+    )
+    meta = {"format": CLASSIFIER_FORMAT, "classes": list(classes), "sha256": file_sha256(folder / CLASSIFIER_FILE)}
+    write_json(folder / CLASSIFIER_META, meta)
+
+
+def read_classifier(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """(weight (k, d), bias (k,), classes) of a fine-tuned folder trained with the classifier loss; None otherwise.
+
+    Raises:
+        DataError: the files are there but corrupt.
+    """
+    from safetensors.numpy import load_file
+
+    from jobembed.artifacts import check_format, file_sha256, read_json
+
+    meta_path = Path(folder) / CLASSIFIER_META
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path)
+    check_format(meta_path, meta, CLASSIFIER_FORMAT)
+    if file_sha256(Path(folder) / CLASSIFIER_FILE) != meta["sha256"]:
+        raise DataError(f"{Path(folder) / CLASSIFIER_FILE} is corrupt (hash mismatch)", fix="fine-tune again")
+    tensors = load_file(str(Path(folder) / CLASSIFIER_FILE))
+    return tensors["weight"], tensors["bias"], [str(c) for c in meta["classes"]]
+
+
+def _batch_sampler(kind: FinetuneLoss, custom, classes_known: bool, config: FinetuneConfig, samplers):
+    if kind in (FinetuneLoss.batch_hard, FinetuneLoss.batch_all):
+        return samplers.GROUP_BY_LABEL
+    if custom is not None:
+        return custom
+    if kind is FinetuneLoss.classifier or (kind is FinetuneLoss.mnrl and config.class_aware and classes_known):
+        return samplers.BATCH_SAMPLER
+    return samplers.NO_DUPLICATES
+
+
 def finetune(
     *,
-    triplets: Triplets,
+    triplets: Triplets | LabelledRows,
     val_triplets: Triplets | None,
     centroid_data: dict[str, list[str]] | None,
     config: FinetuneConfig,
@@ -442,7 +641,8 @@ def finetune(
             caller that passes its own folder owns it (the pipeline keeps it outside the outputs it swaps in).
         final_dir: where ``out_dir`` will live once the caller moves it there (``model_dir`` in finetune.json names
             it); default ``out_dir``.
-        triplets / val_triplets: from ``load_triplets``; val ones feed the TripletEvaluator.
+        triplets / val_triplets: from ``load_triplets``; val ones feed the TripletEvaluator. With a loss on labels
+            (``classifier``, ``batch_hard``, ``batch_all``), ``triplets`` is ``labelled_rows``' ads instead.
         centroid_data: ``{train_texts, train_labels, val_texts, val_labels}`` for the CentroidEvaluator.
         text_prompt: the prefix every text gets (the encoder family's, as in ``embed``); written with
             ``label_prompt`` into the model folder's ``jobembed-prompts.json``.
@@ -465,7 +665,18 @@ def finetune(
     model = SentenceTransformer(str(resolved.location), device=device)
     model.max_seq_length = config.max_seq_length
     guide = SentenceTransformer(str(resolved.location), device=device) if config.loss == FinetuneLoss.gist else None
-    loss = build_loss(model, config=config, n_classes=len(triplets.classes), guide=guide)
+    kind = FinetuneLoss(config.loss)
+    on_labels = isinstance(triplets, LabelledRows)
+    if kind.on_labels != on_labels:
+        raise DataError(
+            f"finetune.loss {kind} trains on {'labelled ads' if kind.on_labels else 'triplets'}, but "
+            f"{'triplets' if not on_labels else 'labelled ads'} were given",
+            fix="pick a triplet loss (mnrl, cached_mnrl, gist, triplet) for triplets, or classifier, batch_hard, "
+            "batch_all for labelled ads",
+        )
+    counts = np.bincount(triplets.frame["label"], minlength=len(triplets.classes)) if on_labels else None
+    loss = build_loss(model, config=config, n_classes=len(triplets.classes), guide=guide, class_counts=counts)
+    classifier = _ClassifierCheckpoints(loss) if kind is FinetuneLoss.classifier else None
 
     train = Dataset.from_pandas(triplets.frame, preserve_index=False)
     speed = speed_settings(model, triplets.frame, config=config, device=device, text_prompt=text_prompt)
@@ -511,13 +722,10 @@ def finetune(
         disable_tqdm=not progress,
         dataloader_num_workers=config.dataloader_workers,
         prompts=speed["prompts"],
-        # Class-aware MNRL masks same-class in-batch negatives itself; the others need batches free of repeats.
-        batch_sampler=speed["batch_sampler"]
-        or (
-            BatchSamplers.BATCH_SAMPLER
-            if (config.loss == FinetuneLoss.mnrl and config.class_aware and triplets.classes)
-            else BatchSamplers.NO_DUPLICATES
-        ),
+        # Class-aware MNRL masks same-class in-batch negatives itself; the other triplet losses need batches free of
+        # repeats; the label-based triplet losses need several ads of a class in a batch (GroupByLabelBatchSampler).
+        batch_sampler=_batch_sampler(kind, speed["batch_sampler"], bool(triplets.classes), config, BatchSamplers),
+        learning_rate_mapping={r"^classifier\.": config.head_learning_rate} if classifier else None,
         torch_compile=speed["torch_compile"],
         use_cpu=device == "cpu",
         **_precision_flags(precision),
@@ -531,11 +739,16 @@ def finetune(
         loss=loss,
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
         data_collator=speed["data_collator"],
+        callbacks=[classifier.callback()] if classifier else None,
     )
     last = last_complete_checkpoint(checkpoints)
+    if classifier is not None and last is not None and not classifier.load(last):
+        last = None  # a checkpoint without its classifier layer (made before it was kept) cannot be resumed from
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
+    if classifier is not None and has_centroid:
+        classifier.load(trainer.state.best_model_checkpoint)  # the layer of the checkpoint the trainer reloaded
     # The kept checkpoint's evaluation, from the log (evaluating again would cost a full pass over the val ads).
     evals = [row for row in trainer.state.log_history if PRIMARY_METRIC in row or "eval_sequential_score" in row]
     key = PRIMARY_METRIC if has_centroid else "eval_sequential_score"
@@ -551,6 +764,9 @@ def finetune(
         # The ads whose labels it learned, inside the folder: a run that loads it as an ordinary encoder can refuse
         # to cross-validate it over them (pipeline.refuse_leaky_encoders).
         write_json(tmp / encoders.SEEN_SIDECAR, triplets.source.get("ads_seen", []))
+        if classifier is not None:
+            weight, bias = loss.linear()
+            write_classifier(tmp, weight=weight, bias=bias, classes=triplets.classes)
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.replace(model_dir)
         log = [json.dumps(row) for row in trainer.state.log_history]
@@ -565,6 +781,8 @@ def finetune(
         "model_dir": str(Path(final_dir or out_dir) / "model"),
         "fingerprint": encoders.model_fingerprint(str(model_dir), cache_dir=cache_dir) if model_dir.is_dir() else None,
         "loss": str(config.loss),
+        "data": "labels" if on_labels else "triplets",
+        "classifier": classifier is not None,
         "class_aware": bool(config.class_aware and triplets.classes and config.loss == FinetuneLoss.mnrl),
         "triplets": {k: v for k, v in triplets.source.items() if k != "ads_seen"},
         "ads_seen": len(triplets.source.get("ads_seen", [])),
@@ -591,15 +809,21 @@ def card_section(info: dict[str, Any], config: FinetuneConfig) -> str:
     """What jobembed adds to sentence-transformers' model card: data, loss, settings, validation result."""
     t = info["triplets"]
     val = info["val"]
+    data = (
+        f"- Training rows: {t['rows']} labelled ads ({t['path']})."
+        if info.get("data") == "labels"
+        else f"- Triplets: {t['rows']} from `{t['path']}`, judged by `{t['judge']}` (triplets)."
+    )
     lines = [
         "## jobembed",
         "",
         f"Fine-tuned from `{info['base_model']}` (fingerprint {info['base_fingerprint']}) by `jobembed finetune`.",
         "",
-        f"- Triplets: {t['rows']} from `{t['path']}`, judged by `{t['judge']}` (triplets).",
+        data,
         f"- Loss: {info['loss']}"
         + (" (class-aware in-batch negatives)" if info["class_aware"] else "")
         + (f", Matryoshka {config.matryoshka_dims}" if config.matryoshka_dims else "")
+        + (f"; its linear layer is in `{CLASSIFIER_FILE}`" if info.get("classifier") else "")
         + ".",
         f"- Settings: {config.epochs:g} epoch(s), batch {config.batch_size}, lr {config.learning_rate:g}, warmup "
         f"{config.warmup_ratio:g}, max length {config.max_seq_length}, {info['precision']} on {info['device']}, "

@@ -278,6 +278,48 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             parent_weight=cfg.parent_weight,
         )
 
+    @classmethod
+    def from_linear(cls, weight: np.ndarray, bias: np.ndarray, classes: Sequence[str], *, device: str = "auto"):
+        """A head that is one trained linear layer (``logits = X @ weight.T + bias``), e.g. the end-to-end
+        classifier's layer from ``jobembed finetune --loss classifier``: nothing is fitted; ``calibrate`` sets its
+        temperature. ``classes`` are the layer's rows; ``classes_`` come out sorted, as every head's."""
+        weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+        order = np.argsort(np.asarray(classes, dtype=str))
+        head = cls(hidden_sizes=(), dropout=0.0, standardize=False, calibrate=True, device=device)
+        dev = _resolve_device(device)
+        model = _build_mlp(weight.shape[1], (), len(order), 0.0)
+        with torch.no_grad():
+            model[-1].weight.copy_(torch.from_numpy(weight[order]))
+            model[-1].bias.copy_(torch.from_numpy(bias[order]))
+        head.model_ = model.to(dev).eval()
+        head.classes_ = np.asarray(classes, dtype=str)[order]
+        head.n_features_in_ = int(weight.shape[1])
+        head.temperature_ = 1.0
+        head.best_epoch_, head.best_val_score_, head.n_iter_ = None, None, 0
+        head.calibration_, head.history_, head.parents_ = {}, [], {}
+        head.class_weights_ = np.ones(len(order))
+        head.device_ = str(dev)
+        return head
+
+    def calibrate_on(self, X_val: Any, y_val: Any) -> MLPHead:
+        """Fit the softmax temperature on held-out rows (labels the head does not know are skipped)."""
+        check_is_fitted(self, "model_")
+        y = np.asarray(y_val, dtype=str)
+        known = np.isin(y, self.classes_)
+        if known.sum() >= 2:
+            logits = self._logits(_check_X(X_val, "X_val")[known])
+            idx = np.searchsorted(self.classes_, y[known])
+            before = nll(logits, idx)
+            self.temperature_ = fit_temperature(logits, idx, bounds=_TEMPERATURE_BOUNDS)
+            self.calibration_ = {
+                "ece_before": expected_calibration_error(softmax(logits, axis=1), idx),
+                "ece_after": expected_calibration_error(softmax(logits / self.temperature_, axis=1), idx),
+                "nll_before": before,
+                "nll_after": nll(logits, idx, self.temperature_),
+                "n_val": int(known.sum()),
+            }
+        return self
+
     # ----------------------------------------------------------------------------------------- fit
 
     def _validate_params(self) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ WINNER_FINETUNED_DIR = "winner-finetuned"
 
 def head_kind(system: str) -> str:
     """How a bundle stores a system's head: ``mlp``, ``hybrid``, ``topdown`` or ``cosine``."""
-    if system in ("mlp", "hier"):
+    if system in ("mlp", "hier", "e2e"):
         return "mlp"
     if system == "topdown":
         return "topdown"

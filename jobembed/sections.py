@@ -68,6 +68,9 @@ class SystemName(StrEnum):
     stack = "stack"
     hier = "hier"
     topdown = "topdown"
+    # the fine-tune's own linear layer (finetune.loss classifier): the plain end-to-end classifier; only on an encoder
+    # fine-tuned with that loss
+    e2e = "e2e"
 
 
 class LabelSetConfig(_Strict):
@@ -614,10 +617,21 @@ class TripletsConfig(_Strict):
 
 
 class FinetuneLoss(StrEnum):
+    # on triplets (the triplets stage's, or finetune.triplets)
     mnrl = "mnrl"
     cached_mnrl = "cached_mnrl"
     gist = "gist"
     triplet = "triplet"
+    # on every training ad with its label (no triplets): the plain end-to-end classifier (a linear layer on the
+    # sentence embedding, cross-entropy with class weights) and sentence-transformers' label-based triplet losses
+    classifier = "classifier"
+    batch_hard = "batch_hard"
+    batch_all = "batch_all"
+
+    @property
+    def on_labels(self) -> bool:
+        """Whether the loss trains on labelled ads instead of triplets."""
+        return self in (FinetuneLoss.classifier, FinetuneLoss.batch_hard, FinetuneLoss.batch_all)
 
 
 class FinetuneConfig(_Strict):
@@ -635,6 +649,8 @@ class FinetuneConfig(_Strict):
             "compile",
         }
     )
+    # Added after runs were made: out of the key while at their defaults (they act on the classifier loss only).
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"class_weight", "head_learning_rate"})
 
     # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
     # turns it on for that run; with it on, report adds the fine-tuned encoder's systems.
@@ -654,8 +670,13 @@ class FinetuneConfig(_Strict):
     learning_rate: float = Field(3e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(128, ge=8, le=8192)
-    # Cap on training triplets (the demo's short CPU fine-tune); None trains on all.
+    # Cap on training triplets (the demo's short CPU fine-tune); None trains on all. With a loss on labels, the cap
+    # on training ads (a stratified sample).
     max_triplets: int | None = Field(None, ge=2)
+    # loss classifier: the class weights of its cross-entropy (as the MLP head's: sqrt between none and balanced) and
+    # the learning rate of its linear layer, which starts from nothing while the encoder starts trained.
+    class_weight: ClassWeight = ClassWeight.sqrt
+    head_learning_rate: float = Field(2e-3, gt=0)
     # Evaluations (TripletEvaluator on the val triplets, centroid-cosine macro-F1 of the val ads) per epoch; the
     # checkpoint that classifies val best is kept.
     evals_per_epoch: int = Field(2, ge=1)

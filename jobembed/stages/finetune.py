@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import pandas as pd
 import typer
 
 from jobembed import distributed, embed, encoders
@@ -26,15 +27,15 @@ from jobembed.cli.base import (
     seed_list,
     stage_command,
 )
-from jobembed.config import register_section, write_resolved
+from jobembed.config import register_check, register_section, write_resolved
 from jobembed.engine import KeepStamp, Stage, StageContext, register, register_pin
-from jobembed.finetune import Triplets, finetune, load_triplets
+from jobembed.errors import DataError
+from jobembed.finetune import LabelledRows, Triplets, finetune, labelled_rows, load_triplets, read_classifier
 from jobembed.sections import FinetuneConfig, FinetuneLoss
 from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text, taxonomy_rows
 
 if TYPE_CHECKING:
     import numpy as np
-    import pandas as pd
 
     from jobembed.config import PipelineConfig
 
@@ -75,8 +76,11 @@ def finetune_identity(config: PipelineConfig) -> dict[str, Any]:
 
 
 def finetune_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    """A loss on labels reads the training ads (prepare, clean), no triplets."""
     own = ("val.parquet",) if config.finetune.triplets else ("train.parquet", "val.parquet")
-    out = {"prepare": ("*",), "triplets": own}
+    out: dict[str, tuple[str, ...]] = {"prepare": ("*",)}
+    if not FinetuneLoss(config.finetune.loss).on_labels:
+        out["triplets"] = own
     if reads_clean_text(config):
         out["clean"] = ("*",)
     return out
@@ -89,6 +93,46 @@ def _pin_finetune(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(
         update={"finetune": f.model_copy(update={"model": canon(f.model, config.embed.cache_dir)})}
     )
+
+
+def training_rows(
+    config: PipelineConfig, frame: pd.DataFrame, labels: pd.DataFrame, *, what: str, seed: int | None = None
+) -> LabelledRows:
+    """The ads of ``frame`` with their labels, for a loss on labels (``finetune.max_triplets`` caps them)."""
+    f = config.finetune
+    if f.triplets is not None:
+        raise DataError(
+            f"finetune.loss {f.loss} trains on the run's labelled ads, but finetune.triplets names a triplet file "
+            f"({f.triplets})",
+            fix="unset finetune.triplets, or pick a triplet loss (mnrl, cached_mnrl, gist, triplet)",
+        )
+    return labelled_rows(
+        frame[str(config.text_column)].tolist(),
+        frame["label"].astype(str).tolist(),
+        classes=labels["label"].astype(str).tolist(),
+        ids=frame["id"].astype(str).tolist(),
+        what=what,
+        limit=f.max_triplets,
+        seed=f.seed if seed is None else seed,
+    )
+
+
+def recipe_data(
+    config: PipelineConfig, triplets_dir: Path, frame: pd.DataFrame, labels: pd.DataFrame, *, what: str, seed: int
+) -> tuple[Triplets | LabelledRows, Triplets | None]:
+    """What the run's recipe trains on, and its validation triplets: the labelled ads of ``frame`` for a loss on
+    labels; else the triplets of ``triplets_dir`` (or ``finetune.triplets``) with that folder's val triplets."""
+    f = config.finetune
+    if FinetuneLoss(f.loss).on_labels:
+        return training_rows(config, frame, labels, what=what, seed=seed), None
+    classes = labels["label"].astype(str).tolist()
+    source = Path(f.triplets) if f.triplets else triplets_dir / "train.parquet"
+    triplets = load_triplets(source, classes=classes, limit=f.max_triplets, seed=seed)
+    val_file = triplets_dir / "val.parquet"
+    val = None
+    if val_file.is_file() and len(pd.read_parquet(val_file)) >= 2:
+        val = load_triplets(val_file, classes=triplets.classes)
+    return triplets, val
 
 
 def centroid_data(config: PipelineConfig, splits) -> dict[str, list[str]] | None:
@@ -121,12 +165,9 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config
     f = config.finetune
     splits, labels = prepared(config)
-    classes = labels["label"].astype(str).tolist()
-    own = config.run_dir / "triplets"
-    triplets = load_triplets(
-        Path(f.triplets) if f.triplets else own / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed
+    triplets, val = recipe_data(
+        config, config.run_dir / "triplets", splits["train"], labels, what="the train split", seed=f.seed
     )
-    val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
     checkpoints = ctx.keep_dir("checkpoints") / ctx.key
     info = run_recipe(
         config,
@@ -143,6 +184,7 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
         if not f.keep_checkpoints:
             ctx.after_commit(lambda: _drop_checkpoints(checkpoints))
     return {k: info[k] for k in ("base_model", "fingerprint", "loss", "steps", "seconds", "val", "resumed_from")} | {
+        "data": info["data"],
         "triplets": info["triplets"]["rows"],
         "judge": info["triplets"]["judge"],
     }
@@ -151,7 +193,7 @@ def _run_finetune(ctx: StageContext) -> dict[str, Any]:
 def run_recipe(
     config: PipelineConfig,
     *,
-    triplets: Triplets,
+    triplets: Triplets | LabelledRows,
     val: Triplets | None,
     centroid: dict[str, list[str]] | None,
     out_dir: Path,
@@ -212,6 +254,16 @@ def encode_with(
     return out, embed.label_vectors(label, embed.label_texts(labels, mode), mode=mode), extra
 
 
+def keep_classifier(model: Path, unit: Path) -> None:
+    """Copy the end-to-end classifier's layer (loss ``classifier``) out of a fold's or a seed's model folder before the
+    folder is dropped: the report's ``e2e`` system reads it there (``read_classifier(unit)``)."""
+    from jobembed.finetune import CLASSIFIER_FILE, CLASSIFIER_META
+
+    for name in (CLASSIFIER_FILE, CLASSIFIER_META):
+        if (model / name).is_file():
+            shutil.copyfile(model / name, unit / name)
+
+
 def taxonomy_identity(config: PipelineConfig) -> dict[str, str]:
     """For the stages that encode with a fine-tuned model: a run with a taxonomy also encodes its texts, so such
     units made before that are made again once."""
@@ -236,7 +288,7 @@ def finetuned_model(config: PipelineConfig) -> str:
 
 def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVectors:
     """The fine-tuned encoder's vectors of every split (``embed-finetuned``'s folder)."""
-    return embed.load_vectors(
+    vectors = embed.load_vectors(
         config.run_dir / "embed-finetuned",
         model=finetuned_model(config),
         config=config.embed,
@@ -245,6 +297,8 @@ def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVector
         text_column=config.text_column,
         taxonomy=taxonomy_rows(config),
     )
+    vectors.classifier = read_classifier(Path(finetuned_model(config)))
+    return vectors
 
 
 def _finetuned_identity(config: PipelineConfig) -> dict[str, str]:
@@ -274,6 +328,16 @@ def _finetune_off(config: PipelineConfig) -> str:
     return "finetune.enabled is false; `jobembed finetune RUN` turns it on"
 
 
+def _labels_or_triplets(config: PipelineConfig) -> None:
+    f = config.finetune
+    if FinetuneLoss(f.loss).on_labels and f.triplets is not None:
+        raise ValueError(
+            f"finetune.loss {f.loss} trains on the run's labelled ads, but finetune.triplets names a triplet file "
+            f"({f.triplets}); unset finetune.triplets, or pick a triplet loss (mnrl, cached_mnrl, gist, triplet)"
+        )
+
+
+register_check(_labels_or_triplets)
 register_pin(_pin_finetune)
 
 
@@ -288,13 +352,15 @@ def finetune_command(
     finetune__triplets: Annotated[
         Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
     ] = None,
-    finetune__loss: Annotated[FinetuneLoss | None, typer.Option("--loss", help="Training loss.")] = None,
+    finetune__loss: Annotated[
+        FinetuneLoss | None, typer.Option("--loss", help="Training loss: on triplets, or on labelled ads.")
+    ] = None,
     finetune__class_aware: Annotated[
         bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
     ] = None,
     finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
     finetune__batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=2, help="Triplets per training step.")
+        int | None, typer.Option("--batch-size", min=2, help="Triplets (or labelled ads) per training step.")
     ] = None,
     finetune__learning_rate: Annotated[
         float | None, typer.Option("--learning-rate", help="AdamW learning rate.")
@@ -338,15 +404,17 @@ def finetune_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune the encoder on the run's kept triplets with SentenceTransformerTrainer (MNRL with the hard negative,
-    same-class in-batch negatives masked, by default). Keeps the checkpoint with the best validation centroid-cosine
-    macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
-    (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
-    ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the
-    fine-tuned vectors report reads). With --seeds, the finetune-seeds stage then fine-tunes once more for every
-    other seed on the same triplets and encodes every split with each (RUN/finetune-seeds/; each seed's model is
-    dropped once encoded), so that report can show the fine-tuned systems seed by seed on the test split. Turns
-    finetune on for the run (finetune.enabled, kept in its config.yaml)."""
+    """Fine-tune the encoder with SentenceTransformerTrainer: on the run's kept triplets (MNRL with the hard negative,
+    same-class in-batch negatives masked, by default), or with --loss classifier | batch_hard | batch_all on every
+    training ad with its label (no triplets: classifier trains a linear layer with the encoder, kept beside the model
+    as the report's e2e system; batch_hard/batch_all are sentence-transformers' label-based triplet losses). Keeps the
+    checkpoint with the best validation centroid-cosine macro-F1; after an interruption it resumes from the newest
+    complete checkpoint made under the same settings (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/
+    (model/ with its model card, finetune.json, ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then
+    writes RUN/embed-finetuned/ (the fine-tuned vectors report reads). With --seeds, the finetune-seeds stage then
+    fine-tunes once more for every other seed on the same training rows and encodes every split with each
+    (RUN/finetune-seeds/; each seed's model is dropped once encoded), so that report can show the fine-tuned systems
+    seed by seed on the test split. Turns finetune on for the run (finetune.enabled, kept in its config.yaml)."""
     params = dict(locals())
     params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
     from jobembed.config import load_config
@@ -358,9 +426,14 @@ def finetune_command(
     info = read_json(run / "finetune" / "finetune.json")
     val = info["val"]
     score = val.get("eval_val-centroid_macro_f1")
+    data = (
+        f"{info['triplets']['rows']} labelled ads"
+        if info.get("data") == "labels"
+        else f"{info['triplets']['rows']} triplets ({info['triplets']['judge']})"
+    )
     console.print(
-        f"[green]fine-tuned[/] {info['base_model']} on {info['triplets']['rows']} triplets "
-        f"({info['triplets']['judge']}), {info['loss']}, {info['steps']} steps in {info['seconds']} s"
+        f"[green]fine-tuned[/] {info['base_model']} on {data}, {info['loss']}, {info['steps']} steps in "
+        f"{info['seconds']} s"
         + (f"; validation centroid macro-F1 {score:.3f}" if score is not None else "")
         + f" → {run / 'finetune' / 'model'}"
     )
@@ -390,7 +463,8 @@ register(
         on_cpu=finetune_on_cpu,
         names_models=names_models,
         summarise=True,
-        help="fine-tune the encoder on the kept triplets (SentenceTransformerTrainer); best val checkpoint kept",
+        help="fine-tune the encoder on the kept triplets or the labelled ads (SentenceTransformerTrainer); best val "
+        "checkpoint kept",
         command=finetune_command,
     )
 )

@@ -38,14 +38,17 @@ from jobembed.config import default_cache_dir, register_check
 from jobembed.engine import Stage, StageContext, Unit, register
 from jobembed.errors import DataError, JobembedError
 from jobembed.evaluate import FoldVectors, cv_folds, dev_pool
-from jobembed.finetune import load_triplets
+from jobembed.finetune import CLASSIFIER_FILE, CLASSIFIER_META, read_classifier
 from jobembed.head import holdout_split
+from jobembed.sections import FinetuneLoss
 from jobembed.stages._common import frozen_identity, names_models, run_vectors, taxonomy_rows
 from jobembed.stages.finetune import (
     centroid_data,
     encode_with,
     finetune_identity,
     finetune_on_cpu,
+    keep_classifier,
+    recipe_data,
     run_recipe,
     taxonomy_identity,
 )
@@ -120,7 +123,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             pause_for_test(f"finetune-cv:fold-{k}-done")
         if distributed.is_main():
             (ctx.out / f"fold-{k}").mkdir()
-            for name in ("dev.npy", "labels.npy", "taxonomy.npy", "fold.json"):
+            for name in ("dev.npy", "labels.npy", "taxonomy.npy", "fold.json", CLASSIFIER_FILE, CLASSIFIER_META):
                 if (unit.folder / name).is_file():
                     os.link(unit.folder / name, ctx.out / f"fold-{k}" / name)  # the unit keeps its own
             summaries.append(read_json(unit.folder / "fold.json"))
@@ -212,8 +215,10 @@ def _fold(
     rest, inner = inner_slice(config, dev, train_idx)
     frames = {"train": dev.iloc[rest].reset_index(drop=True), "val": dev.iloc[inner].reset_index(drop=True)}
     checkpoints = ctx.keep_dir("checkpoints") / unit.key
+    on_labels = FinetuneLoss(f.loss).on_labels
     with unit.build() as tmp:
-        if main:
+        mined: dict[str, Any] = {"judge": "none (labels)", "kept": 0}
+        if main and not on_labels:
             inputs = inputs_for(
                 config, frames=frames, vectors={"train": X_dev[rest], "val": X_dev[inner]}, frozen=frozen, labels=labels
             )
@@ -234,10 +239,12 @@ def _fold(
                 )
         distributed.wait_for_everyone(cpu=cpu)  # the other ranks read rank 0's triplets
         pause_for_test(f"finetune-cv:fold-{k}-mined")
-        classes = labels["label"].astype(str).tolist()
-        triplets = load_triplets(tmp / "triplets" / "train.parquet", classes=classes, limit=f.max_triplets, seed=f.seed)
-        val_file = tmp / "triplets" / "val.parquet"
-        val = load_triplets(val_file, classes=triplets.classes) if len(pd.read_parquet(val_file)) >= 2 else None
+        # a loss on labels trains on the fold's training ads outside the inner slice; triplets on what was mined there
+        triplets, val = recipe_data(
+            config, tmp / "triplets", frames["train"], labels, what=f"fold {k}'s training ads", seed=f.seed
+        )
+        if on_labels:
+            mined["kept"] = len(triplets.frame)
         info = run_recipe(
             config,
             triplets=triplets,
@@ -259,6 +266,7 @@ def _fold(
             np.save(tmp / "labels.npy", label_vectors)
             if taxonomy is not None:
                 np.save(tmp / "taxonomy.npy", taxonomy)
+            keep_classifier(model, tmp)
             keep = bool(config.report.keep_fold_models)
             if not keep:
                 shutil.rmtree(model)  # ~470 MB for a base-size encoder; its vectors are what the report reads
@@ -322,6 +330,7 @@ def fold_vectors(config: PipelineConfig, dev: pd.DataFrame, n_folds: int) -> lis
                 dev=np.load(unit / "dev.npy"),
                 labels=np.load(unit / "labels.npy"),
                 taxonomy=np.load(taxonomy) if taxonomy.is_file() else None,
+                classifier=read_classifier(unit),
             )
         )
     return out

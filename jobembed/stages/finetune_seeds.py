@@ -34,7 +34,7 @@ from jobembed.data import SPLITS
 from jobembed.embed import RunVectors
 from jobembed.engine import Plan, Stage, StageContext, register
 from jobembed.errors import DataError
-from jobembed.finetune import load_triplets
+from jobembed.finetune import read_classifier
 from jobembed.stages._common import names_models, prepared, taxonomy_rows
 from jobembed.stages.finetune import (
     centroid_data,
@@ -43,6 +43,8 @@ from jobembed.stages.finetune import (
     finetune_consume,
     finetune_identity,
     finetune_on_cpu,
+    keep_classifier,
+    recipe_data,
     run_recipe,
     taxonomy_identity,
 )
@@ -122,11 +124,9 @@ def _one_seed(ctx: StageContext, unit, *, seed: int, splits: dict[str, pd.DataFr
     config = ctx.config
     config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"seed": seed})})
     f, main = config.finetune, distributed.is_main()
-    own = config.run_dir / "triplets"
-    classes = labels["label"].astype(str).tolist()
-    source = Path(f.triplets) if f.triplets else own / "train.parquet"  # as the finetune stage
-    triplets = load_triplets(source, classes=classes, limit=f.max_triplets, seed=seed)
-    val = load_triplets(own / "val.parquet", classes=triplets.classes) if (own / "val.parquet").is_file() else None
+    triplets, val = recipe_data(  # as the finetune stage
+        config, config.run_dir / "triplets", splits["train"], labels, what="the train split", seed=seed
+    )
     checkpoints = ctx.keep_dir("checkpoints") / unit.key
     with unit.build() as tmp:
         info = run_recipe(
@@ -152,6 +152,7 @@ def _one_seed(ctx: StageContext, unit, *, seed: int, splits: dict[str, pd.DataFr
             if taxonomy is not None:
                 np.save(tmp / "taxonomy.npy", taxonomy)
             shutil.copyfile(tmp / "finetune" / "ads_seen.json", tmp / "ads_seen.json")
+            keep_classifier(model, tmp)
             if not f.keep_checkpoints:
                 shutil.rmtree(model)  # ~470 MB for a base-size encoder; its vectors are what the report reads
             write_json(
@@ -200,6 +201,7 @@ def seed_vectors(
             text_prompt=like.text_prompt,
             **vectors,
         )
+        run_vectors.classifier = read_classifier(where)
         out[seed] = (run_vectors, {str(i) for i in read_json(where / "ads_seen.json")})
     return out
 

@@ -1,0 +1,146 @@
+"""Issue 21, lever 2: fine-tuning objectives that use every training ad, screened on validation.
+
+    .venv/bin/python experiments/objectives.py                  # every objective not yet measured, then the table
+    .venv/bin/python experiments/objectives.py --only classifier
+    .venv/bin/python experiments/objectives.py --print          # the table from what was measured
+
+pl-jobads `isco_submajor`, the settings of experiments/finetune_cv.py (rules-cleaned text, builtin e5-small, vectors
+at 256 tokens, the same seed-13 splits). Each objective fine-tunes e5-small once (seed 13) on the train split
+(5,466 ads) at 128 tokens, batch 32, encoder lr 3e-5, through `jobembed finetune` in a run folder of its own:
+
+- `mnrl` — today's recipe (experiments/finetune_cv.py: class-aware MNRL on up to 1,728 triplets mined and judged by
+  the model judge), one epoch;
+- `classifier` — the plain end-to-end classifier: a linear layer on the sentence embedding, class-weighted (sqrt)
+  cross-entropy, every training ad, two epochs (the layer at lr 2e-3);
+- `batch_hard`, `batch_all` — sentence-transformers' BatchHard / BatchAllTripletLoss over batches from
+  GroupByLabelBatchSampler, every training ad, one epoch.
+
+One evaluation per epoch (CentroidEvaluator: centroid-cosine macro-F1 of the val ads against 1,000 training ads) picks
+the checkpoint, so with two epochs the val figures below are a little optimistic for `classifier` (the better of two
+on the same ads). Then every split is encoded with the fine-tuned encoder at 256 tokens and each system is fit on the
+train split (the MLP stops early on its own repost-grouped slice of train, as inside a CV fold) and scored on the
+val split (782 ads); the test split is not read. `frozen` is the same fits on the frozen vectors. Each unit writes
+experiments/out/objectives/<name>.json when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from common import OUT
+from finetune_cv import config_for as finetune_cv_config
+
+from jobembed import metrics
+from jobembed.config import load_config
+from jobembed.evaluate import EvalSettings, System, _fit_predict, dev_pool
+from jobembed.hierarchy import find_hierarchy
+from jobembed.stages import finetuned_vectors, pin_models, prepared, run_stages, run_vectors
+
+RESULTS = OUT / "objectives"
+COMMON = {"max_seq_length": 128, "batch_size": 32, "learning_rate": 3e-5, "evals_per_epoch": 1, "seed": 13}
+OBJECTIVES = {
+    "mnrl": {"loss": "mnrl", "epochs": 1, "max_triplets": 1728},
+    "classifier": {"loss": "classifier", "epochs": 2},
+    "batch_hard": {"loss": "batch_hard", "epochs": 1},
+    "batch_all": {"loss": "batch_all", "epochs": 1},
+}
+SYSTEMS = ("centroid", "mlp", "fusion", "e2e")
+
+
+def config_for(name: str | None):
+    base = finetune_cv_config(None).model_dump(mode="json")
+    base["name"] = f"objective-{name or 'frozen'}"
+    base["report"] = {"cv_folds": 3, "bootstrap": 0}
+    base["finetune"] = {"enabled": name is not None, "eval_train_ads": 1000, **COMMON, **OBJECTIVES.get(name, {})}
+    return pin_models(load_config(None, base))
+
+
+def _score(config, vectors, systems) -> dict[str, dict[str, float]]:
+    """Each system fit on train (its own held-out slice of train) and scored on val."""
+    splits, labels = prepared(config)
+    dev = dev_pool(splits)
+    n_train = len(splits["train"])
+    X = np.concatenate([vectors.train, vectors.val])
+    texts = dev[str(config.text_column)].tolist()
+    y = dev["label"].to_numpy(dtype=str)
+    hierarchy = find_hierarchy(labels["label"].astype(str).tolist(), mode=config.report.hierarchy)
+    val = np.arange(n_train, len(dev))
+    out = {}
+    for name in systems:
+        if name == "e2e" and vectors.classifier is None:
+            continue
+        pred, _ = _fit_predict(
+            System(name, vectors, "x", "x"), settings=EvalSettings.of(config), labels=labels, dev=dev, X_dev=X,
+            train_idx=np.arange(n_train), val_idx=None, X_eval=X[val], texts_eval=[texts[i] for i in val],
+            hierarchy=hierarchy,
+        )  # fmt: skip
+        m = metrics.classification_metrics(y[val], pred, min_support=5)
+        out[name] = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4)}
+    return out
+
+
+def unit(name: str | None) -> dict:
+    path = RESULTS / f"{name or 'frozen'}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = config_for(name)
+    started = time.perf_counter()
+    if name is None:
+        run_stages(config, target="embed", progress=False)
+        splits, labels = prepared(config)
+        result = {"systems": _score(config, run_vectors(config, config.embed.model, splits, labels), SYSTEMS)}
+    else:
+        run_stages(config, target="embed-finetuned", progress=False)
+        splits, labels = prepared(config)
+        info = json.loads((config.run_dir / "finetune" / "finetune.json").read_text())
+        result = {
+            "systems": _score(config, finetuned_vectors(config, splits, labels), SYSTEMS),
+            "finetune": {k: info[k] for k in ("loss", "steps", "seconds", "val", "data")}
+            | {"rows": info["triplets"]["rows"]},
+        }
+    result |= {"name": name or "frozen", "seconds": round(time.perf_counter() - started, 1)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"{name or 'frozen'}: {result['systems']} ({result['seconds']:.0f} s)", flush=True)
+    return result
+
+
+def print_table() -> None:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    frozen = rows.get("frozen", {}).get("systems", {})
+    print("| objective | trained on | fine-tune s | " + " | ".join(f"val macro-F1 {s}" for s in SYSTEMS) + " |")
+    print("|---|---|---|" + "---|" * len(SYSTEMS))
+    for name in ["frozen", *OBJECTIVES]:
+        if name not in rows:
+            continue
+        r = rows[name]
+        f = r.get("finetune", {})
+        cells = []
+        for s in SYSTEMS:
+            v = r["systems"].get(s)
+            if v is None:
+                cells.append("–")
+                continue
+            lift = f" ({v['macro_f1'] - frozen[s]['macro_f1']:+.3f})" if s in frozen and name != "frozen" else ""
+            cells.append(f"{v['macro_f1']:.3f}{lift}, acc {v['accuracy']:.3f}")
+        trained = f"{f['rows']} {'ads' if f.get('data') == 'labels' else 'triplets'}" if f else "–"
+        print(f"| {name} | {trained} | {f.get('seconds', 0):.0f} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["frozen", *OBJECTIVES], default=None)
+    ap.add_argument("--print", action="store_true")
+    args = ap.parse_args()
+    if not args.print:
+        for name in [None, *OBJECTIVES]:
+            if args.only in (None, name or "frozen"):
+                unit(name)
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
