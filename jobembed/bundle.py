@@ -87,6 +87,7 @@ class BundleCleaner(_Meta):
     info: dict[str, Any]  # Cleaner.info() at training time: backend, pattern and model fingerprints, schema
 
 
+REPORT_PAGE = "report.html"
 HeadKind = Literal["mlp", "cosine", "hybrid", "topdown"]
 Head = MLPHead | CosineClassifier | HybridHead | TopDownHead
 
@@ -166,6 +167,7 @@ def save_bundle(
     labels: pd.DataFrame,
     metrics: dict[str, Any] | None = None,
     copy_encoder: bool = False,
+    report_page: Path | None = None,
 ) -> Path:
     """Write a bundle folder (replacing an older one as a whole, atomically).
 
@@ -175,10 +177,13 @@ def save_bundle(
         encoder: the encoder setting of the training vectors (reference, fingerprint, precision, prompt, length).
         labels: frame with ``label``, ``name``, ``description``.
         copy_encoder: copy the encoder into the bundle, for machines without the cache or the Hub.
+        report_page: the report's page (``report/index.html``), kept as ``report.html`` (hash-checked like the rest).
     """
     resolved = encoders.resolve(encoder.model, cache_dir=config.embed.cache_dir)
     with atomic_dir(Path(out_dir)) as tmp:
         model.save(tmp / "head")
+        if report_page is not None:
+            shutil.copyfile(report_page, tmp / REPORT_PAGE)
         write_json(tmp / "labels.json", labels[["label", "name", "description"]].to_dict(orient="records"))
         write_resolved(config, tmp)
         ref, copy_fp = resolved.ref, None

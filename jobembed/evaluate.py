@@ -167,6 +167,9 @@ class Evaluation:
     y_test: np.ndarray
     oof: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     oof_pred: dict[str, np.ndarray] = field(default_factory=dict)
+    # the dev pool's ids and labels, in the order of ``oof`` and ``oof_pred``
+    dev_ids: np.ndarray | None = None
+    y_dev: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -774,7 +777,9 @@ def evaluate_systems(
         "bundled": next((k for k in ranking if results[k]["system"] in BUNDLEABLE), None),
         "pairwise": pairwise,
     }
-    return Evaluation(summary, fitted, test_preds, per_class, label_order, y_test, oof, oof_pred)
+    return Evaluation(
+        summary, fitted, test_preds, per_class, label_order, y_test, oof, oof_pred, dev["id"].to_numpy(str), y_dev
+    )
 
 
 def _extra_summary(extra: ExtraRows | None) -> dict[str, Any] | None:

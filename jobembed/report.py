@@ -4,6 +4,7 @@ Outputs in ``out_dir`` (the run's ``report/``), built under a temporary name and
 re-run never leaves tables or figures of systems it no longer has:
 
 - ``report.md``: the answer first, then every system with intervals, significance, per-class detail;
+- ``index.html``: the same as one self-contained page (figures inlined, sortable tables, no ad text; ``report_page``);
 - ``metrics.json``: everything in the report, for programs (format ``jobembed-report/4``);
 - ``per_class/<system key>.csv``, ``figures/*.png``, ``config.yaml`` (the resolved config);
 - ``winner/``: the best system a bundle can serve (MLP head, hybrid head or cosine prototypes) as ``head/``
@@ -32,6 +33,7 @@ from jobembed import metrics as M
 from jobembed.artifacts import atomic_dir, write_json
 from jobembed.config import write_resolved
 from jobembed.evaluate import HYBRID_SYSTEMS, SYSTEM_TITLES, Evaluation
+from jobembed.report_page import PageExtras, confusion_pairs, render_page, suspected_noise
 
 WINNER_DIR = "winner"
 # The same kind of system as the winner, on the fine-tuned encoder (bundle.encoder: finetuned).
@@ -79,6 +81,7 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, resolved: BaseModel, 
         (tmp / "report.md").write_text(
             render_markdown(result, labels=labels, per_class=evaluation.per_class[result["winner"]]), encoding="utf-8"
         )
+        _write_page(tmp, result, evaluation, labels)
         best = result.get("bundled")
         if best is not None:
             system = result["systems"][best]
@@ -99,6 +102,36 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, resolved: BaseModel, 
             )
             _save_finetuned_winner(tmp, result, evaluation, kind=system["system"])
     return Path(out_dir)
+
+
+PAGE = "index.html"
+
+
+def _write_page(tmp: Path, result: dict[str, Any], evaluation: Evaluation, labels: pd.DataFrame) -> None:
+    """``report/index.html``: the report as one self-contained page (``jobembed.report_page``)."""
+    winner = result["winner"]
+    names = dict(zip(labels["label"].astype(str), labels["name"].astype(str), strict=True))
+    extras = PageExtras(worst_pairs=confusion_pairs(evaluation.y_test, evaluation.test_predictions[winner]))
+    if winner in evaluation.oof_pred and evaluation.dev_ids is not None:
+        confidence, _ = evaluation.oof[winner]
+        extras.noise = suspected_noise(
+            evaluation.dev_ids,
+            evaluation.y_dev,
+            evaluation.oof_pred[winner],
+            confidence,
+            threshold=extras.noise_confidence,
+        )
+    page = render_page(
+        result,
+        answer=_answer(result),
+        figures_dir=tmp,
+        names=names,
+        per_class=evaluation.per_class[winner],
+        extras=extras,
+        cleaning=_cleaning_line(result["data"].get("cleaning")),
+        confusion_figure=f"figures/confusion-{_file_key(winner)}.png",
+    )
+    (tmp / PAGE).write_text(page, encoding="utf-8")
 
 
 def _save_finetuned_winner(tmp: Path, result: dict[str, Any], evaluation: Evaluation, *, kind: str) -> None:

@@ -413,6 +413,12 @@ class BundleConfig(_Strict):
     # Copy a local/builtin encoder folder into the bundle so it runs where the cache is absent
     # (a server); off by default because e5-small alone is ~470 MB.
     copy_encoder: bool = False
+    # Put the report's page (report/index.html: figures and tables, no ad text) into the bundle as report.html, for
+    # `jobembed serve` to show at /report (serve.report). Off by default: a bundle carries what serving needs.
+    report_page: bool = False
+
+    # Added after runs were made: out of the key while at its default, so those runs' bundles stay current.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"report_page"})
 
 
 class ClassifyConfig(_Strict):
@@ -472,6 +478,9 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(60.0, gt=0)
     # Browser origins allowed to call the API (CORS); empty: same-origin only (the page at / needs none).
     cors_origins: list[str] = Field(default_factory=list)
+    # Show the bundle's report page (bundle.report_page) at /report, behind the API key like every other route. The
+    # page holds figures, tables, category names and ad ids, never an ad's text.
+    report: bool = False
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
@@ -486,6 +495,7 @@ class ServeConfig(_Strict):
             "encode_batch_size",
             "cache",
             "cache_size",
+            "report",
         }
     )
 

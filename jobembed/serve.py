@@ -50,8 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobembed import encoders
-from jobembed.bundle import Bundle, load_bundle
-from jobembed.errors import ConfigError, JobembedError
+from jobembed.bundle import REPORT_PAGE, Bundle, load_bundle
+from jobembed.errors import BundleError, ConfigError, JobembedError
+from jobembed.report_page import CSP
 from jobembed.sections import ClassifyConfig, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -601,6 +602,17 @@ def create_app(bundle_path: Path, config: ServeConfig | None = None, *, api_keys
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html)
 
+    if config.report:
+
+        @app.get("/report", response_class=HTMLResponse, summary="The report the bundle was chosen by")
+        async def report(request: Request) -> HTMLResponse:
+            """The bundle's report page (figures and tables; no ad text), behind the API key. The page allows itself
+            no request (its Content-Security-Policy), so the header repeats that policy."""
+            service.authorize(request.headers.get("authorization"))
+            bundle = service.require_ready()  # verified: report.html is among the hash-checked files
+            page = (bundle.path / REPORT_PAGE).read_text(encoding="utf-8")
+            return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
+
     return app
 
 
@@ -638,6 +650,11 @@ def check_bundle(path: Path, config: ServeConfig) -> Bundle:
     bundle = load_bundle(path, device=config.device, backend=str(config.backend), cache=config.cache)
     bundle.embedder  # noqa: B018 - checks the encoder's fingerprint
     bundle.cleaner  # noqa: B018 - checks the cleaner's files
+    if config.report and not (Path(path) / REPORT_PAGE).is_file():
+        raise BundleError(
+            f"serve.report is on, but the bundle {path} holds no report page",
+            fix="bundle with `jobembed bundle RUN --report-page`, or serve without --report",
+        )
     return bundle
 
 

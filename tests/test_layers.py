@@ -39,6 +39,7 @@ LAYERS = [
     "hybrid",
     "topdown",
     "evaluate",
+    "report_page",
     "report",
     "bundle",
     "serve",

@@ -331,12 +331,17 @@ def serve(
         typer.Option("--cache/--no-cache", help="Answer repeated texts from the embedding cache (default: on)."),
     ] = None,
     serve__device: DeviceOpt = None,
+    serve__report: Annotated[
+        bool | None,
+        typer.Option("--report/--no-report", help="Show the bundle's report page at /report (bundle --report-page)."),
+    ] = None,
 ) -> None:
-    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /v1/info, /healthz, /readyz, /metrics, and a
-    page at / to paste an ad. The bundle is verified first (format, the hash of every file and of bundle.json's
-    answer-changing fields, encoder fingerprint); API keys come from JOBEMBED_API_KEYS (comma-separated; a list
-    with no key in it refuses to start). With --cache, repeated texts are answered from a bounded in-memory cache
-    of vectors (serve.cache_size texts); nothing is written to disk."""
+    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /v1/info, /healthz, /readyz, /metrics, a page at
+    / to paste an ad, and with --report the bundle's report page at /report (behind the API key). The bundle is
+    verified first (format, the hash of every file and of bundle.json's answer-changing fields, encoder fingerprint);
+    API keys come from JOBEMBED_API_KEYS (comma-separated; a list with no key in it refuses to start). With --cache,
+    repeated texts are answered from a bounded in-memory cache of vectors (serve.cache_size texts); nothing is written
+    to disk."""
     from jobembed.bundle import find_latest_bundle
     from jobembed.serve import api_keys_from_env, check_bundle, run_server
 

@@ -14,7 +14,7 @@ from jobembed.cli.base import ConfigOpt, ForceOpt, QuietOpt, RunArg, console, fr
 from jobembed.config import register_section
 from jobembed.engine import Stage, StageContext, register
 from jobembed.errors import DataError
-from jobembed.report import WINNER_DIR, WINNER_FINETUNED_DIR
+from jobembed.report import PAGE, WINNER_DIR, WINNER_FINETUNED_DIR
 from jobembed.sections import BundleConfig, BundleEncoderChoice
 from jobembed.stages._common import names_models
 from jobembed.stages.finetune import finetuned_model
@@ -28,7 +28,8 @@ register_section("bundle", BundleConfig)
 
 def _bundle_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     finetuned = config.bundle.encoder == BundleEncoderChoice.finetuned
-    out = {"prepare": ("labels.json",), "report": (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)}
+    report = (f"{WINNER_FINETUNED_DIR if finetuned else WINNER_DIR}/*",)
+    out = {"prepare": ("labels.json",), "report": report + ((PAGE,) if config.bundle.report_page else ())}
     if finetuned or config.report.finetune_cv:  # with the recipe in the CV, the CV winner may be fine-tuned
         out["finetune"] = ("model/*",)  # copied into the bundle
     return out
@@ -71,8 +72,21 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
         metrics={**winner["metrics"], "selective": winner.get("selective")},
         # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
         copy_encoder=config.bundle.copy_encoder or tuned,
+        report_page=_report_page(config),
     )
     return {"bundle": str(path), "system": winner["key"]}
+
+
+def _report_page(config: PipelineConfig) -> Path | None:
+    if not config.bundle.report_page:
+        return None
+    page = config.run_dir / "report" / PAGE
+    if not page.is_file():
+        raise DataError(
+            f"bundle.report_page is on, but {page} is missing (a report made before the page existed)",
+            fix="re-run `jobembed report RUN --force`, or bundle without --report-page",
+        )
+    return page
 
 
 @friendly
@@ -82,6 +96,10 @@ def bundle_command(
     bundle__copy_encoder: Annotated[
         bool | None,
         typer.Option("--copy-encoder/--no-copy-encoder", help="Copy the encoder into the bundle (self-contained)."),
+    ] = None,
+    bundle__report_page: Annotated[
+        bool | None,
+        typer.Option("--report-page/--no-report-page", help="Put the report's page in the bundle (serve --report)."),
     ] = None,
     bundle__encoder: Annotated[
         BundleEncoderChoice | None,
@@ -98,7 +116,8 @@ def bundle_command(
     """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP or hier head, the fusion
     or stack hybrid head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never bundled.
     The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the abstention
-    rule's out-of-fold answers and a hash of every file. With --encoder finetuned, the same kind of system on the
+    rule's out-of-fold answers and a hash of every file; with --report-page also the report's page (report.html, no ad
+    text) for serve --report. With --encoder finetuned, the same kind of system on the
     run's fine-tuned encoder, which is copied into the bundle."""
     from jobembed.bundle import read_bundle_meta
 
