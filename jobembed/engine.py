@@ -45,7 +45,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from jobembed import distributed
+from jobembed import distributed, tracking
 from jobembed.artifacts import hash_obj, pause_for_test, read_json, write_json, write_manifest
 from jobembed.config import load_config, section_for_key, write_resolved
 from jobembed.errors import ConfigError, DataError, JobembedError
@@ -112,6 +112,8 @@ class Stage:
         help: one line for ``describe`` (what runs and why).
         command: the CLI command that runs it (a Typer function; ``jobembed.cli`` adds it to the app), or None.
         command_name: that command's name, default ``name``; ``"<group> <name>"`` puts it in a group of commands.
+        track: ``(config, folder) -> tracking.Tracked``: what experiment tracking logs of it beyond its summary
+            (metrics, artifacts, a model folder); None logs the summary and the outputs' paths.
     """
 
     name: str
@@ -136,6 +138,7 @@ class Stage:
     help: str = ""
     command: Callable[..., Any] | None = None
     command_name: str = ""
+    track: Callable[[Any, Path], Any] | None = None
 
     @property
     def cli_name(self) -> str:
@@ -602,6 +605,7 @@ def _run(
     status: dict[str, str] = {}
     main, many = distributed.is_main(), distributed.world_size() > 1
     pinned = False
+    tracker = tracking.open_tracker(config, main=main)
     for name in names:
         stage = STAGES[name]
         if not stage.enabled(config):
@@ -636,20 +640,25 @@ def _run(
             raise DataError(f"{name} must run again ({reason}), but {blocked}", fix=blocked.fix)
         if on_stage:
             on_stage(name, "run", reason)
-        summary = _execute(stage, config, folder=folder, key=key, progress=progress, identity=plan.identities.get(name))
-        status[name] = "ran"
-        if not main:
-            continue
-        write_manifest(
-            config.run_dir,
-            stage=name,
-            config=stage_settings(stage, config),
-            inputs={"identity": plan.identities.get(name), **plan.input_digests.get(name, {})},
-            version=stage.version,
-            summary=summary if stage.summarise else None,
-            replaces=stage.formerly,
-        )
-        write_resolved(config, config.run_dir)
+        settings = stage_settings(stage, config)
+        with tracker.stage(name, key=key, version=stage.version, settings=settings) as tracked:
+            summary = _execute(
+                stage, config, folder=folder, key=key, progress=progress, identity=plan.identities.get(name)
+            )
+            status[name] = "ran"
+            if not main:
+                continue
+            write_manifest(
+                config.run_dir,
+                stage=name,
+                config=settings,
+                inputs={"identity": plan.identities.get(name), **plan.input_digests.get(name, {})},
+                version=stage.version,
+                summary=summary if stage.summarise else None,
+                replaces=stage.formerly,
+            )
+            write_resolved(config, config.run_dir)
+            tracked.record(summary=summary, folder=folder, tracked=stage.track(config, folder) if stage.track else None)
     if main and config.run_dir.is_dir():
         # Every stage asked for is current under this config: it is the run's now, though no stage read what
         # changed (a field that only a stage after the target reads).

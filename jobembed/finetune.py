@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from jobembed import encoders
+from jobembed import encoders, tracking
 from jobembed.artifacts import atomic_write_text, write_json
 from jobembed.config import default_cache_dir
 from jobembed.errors import DataError
@@ -718,7 +718,8 @@ def finetune(
         logging_steps=max(1, eval_steps // 2),
         seed=config.seed,
         data_seed=config.seed,
-        report_to="none",
+        # the tracker of the stage that runs this (tracking.backend), so losses and evaluations stream into its run
+        report_to=tracking.report_to(None),
         disable_tqdm=not progress,
         dataloader_num_workers=config.dataloader_workers,
         prompts=speed["prompts"],

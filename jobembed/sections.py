@@ -433,6 +433,28 @@ class ClassifyConfig(_Strict):
     uncertain_label: str = "uncertain"
 
 
+class TrackingBackend(StrEnum):
+    none = "none"
+    mlflow = "mlflow"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+class TrackingConfig(_Strict):
+    """``tracking``: where each stage that runs is logged (``jobembed.tracking``). Changes no output: never in a key."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"backend", "uri", "experiment", "log_dir"})
+
+    backend: TrackingBackend = TrackingBackend.none
+    # MLflow's tracking URI. None: $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db (a file beside the runs,
+    # readable with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`).
+    uri: str | None = None
+    # The MLflow experiment, or the W&B project.
+    experiment: str = "jobembed"
+    # TensorBoard's event folder (default RUN/tensorboard), or where W&B keeps its local files (default RUN).
+    log_dir: Path | None = None
+
+
 class ServeBackend(StrEnum):
     torch = "torch"
     onnx_int8 = "onnx-int8"

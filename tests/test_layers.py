@@ -20,6 +20,7 @@ LAYERS = [
     "distributed",
     "store",
     "fingerprint",
+    "tracking",
     "engine",
     "tables",
     "dedup",
@@ -43,6 +44,7 @@ LAYERS = [
     "report",
     "bundle",
     "serve",
+    "mlflow_model",
     "cli.base",
     "stages",
     "cli",
@@ -139,8 +141,8 @@ def test_pipeline_config_is_assembled_from_the_registered_sections():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [
-        "name", "runs_dir", "text_column", "prepare", "clean", "embed", "head", "triplets", "finetune", "report",
-        "bundle", "classify", "serve",
+        "name", "runs_dir", "text_column", "tracking", "prepare", "clean", "embed", "head", "triplets", "finetune",
+        "report", "bundle", "classify", "serve",
     ]  # fmt: skip
     text = (PACKAGE / "config.py").read_text(encoding="utf-8")
     assert not [s for s in out[3:] if f"{s.capitalize()}Config" in text], "config.py names a section"

@@ -40,6 +40,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from jobembed import __version__, ui
@@ -94,7 +95,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except JobembedError as e:
-            err_console.print(f"[bold red]error:[/] {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
+            # escaped: a message's own brackets ("jobembed[mlflow]", "[0, 1]") are text, not rich markup
+            message = escape(" ".join(str(e).split()))
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print(

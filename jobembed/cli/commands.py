@@ -38,7 +38,7 @@ from jobembed.cli.base import (
 from jobembed.config import load_config
 from jobembed.engine import config_for_run, describe, pin_models, run_stages
 from jobembed.errors import JobembedError
-from jobembed.sections import ServeBackend
+from jobembed.sections import ServeBackend, TrackingBackend
 from jobembed.stages import STAGES
 from jobembed.stages.report import finetuned_lines, selective_lines, summary_table
 from jobembed.stages.triplets import triplets_line
@@ -169,16 +169,23 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML, e.g. configs/demo.yaml.")],
     name: Annotated[str | None, typer.Option("--name", help="Run name (folder under runs_dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even when up to date.")] = False,
+    tracking: Annotated[
+        TrackingBackend | None,
+        typer.Option("--tracking", help="Log each stage that runs: mlflow, wandb or tensorboard [tracking.backend]."),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline from one config, skipping stages whose outputs are up to date.
 
     On an existing run the file is layered on the run's config.yaml (the file's fields win): a field it leaves out
     keeps the run's value. A stage that is off (finetune without finetune.enabled) neither runs nor is read, and its
-    folder is left as it is."""
-    cfg = load_config(config, {"name": name}, flags={"name": "--name"})
+    folder is left as it is. With --tracking (or tracking.backend) every stage that runs is logged: one tracker run
+    per run folder, one child per stage (config, key, summary, outputs; the report's metrics and page; the bundle)."""
+    flags = {"name": "--name", "tracking.backend": "--tracking"}
+    backend = {"tracking.backend": tracking.value if tracking else None}
+    cfg = load_config(config, {"name": name} | backend, flags=flags)
     if (cfg.run_dir / "config.yaml").is_file():
-        cfg = config_for_run(cfg.run_dir, config, {}, flags={})
+        cfg = config_for_run(cfg.run_dir, config, backend, flags=flags)
     run_stages(cfg, force=force, progress=not quiet, on_stage=print_stage)
     other_ranks_stop()
     console.print(triplets_line(read_json(cfg.run_dir / "triplets" / "report.json"), cfg.run_dir / "triplets"))

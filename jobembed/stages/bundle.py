@@ -18,6 +18,7 @@ from jobembed.report import PAGE, WINNER_DIR, WINNER_FINETUNED_DIR
 from jobembed.sections import BundleConfig, BundleEncoderChoice
 from jobembed.stages._common import names_models
 from jobembed.stages.finetune import finetuned_model
+from jobembed.tracking import Tracked
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -137,6 +138,7 @@ register(
         run=_run_bundle,
         names_models=names_models,
         help="the report's best servable system as a deployable bundle",
+        track=lambda config, folder: Tracked(model=folder, artifacts={"bundle_json": folder / "bundle.json"}),
         version=2,  # 2: jobembed-bundle/3, bundle.json covered by its own digest
         command=bundle_command,
     )

@@ -51,6 +51,7 @@ from jobembed.stages._common import (
 from jobembed.stages.finetune import extra_seeds, finetuned_model, finetuned_vectors, protocol_seeds
 from jobembed.stages.finetune_cv import fold_vectors
 from jobembed.stages.finetune_seeds import seed_vectors
+from jobembed.tracking import Tracked
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -489,6 +490,20 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def _track(config: PipelineConfig, folder: Path) -> Tracked:
+    """Every system's CV (mean and sd) and test figures, and the report, its page and figures as artifacts."""
+    m = read_json(folder / "metrics.json")
+    metrics: dict[str, float] = {}
+    for r in m["systems"].values():
+        cv, test, name = r["cv"]["summary"], r["test"], r["display"]
+        for metric in ("macro_f1", "accuracy"):
+            metrics[f"{name}.cv_{metric}_mean"] = cv[metric]["mean"]
+            metrics[f"{name}.cv_{metric}_sd"] = cv[metric]["std"]
+            metrics[f"{name}.test_{metric}"] = test[metric]
+    artifacts = {"report": folder / "report.md", "page": folder / "index.html", "metrics": folder / "metrics.json"}
+    return Tracked(metrics=metrics, artifacts=artifacts | {"figures": folder / "figures"})
+
+
 register(
     Stage(
         "report",
@@ -501,6 +516,7 @@ register(
         products=(f"{WINNER_DIR}/*", f"{WINNER_FINETUNED_DIR}/*"),
         names_models=names_models,
         help="every system on the same splits: test, k-fold CV, intervals, significance",
+        track=_track,
         # 2: abstention thresholds on out-of-fold answers (were validation's), stored for the bundle; the stack's
         # out-of-fold features grouped by repost; winner.json carries its encoder's precision and prompt. (The
         # rare-class table and the taxonomy rows are additions, not fixes: a report made before them stays current.)
