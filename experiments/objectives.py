@@ -41,10 +41,10 @@ from jobembed.stages import finetuned_vectors, pin_models, prepared, run_stages,
 
 RESULTS = OUT / "objectives"
 COMMON = {"max_seq_length": 128, "batch_size": 32, "learning_rate": 3e-5, "evals_per_epoch": 1, "seed": 13}
-OBJECTIVES = {
-    "mnrl": {"loss": "mnrl", "epochs": 1, "max_triplets": 1728},
+OBJECTIVES = {  # in the order they are run: the plain classifier first (the question), mnrl last (known)
     "classifier": {"loss": "classifier", "epochs": 2},
     "batch_hard": {"loss": "batch_hard", "epochs": 1},
+    "mnrl": {"loss": "mnrl", "epochs": 1, "max_triplets": 1728},
     "batch_all": {"loss": "batch_all", "epochs": 1},
 }
 SYSTEMS = ("centroid", "mlp", "fusion", "e2e")

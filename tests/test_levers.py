@@ -263,3 +263,35 @@ def test_a_run_with_a_taxonomy_trains_on_its_rows_and_bundles_top_down(tmp_path,
     ok = runner.invoke(app, ["classify", "kierowca kat. C, transport", "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output.strip().splitlines()[-1])["label"] in set(table["label"])
+
+
+def test_label_positives_read_the_runs_category_texts_in_the_ads_language(tmp_path, tiny_encoder_dir):
+    """--positive label trained on English label-set descriptions; with a taxonomy and embed.label_text taxonomy
+    they are the label's own (Polish) taxonomy texts, and a run made without changes keeps its triplets' key."""
+    make_ads(12, seed=3).to_csv(tmp_path / "ads.csv", index=False)
+    make_labels().to_csv(tmp_path / "labels.csv", index=False)
+    rows = [(code, words[0], "name") for code, (_, words) in OCCUPATIONS.items()]
+    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
+    base = {
+        "name": "pos",
+        "runs_dir": str(tmp_path / "runs"),
+        "text_column": "text",
+        "prepare": {
+            "input": str(tmp_path / "ads.csv"),
+            "id_col": "id",
+            "labels": {"path": str(tmp_path / "labels.csv")},
+            "taxonomy": {"path": str(tmp_path / "tax.csv")},
+        },
+        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+        "triplets": {"judge": "none", "positive": "label", "relative_margin": 1.0, "min_anchors_per_class": 2},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(base))
+    run = tmp_path / "runs" / "pos"
+    assert runner.invoke(app, ["triplets", str(run), "-c", str(tmp_path / "a.yaml"), "-q"]).exit_code == 0
+    english = set(pd.read_parquet(run / "triplets" / "train.parquet")["positive"])
+    assert english and english <= set(make_labels()["name"])  # the label set's English names
+    (tmp_path / "b.yaml").write_text("embed:\n  label_text: taxonomy\n")
+    result = runner.invoke(app, ["triplets", str(run), "-c", str(tmp_path / "b.yaml"), "-q"])
+    assert result.exit_code == 0 and "triplets: running" in result.output, result.output
+    own = set(pd.read_parquet(run / "triplets" / "train.parquet")["positive"])
+    assert own and own <= {words[0] for _, words in OCCUPATIONS.values()}

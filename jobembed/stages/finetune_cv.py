@@ -52,7 +52,13 @@ from jobembed.stages.finetune import (
     run_recipe,
     taxonomy_identity,
 )
-from jobembed.stages.triplets import inputs_for, judged_splits, prompts_identity, triplets_consume
+from jobembed.stages.triplets import (
+    inputs_for,
+    judged_splits,
+    label_positive_identity,
+    prompts_identity,
+    triplets_consume,
+)
 from jobembed.store import open_store
 from jobembed.triplets.core import make_triplets
 
@@ -89,6 +95,7 @@ def _identity(config: PipelineConfig) -> dict[str, Any]:
         | prompts_identity()
         | {"finetune": finetune_identity(config)}
         | taxonomy_identity(config)
+        | label_positive_identity(config)
     )
 
 

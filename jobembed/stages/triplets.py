@@ -63,7 +63,24 @@ def inputs_for(
         label_vectors=frozen.labels,
         encoder=frozen.model,
         fingerprint=frozen.fingerprint,
+        label_text=label_positive_text(config),
     )
+
+
+def label_positive_text(config: PipelineConfig) -> str:
+    """The text of a label positive: the category texts the run embeds (``embed.label_text``: in the ads' language
+    with a taxonomy), a label's own taxonomy texts in place of ``taxonomy_mean`` (a mean of many texts, not a text)."""
+    mode = str(config.embed.label_text)
+    return "taxonomy" if mode == "taxonomy_mean" else mode
+
+
+def label_positive_identity(config: PipelineConfig) -> dict[str, str]:
+    """In a key only where it changes triplets (label positives, another text than name_description), so the runs
+    made when label positives always read name_description keep theirs."""
+    mode = label_positive_text(config)
+    if PositiveStrategy(config.triplets.positive) is PositiveStrategy.label and mode != "name_description":
+        return {"label_positive_text": mode}
+    return {}
 
 
 def triplet_inputs(config: PipelineConfig) -> TripletInputs:
@@ -84,7 +101,7 @@ def prompts_identity() -> dict[str, str]:
 
 def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
     """The frozen encoder that mined the candidates, and the judge's prompt templates."""
-    return frozen_identity(config) | prompts_identity()
+    return frozen_identity(config) | prompts_identity() | label_positive_identity(config)
 
 
 def triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:

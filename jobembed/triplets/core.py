@@ -53,6 +53,7 @@ class TripletInputs:
         labels: prepare's labels.json frame (``label``, ``name``, ``description``).
         vectors: per split, the frozen encoder's vectors, aligned with ``frames``; ``label_vectors`` per category.
         encoder: the frozen encoder's reference and fingerprint.
+        label_text: what a label positive's text is (``positive: label``).
     """
 
     frames: dict[str, pd.DataFrame]
@@ -64,6 +65,9 @@ class TripletInputs:
     label_vectors: np.ndarray
     encoder: str
     fingerprint: str
+    # What a label positive's text is (``data.label_texts`` mode): the category texts the run embeds (its
+    # ``embed.label_text``; the label's own taxonomy texts in place of ``taxonomy_mean``, a mean of many texts).
+    label_text: str = "name_description"
 
 
 def check_privacy(config: TripletsConfig, judge_reads: str) -> str | None:
@@ -129,7 +133,7 @@ def text_map(inputs: TripletInputs, *, judge: bool) -> dict[str, str]:
     out = {}
     for split in POOLS:
         out.update(zip(inputs.frames[split]["id"].astype(str), source[split].astype(str), strict=True))
-    label_text = label_texts(inputs.labels, "name_description")
+    label_text = label_texts(inputs.labels, inputs.label_text)
     out.update({f"{LABEL_PREFIX}{c}": t for c, t in zip(inputs.labels["label"].astype(str), label_text, strict=True)})
     return out
 
