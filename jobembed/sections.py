@@ -53,6 +53,13 @@ class LabelText(StrEnum):
     taxonomy_mean = "taxonomy_mean"
 
 
+class EmbedBackend(StrEnum):
+    torch = "torch"
+    # the encoder exported to ONNX and quantised to int8 (jobembed.onnx_backend): faster on a CPU, vectors within
+    # ~0.99 cosine of torch's
+    onnx_int8 = "onnx-int8"
+
+
 class ChunkingMode(StrEnum):
     none = "none"
     mean = "mean"
@@ -253,6 +260,12 @@ class EmbedConfig(_Strict):
     chunk_stride: int = Field(192, ge=8)
     # Bounds the cost of a very long ad (8 windows of 256 tokens cover ~1,600 tokens, p99 of Polish ads).
     max_chunks: int = Field(8, ge=1)
+    # How the encoder runs: torch, or its int8 ONNX export (a CPU user's pipeline time is mostly encoding). Explicit,
+    # never "auto": it changes every vector, so it is in the key, and a bundle encodes new ads the same way.
+    backend: EmbedBackend = EmbedBackend.torch
+
+    # Added after runs were made: out of the key while at its default, so those runs' vectors stay current.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"backend"})
 
     def models(self) -> list[str]:
         """``model`` then ``extra_models``, without repeats."""
@@ -470,8 +483,9 @@ class ServeConfig(_Strict):
     # worker is the right start; more workers keep serving when one dies and help on many-core machines.
     workers: int = Field(1, ge=1)
     # torch, or the encoder exported to ONNX and quantised to int8 (the CPU lever; vectors within about 0.99
-    # cosine of torch's, measured by experiments/bench_serve.py as macro-F1 on the test split).
-    backend: ServeBackend = ServeBackend.torch
+    # cosine of torch's, measured by experiments/bench_serve.py as macro-F1 on the test split). None: the backend the
+    # bundle's training vectors were made with (embed.backend), so serving encodes as training did.
+    backend: ServeBackend | None = None
     device: str = "auto"
     # Micro-batching: requests that arrive while the encoder is busy, or within batch_wait_ms of each other
     # under load, share one encode call. A lone request on an idle server never waits.

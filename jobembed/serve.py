@@ -304,14 +304,14 @@ class Service:
             bundle = load_bundle(
                 self.path,
                 device=self.config.device,
-                backend=str(self.config.backend),
+                backend=None if self.config.backend is None else str(self.config.backend),
                 cache=self.config.cache,
                 memory_cache=self.config.cache_size,
                 batch_size=encode_batch_size(self.config),
             )
             bundle.predict_proba_explained([WARMUP_TEXT])
             self.bundle = bundle
-            logger.info("ready: bundle %s (%s, %s backend)", self.path, bundle.meta.system, self.config.backend)
+            logger.info("ready: bundle %s (%s, %s backend)", self.path, bundle.meta.system, bundle.backend)
         except JobembedError as e:
             self.error = str(e)
             logger.error("cannot serve %s: %s", self.path, e)
@@ -647,7 +647,8 @@ def app_from_env() -> Any:
 def check_bundle(path: Path, config: ServeConfig) -> Bundle:
     """Everything the workers will check, once, before any starts: format, file hashes, encoder fingerprint,
     cleaner. Raises BundleError (one line) on a bad bundle."""
-    bundle = load_bundle(path, device=config.device, backend=str(config.backend), cache=config.cache)
+    backend = None if config.backend is None else str(config.backend)
+    bundle = load_bundle(path, device=config.device, backend=backend, cache=config.cache)
     bundle.embedder  # noqa: B018 - checks the encoder's fingerprint
     bundle.cleaner  # noqa: B018 - checks the cleaner's files
     if config.report and not (Path(path) / REPORT_PAGE).is_file():

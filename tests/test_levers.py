@@ -295,3 +295,36 @@ def test_label_positives_read_the_runs_category_texts_in_the_ads_language(tmp_pa
     assert result.exit_code == 0 and "triplets: running" in result.output, result.output
     own = set(pd.read_parquet(run / "triplets" / "train.parquet")["positive"])
     assert own and own <= {words[0] for _, words in OCCUPATIONS.values()}
+
+
+def test_the_embed_stage_can_run_the_encoder_as_int8_onnx_and_the_bundle_follows(tmp_path, tiny_encoder_dir):
+    """embed.backend (issue 22, item 4): explicit and keyed; the bundle encodes new ads as its vectors were made."""
+    make_ads(12, seed=2).to_csv(tmp_path / "ads.csv", index=False)
+    make_labels().to_csv(tmp_path / "labels.csv", index=False)
+    config = {
+        "name": "int8",
+        "runs_dir": str(tmp_path / "runs"),
+        "text_column": "text",
+        "prepare": {
+            "input": str(tmp_path / "ads.csv"),
+            "id_col": "id",
+            "labels": {"path": str(tmp_path / "labels.csv")},
+        },
+        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+        "head": {"hidden_sizes": [16], "max_epochs": 10, "patience": 3},
+        "report": {"systems": ["mlp"], "cv_folds": 2, "bootstrap": 0},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "runs" / "int8"
+    assert runner.invoke(app, ["embed", str(run), "-c", str(tmp_path / "run.yaml"), "-q"]).exit_code == 0
+    (folder,) = (run / "embed").glob("*/")
+    torch_train = np.load(folder / "train.npy")
+    result = runner.invoke(app, ["embed", str(run), "--backend", "onnx-int8", "-q"])
+    assert result.exit_code == 0 and "embed: running" in result.output, result.output
+    assert read_json(folder / "embeddings.json")["backend"] == "onnx-int8"
+    int8_train = np.load(folder / "train.npy")
+    cosine = (torch_train * int8_train).sum(axis=1)
+    assert not np.allclose(torch_train, int8_train) and cosine.min() > 0.95
+    assert runner.invoke(app, ["bundle", str(run), "-q"]).exit_code == 0
+    assert read_json(run / "bundle" / "bundle.json")["encoder"]["backend"] == "onnx-int8"
+    assert load_bundle(run / "bundle", device="cpu").backend == "onnx-int8"

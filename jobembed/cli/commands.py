@@ -324,7 +324,9 @@ def serve(
     ] = None,
     serve__backend: Annotated[
         ServeBackend | None,
-        typer.Option("--backend", help="torch, or onnx-int8: the encoder exported to int8 ONNX (faster on CPU)."),
+        typer.Option(
+            "--backend", help="torch, or onnx-int8: the encoder exported to int8 ONNX (faster on CPU) [the bundle's]."
+        ),
     ] = None,
     serve__batching: Annotated[
         bool | None, typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests (default: on).")
@@ -359,7 +361,7 @@ def serve(
     meta = check_bundle(path, cfg).meta
     console.print(
         f"[green]serving[/] {path}: {meta.system} on {meta.encoder.source_ref}, {len(meta.classes)} categories, "
-        f"{cfg.backend} backend, {cfg.workers} worker(s), API keys {keys}: http://{cfg.host}:{cfg.port}/"
+        f"{cfg.backend or meta.encoder.backend} backend, {cfg.workers} worker(s), API keys {keys}: http://{cfg.host}:{cfg.port}/"
     )
     run_server(path, cfg)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,7 +28,7 @@ from jobembed.cli.base import (
 )
 from jobembed.config import register_section, write_resolved
 from jobembed.engine import Stage, StageContext, register, register_pin
-from jobembed.sections import EmbedConfig
+from jobembed.sections import EmbedBackend, EmbedConfig
 from jobembed.stages._common import canon, embed_into, names_models, reads_clean_text
 
 if TYPE_CHECKING:
@@ -82,11 +82,17 @@ def embed_command(
     embed__batch_size: BatchOpt = None,
     embed__device: DeviceOpt = None,
     embed__precision: PrecisionOpt = None,
+    embed__backend: Annotated[
+        EmbedBackend | None,
+        typer.Option("--backend", help="torch, or onnx-int8: the int8 ONNX export (faster on a CPU) [torch]."),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode every split and the category texts with each encoder (cached: re-runs and shared texts are free)."""
+    """Encode every split, the category texts (and a taxonomy's texts) with each encoder, cached: re-runs and shared
+    texts are free. --backend onnx-int8 runs the encoder as its int8 ONNX export (new vectors: a new key, a cache
+    namespace of their own, and a bundle that encodes new ads the same way)."""
 
     run = stage_command("embed", dict(locals()))
     for meta_path in sorted((run / "embed").glob("*/embeddings.json")):
