@@ -159,11 +159,12 @@ def _recipe(config: PipelineConfig, tuned_cv: TunedCV) -> dict[str, Any]:
         "base_model": info["base_model"],
         "loss": info["loss"],
         "judge": info["triplets"].get("judge"),
+        "data": info.get("data", "triplets"),
         "positive": str(config.triplets.positive),
         "folds": folds["folds"],
         "fold_triplets": folds["triplets"],
         "finetune_seconds": {"folds": folds["finetune_seconds"], "bundled": info["seconds"]},
-        "device": str(config.finetune.device),
+        "device": str(info.get("device") or config.finetune.device),  # where it ran, not "auto"
         "llm_cost": round(folds["llm_cost"] + float(llm.get("cost", 0.0)), 4),
         "encode_seconds_per_1000": round(1000 * folds["encode_seconds"] / max(1, folds["folds"] * n_dev), 1),
         "note": (
