@@ -169,7 +169,7 @@ def print_tables() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, u in units.items():
         s = u["summary"]
-        base_name = name.rsplit("-", 1)[0] + "-none" if not name.endswith("-none") else None
+        base_name = name.split("-", 1)[0] + "-none" if not name.endswith("-none") else None
         if name.startswith("topdown"):  # against flat fusion with the same rows
             base_name = "fusion-" + name.split("-", 1)[1]
         vs = ""
