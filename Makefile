@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format setup clean serve-demo
+.PHONY: demo test test-fast test-container lint format setup clean serve-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ serve-demo: $(STAMP)
 
 test: $(STAMP) $(TRACKING) $(BROWSER)
 	$(BIN)/pytest -q
+
+# The container tests (dockerfiles/): podman, runc and mmdebstrap from Debian's packages; opt-in (minutes, root).
+test-container: $(STAMP) $(TRACKING)
+	@command -v podman >/dev/null || apt-get install -y -q podman runc mmdebstrap >/dev/null
+	$(BIN)/pytest -q -m container
 
 test-fast: $(STAMP) $(TRACKING)
 	$(BIN)/pytest -q -m "not slow"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ class BundleEncoder(_Meta):
     chunking: dict[str, Any] | None = None
     # embed.backend of the training vectors: new ads are encoded the same way unless a server asks otherwise.
     backend: Literal["torch", "onnx-int8"] = "torch"
+    # bundle.backend onnx-int8: the encoder's int8 ONNX export and tokenizer inside the bundle ("./encoder-onnx"), run
+    # without PyTorch when the backend is onnx-int8; its folder fingerprint.
+    onnx: str | None = None
+    onnx_fingerprint: str | None = None
 
 
 class BundleCleaner(_Meta):
@@ -90,6 +95,7 @@ class BundleCleaner(_Meta):
 
 
 REPORT_PAGE = "report.html"
+ONNX_DIR = "encoder-onnx"
 HeadKind = Literal["mlp", "cosine", "hybrid", "topdown"]
 Head = MLPHead | CosineClassifier | HybridHead | TopDownHead
 
@@ -170,6 +176,7 @@ def save_bundle(
     metrics: dict[str, Any] | None = None,
     copy_encoder: bool = False,
     report_page: Path | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Write a bundle folder (replacing an older one as a whole, atomically).
 
@@ -180,6 +187,8 @@ def save_bundle(
         labels: frame with ``label``, ``name``, ``description``.
         copy_encoder: copy the encoder into the bundle, for machines without the cache or the Hub.
         report_page: the report's page (``report/index.html``), kept as ``report.html`` (hash-checked like the rest).
+        onnx: also keep the encoder as its int8 ONNX export and tokenizer (``encoder-onnx/``), for a server without
+            PyTorch (``onnx_backend.save_folder``).
     """
     resolved = encoders.resolve(encoder.model, cache_dir=config.embed.cache_dir)
     with atomic_dir(Path(out_dir)) as tmp:
@@ -195,6 +204,7 @@ def save_bundle(
         cleaner = None
         if config.text_column == TextColumn.clean_text:
             cleaner = _bundle_cleaner(config, tmp, copy=copy_encoder)
+        onnx_ref, onnx_fp = (_bundle_onnx(config, encoder, tmp) if onnx else (None, None))
         files = {rel: file_sha256(tmp / rel) for rel in _bundle_files(tmp)}
         meta = BundleMeta(
             format=BUNDLE_FORMAT,
@@ -217,6 +227,8 @@ def save_bundle(
                 precision=encoder.precision,
                 chunking=chunking_identity(config.embed),
                 backend=str(config.embed.backend),
+                onnx=onnx_ref,
+                onnx_fingerprint=onnx_fp,
             ),
             cleaner=cleaner,
             classes=[str(c) for c in model.classes_],
@@ -227,6 +239,22 @@ def save_bundle(
         fields = meta.model_dump(mode="json")
         write_json(tmp / "bundle.json", fields | {"meta_sha256": meta_digest(fields)})
     return Path(out_dir)
+
+
+def _bundle_onnx(config: PipelineConfig, encoder: EncoderInfo, tmp: Path) -> tuple[str, str]:
+    """The encoder's int8 ONNX export with its tokenizer in ``tmp/encoder-onnx`` (a server runs it without PyTorch)."""
+    from jobembed.embed import Embedder
+    from jobembed.onnx_backend import save_folder
+
+    if config.embed.chunking != "none":
+        raise BundleError(
+            "bundle.backend onnx-int8 cannot serve chunked encoding (embed.chunking): its tokenizer has no offsets",
+            fix="bundle with --backend torch, or embed without chunking",
+        )
+    section = config.embed.model_copy(update={"model": encoder.model, "max_seq_length": encoder.max_seq_length})
+    embedder = Embedder(section, prompt=encoder.text_prompt, backend="torch", cache=False)
+    save_folder(embedder.model, tmp / ONNX_DIR, fingerprint=encoder.fingerprint, cache_dir=embedder.cache_dir)
+    return f"./{ONNX_DIR}", folder_fingerprint(tmp / ONNX_DIR)
 
 
 def _bundle_cleaner(config: PipelineConfig, tmp: Path, *, copy: bool) -> BundleCleaner:
@@ -349,8 +377,13 @@ class Bundle:
         return texts if cleaner is None else cleaner.clean(texts, progress=progress).texts
 
     @property
+    def runs_onnx_folder(self) -> bool:
+        """Whether the encoder runs from the bundle's own int8 ONNX folder (onnx-int8, and the bundle has one)."""
+        return self.backend == "onnx-int8" and self.meta.encoder.onnx is not None
+
+    @property
     def encoder_ref(self) -> str:
-        ref = self.meta.encoder.ref
+        ref = self.meta.encoder.onnx if self.runs_onnx_folder else self.meta.encoder.ref
         return str(self.path / ref) if ref.startswith("./") else ref
 
     @property
@@ -392,6 +425,8 @@ class Bundle:
                 cfg, prompt=enc.text_prompt, backend=self.backend, cache=self.use_cache, memory_cache=self.memory_cache
             )
             expected = enc.copy_fingerprint if enc.ref.startswith("./") and enc.copy_fingerprint else enc.fingerprint
+            if self.runs_onnx_folder:
+                expected = enc.onnx_fingerprint or ""
             if embedder.fingerprint != expected:
                 raise BundleError(
                     f"{self.path}: the encoder {self.encoder_ref!r} is not the one the head was trained on",
@@ -546,6 +581,11 @@ def read_bundle_meta(path: Path) -> BundleMeta:
         )
     try:
         raw = read_json(meta_path)
+    except PermissionError:
+        raise BundleError(
+            f"{meta_path} cannot be read by this user (uid {os.getuid()})",
+            fix="make the bundle readable to it (chmod -R a+rX BUNDLE), e.g. for a container that runs as non-root",
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(
             f"{meta_path} is not valid JSON ({str(e).splitlines()[0]})", fix="re-create the bundle; do not edit it"

@@ -190,6 +190,29 @@ def load_config(
     for one in paths:
         data = _merge(data, _read_yaml(one))
     path = paths[-1] if paths else None
+    set_by_flag = _apply(data, overrides)
+    return _validate(pipeline_config(), data, path=path, set_by_flag=set_by_flag, flags=flags)
+
+
+def load_section(
+    path: Path | None,
+    name: str,
+    model: type[BaseModel],
+    overrides: dict[str, Any] | None = None,
+    *,
+    flags: dict[str, str] | None = None,
+) -> Any:
+    """One section of a pipeline YAML (``serve``, say) without assembling the pipeline: for a command that needs
+    nothing else, such as ``jobembed-serve`` in an image without the training stack. Overrides and errors as in
+    ``load_config`` (dotted, ``<name>.<field>``)."""
+    data = {name: _read_yaml(Path(path)).get(name) or {}} if path is not None else {name: {}}
+    set_by_flag = _apply(data, overrides)
+    section_model = create_model(f"{name.capitalize()}Only", __base__=Strict, **{name: (model, model())})
+    return getattr(_validate(section_model, data, path=path, set_by_flag=set_by_flag, flags=flags), name)
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any] | None) -> set[str]:
+    """Dotted overrides into ``data`` (``None`` values left out); the dotted names set."""
     set_by_flag: set[str] = set()
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -203,8 +226,14 @@ def load_config(
             node = child
         node[leaf] = value
         set_by_flag.add(dotted)
+    return set_by_flag
+
+
+def _validate(
+    model: type[BaseModel], data: dict[str, Any], *, path: Path | None, set_by_flag: set[str], flags: dict | None
+) -> Any:
     try:
-        return pipeline_config().model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         loc = [str(x) for x in first["loc"]]

@@ -127,7 +127,13 @@ class Embedder:
 
     @property
     def model(self):
-        """The SentenceTransformer, loaded on first use (a warm cache never loads it)."""
+        """The SentenceTransformer, loaded on first use (a warm cache never loads it); for a folder written by
+        ``onnx_backend.save_folder`` (a bundle's ``encoder-onnx/``), its int8 ONNX encoder, without PyTorch."""
+        if self._model is None and self.resolved.location is not None:
+            from jobembed import onnx_backend
+
+            if onnx_backend.is_folder(self.resolved.location):
+                self._model = onnx_backend.OnnxEncoder.from_folder(self.resolved.location)
         if self._model is None:
             model = encoders.load_encoder(
                 self.model_ref,

@@ -132,7 +132,8 @@ def resolve(ref: str, *, cache_dir: Path | None = None, build: bool = True, pin:
                 expected="a model folder (with modules.json or config.json)",
                 fix="pass the folder that contains the model files",
             )
-        if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
+        # onnx.json: a bundle's int8 ONNX encoder (onnx_backend.save_folder)
+        if not any((path / name).is_file() for name in ("modules.json", "config.json", "onnx.json")):
             raise ModelError(
                 f"folder {ref} is not a model folder",
                 expected="modules.json (SentenceTransformer) or config.json (Hugging Face model) inside",
@@ -310,9 +311,15 @@ def pick_device(device: str = "auto") -> str:
     Raises:
         ConfigError: An unknown device name, or CUDA/MPS asked for but not available.
     """
-    import torch
-
     dev = (device or "auto").strip().lower()
+    try:
+        import torch
+    except ImportError:  # a slim serving install: the ONNX encoder and NumPy heads run on the CPU
+        if dev in ("auto", "cpu"):
+            return "cpu"
+        raise ConfigError(
+            f"device {device!r} needs PyTorch, which is not installed here", fix="use --device cpu"
+        ) from None
     if dev == "auto":
         if torch.cuda.is_available():
             return "cuda"

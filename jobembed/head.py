@@ -20,14 +20,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from scipy.special import softmax
+from scipy.special import erf, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
+
+try:
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+    from torch import nn
+except ImportError:  # a slim serving install (dockerfiles/serve.Dockerfile): heads load and predict in NumPy
+    torch = nn = None  # type: ignore[assignment]
 
 from jobembed import __version__, ui
 from jobembed.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
@@ -76,19 +80,42 @@ def class_weights(counts: np.ndarray, mode: str | None) -> np.ndarray:
 
 
 def _resolve_device(name: str) -> torch.device:
+    if torch is None:
+        raise ConfigError("training a head needs PyTorch, which is not installed here", fix="pip install torch")
     return torch.device(pick_device(name))
 
 
-class _Standardize(nn.Module):
-    """``(x - mean) / scale`` with the training statistics as buffers, so they travel in the safetensors."""
+if torch is not None:
 
-    def __init__(self, n_features: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("scale", torch.ones(n_features))
+    class _Standardize(nn.Module):
+        """``(x - mean) / scale`` with the training statistics as buffers, so they travel in the safetensors."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
+        def __init__(self, n_features: int) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(n_features))
+            self.register_buffer("scale", torch.ones(n_features))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - self.mean) / self.scale
+
+
+class NumpyMLP:
+    """A saved head's forward pass in NumPy (``standardize -> [Linear -> GELU] * h -> Linear``), for a server
+    without PyTorch; the same weights, the same logits up to float rounding. Inference only."""
+
+    def __init__(self, state: Mapping[str, np.ndarray]) -> None:
+        self.mean = np.asarray(state["0.mean"], dtype=np.float32)
+        self.scale = np.asarray(state["0.scale"], dtype=np.float32)
+        linear = sorted({int(k.split(".")[0]) for k in state if k.endswith(".weight")})
+        self.layers = [(np.asarray(state[f"{i}.weight"]), np.asarray(state[f"{i}.bias"])) for i in linear]
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        h = (np.asarray(X, dtype=np.float32) - self.mean) / self.scale
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w.T + b
+            if i < len(self.layers) - 1:
+                h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))  # exact GELU, as torch's nn.GELU()
+        return h.astype(np.float64)
 
 
 def _build_mlp(n_features: int, hidden_sizes: Sequence[int], n_classes: int, dropout: float) -> nn.Sequential:
@@ -568,6 +595,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         """``(n, k)`` float64 logits of an already checked ``(n, d)`` float32 array."""
+        if isinstance(self.model_, NumpyMLP):
+            return self.model_.logits(X)
         device = next(self.model_.parameters()).device
         self.model_.eval()
         out = []
@@ -660,14 +689,23 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         params = {k: meta[k] for k in cls._get_param_names() if k in meta}
         params["hidden_sizes"] = tuple(params.get("hidden_sizes", ()))
         head = cls(**{**params, "device": device})
-        dev = _resolve_device(device)
-        try:
-            state = st_load(weights_path.read_bytes())
-            model = _build_mlp(meta["n_features_in"], head.hidden_sizes, len(meta["classes"]), head.dropout)
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise BundleError(f"{weights_path}: weights do not fit head.json ({e})", fix="retrain the head") from None
-        head.model_ = model.to(dev).eval()
+        if torch is None:  # no PyTorch here: the same weights, a NumPy forward pass
+            from safetensors.numpy import load as np_load
+
+            try:
+                head.model_ = NumpyMLP(np_load(weights_path.read_bytes()))
+            except (KeyError, ValueError) as e:
+                raise BundleError(f"{weights_path}: weights do not fit head.json ({e})", fix="retrain") from None
+            dev = "cpu"
+        else:
+            dev = _resolve_device(device)
+            try:
+                state = st_load(weights_path.read_bytes())
+                model = _build_mlp(meta["n_features_in"], head.hidden_sizes, len(meta["classes"]), head.dropout)
+                model.load_state_dict(state, strict=True)
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise BundleError(f"{weights_path}: weights do not fit head.json ({e})", fix="retrain") from None
+            head.model_ = model.to(dev).eval()
         head.classes_ = np.asarray(meta["classes"], dtype=str)
         head.n_features_in_ = int(meta["n_features_in"])
         head.temperature_ = float(meta["temperature"])

@@ -119,17 +119,37 @@ class OnnxEncoder:
     """
 
     def __init__(self, model: Any, path: Path, *, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         self.pooling = _check_supported(model)
         self.normalize = any(type(m).__name__ == "Normalize" for m in model)
         self.tokenizer = model.tokenizer
         self.max_seq_length = int(model.max_seq_length)
         self._dim = int(model.get_embedding_dimension())
         self._names = _input_names(self.tokenizer)
+        self._session(path, threads)
+
+    def _session(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, threads: int = 0) -> OnnxEncoder:
+        """An encoder from ``save_folder``'s folder: onnxruntime and tokenizers only, no PyTorch."""
+        from jobembed.artifacts import check_format, read_json
+
+        folder = Path(folder)
+        meta = read_json(folder / FOLDER_META)
+        check_format(folder / FOLDER_META, meta, FOLDER_FORMAT)
+        self = cls.__new__(cls)
+        self.pooling, self.normalize = str(meta["pooling"]), bool(meta["normalize"])
+        self.tokenizer = _FastTokenizer(folder, meta)
+        self.max_seq_length, self._dim = int(meta["max_seq_length"]), int(meta["dim"])
+        self._names = list(meta["input_names"])
+        self._session(folder / "model.onnx", threads)
+        return self
 
     def get_embedding_dimension(self) -> int:
         return self._dim
@@ -169,6 +189,69 @@ class OnnxEncoder:
         if self.pooling == "max":
             return np.where(m > 0, hidden, -1e9).max(axis=1)
         return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+
+
+FOLDER_FORMAT = "jobembed-onnx-encoder/1"
+FOLDER_META = "onnx.json"
+
+
+def save_folder(model: Any, target: Path, *, fingerprint: str, cache_dir: Path) -> Path:
+    """The int8 encoder as a folder that runs without PyTorch or sentence-transformers: ``model.onnx`` (the cached
+    export, made on first use), ``tokenizer.json`` (the fast tokenizer, special tokens and normalisation included) and
+    ``onnx.json`` (pooling, normalisation, length, dimension, input names, the source encoder's fingerprint).
+
+    Raises:
+        OnnxError: the encoder is not a Transformer -> Pooling [-> Normalize] stack, or has no fast tokenizer.
+    """
+    from jobembed.artifacts import write_json
+
+    encoder = load_onnx_int8(model, fingerprint=fingerprint, cache_dir=cache_dir)
+    backend = getattr(model.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise OnnxError("the encoder has no fast tokenizer to ship with its ONNX export", fix="bundle with torch")
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(encoder.path, target / "model.onnx")
+    backend.save(str(target / "tokenizer.json"))
+    write_json(
+        target / FOLDER_META,
+        {
+            "format": FOLDER_FORMAT,
+            "pooling": encoder.pooling,
+            "normalize": encoder.normalize,
+            "max_seq_length": encoder.max_seq_length,
+            "dim": encoder.get_embedding_dimension(),
+            "input_names": encoder._names,
+            "pad_token_id": int(model.tokenizer.pad_token_id or 0),
+            "pad_token": str(model.tokenizer.pad_token or "<pad>"),
+            "source_fingerprint": fingerprint,
+        },
+    )
+    return target
+
+
+def is_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_folder``."""
+    return (Path(path) / FOLDER_META).is_file()
+
+
+class _FastTokenizer:
+    """What ``OnnxEncoder`` calls on a tokenizer, over the ``tokenizers`` library alone (no transformers)."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.pad_id, self.pad_token = int(meta["pad_token_id"]), str(meta["pad_token"])
+
+    def __call__(self, texts: list[str], *, max_length: int, **_: Any) -> dict[str, np.ndarray]:
+        self.inner.enable_truncation(max_length=max_length)
+        self.inner.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token)
+        batch = self.inner.encode_batch(list(texts))
+        return {
+            "input_ids": np.asarray([e.ids for e in batch], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in batch], dtype=np.int64),
+            "token_type_ids": np.asarray([e.type_ids for e in batch], dtype=np.int64),
+        }
 
 
 def load_onnx_int8(model: Any, *, fingerprint: str, cache_dir: Path, threads: int = 0) -> OnnxEncoder:

@@ -429,9 +429,12 @@ class BundleConfig(_Strict):
     # Put the report's page (report/index.html: figures and tables, no ad text) into the bundle as report.html, for
     # `jobembed serve` to show at /report (serve.report). Off by default: a bundle carries what serving needs.
     report_page: bool = False
+    # onnx-int8: also store the encoder as its int8 ONNX export with its tokenizer (encoder-onnx/), so a server
+    # without PyTorch can run it (jobembed-serve --backend onnx-int8; dockerfiles/serve.Dockerfile).
+    backend: EmbedBackend = EmbedBackend.torch
 
-    # Added after runs were made: out of the key while at its default, so those runs' bundles stay current.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"report_page"})
+    # Added after runs were made: out of the key while at their defaults, so those runs' bundles stay current.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"report_page", "backend"})
 
 
 class ClassifyConfig(_Strict):

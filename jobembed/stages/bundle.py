@@ -15,7 +15,7 @@ from jobembed.config import register_section
 from jobembed.engine import Stage, StageContext, register
 from jobembed.errors import DataError
 from jobembed.report import PAGE, WINNER_DIR, WINNER_FINETUNED_DIR
-from jobembed.sections import BundleConfig, BundleEncoderChoice
+from jobembed.sections import BundleConfig, BundleEncoderChoice, EmbedBackend
 from jobembed.stages._common import names_models
 from jobembed.stages.finetune import finetuned_model
 from jobembed.tracking import Tracked
@@ -74,6 +74,7 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
         # the fine-tuned folder lives in the run and changes with its next fine-tune: the bundle keeps its own copy
         copy_encoder=config.bundle.copy_encoder or tuned,
         report_page=_report_page(config),
+        onnx=str(config.bundle.backend) == "onnx-int8",
     )
     return {"bundle": str(path), "system": winner["key"]}
 
@@ -98,6 +99,12 @@ def bundle_command(
         bool | None,
         typer.Option("--copy-encoder/--no-copy-encoder", help="Copy the encoder into the bundle (self-contained)."),
     ] = None,
+    bundle__backend: Annotated[
+        EmbedBackend | None,
+        typer.Option(
+            "--backend", help="onnx-int8: also store the encoder as int8 ONNX + tokenizer (a server without PyTorch)."
+        ),
+    ] = None,
     bundle__report_page: Annotated[
         bool | None,
         typer.Option("--report-page/--no-report-page", help="Put the report's page in the bundle (serve --report)."),
@@ -114,12 +121,13 @@ def bundle_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP or hier head, the fusion
-    or stack hybrid head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never bundled.
-    The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the abstention
-    rule's out-of-fold answers and a hash of every file; with --report-page also the report's page (report.html, no ad
-    text) for serve --report. With --encoder finetuned, the same kind of system on the
-    run's fine-tuned encoder, which is copied into the bundle."""
+    """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP, hier or e2e head, the
+    fusion, stack or topdown head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never
+    bundled. The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the
+    abstention rule's out-of-fold answers and a hash of every file; with --report-page also the report's page
+    (report.html, no ad text) for serve --report; with --backend onnx-int8 also the encoder as its int8 ONNX export
+    and tokenizer (encoder-onnx/), which jobembed-serve --backend onnx-int8 runs without PyTorch. With --encoder
+    finetuned, the same kind of system on the run's fine-tuned encoder, which is copied into the bundle."""
     from jobembed.bundle import read_bundle_meta
 
     run = stage_command("bundle", dict(locals()))
