@@ -143,6 +143,13 @@ def run_rows() -> None:
             _unit(f"{system}-{rows}", system, rows)
 
 
+def run_first() -> None:
+    """The units a decision waits on, before the rest of the rows group."""
+    for rows in ("all-3.0", "names-1.0"):
+        _unit(f"fusion-{rows}", "fusion", rows)
+    run_topdown()
+
+
 def run_topdown() -> None:
     for rows in ("none", "all-1.0"):
         _unit(f"topdown_fusion-{rows}", "topdown", rows, topdown_base="fusion")
@@ -247,13 +254,14 @@ def _ensemble_table(probas: dict[str, np.ndarray], dev, config) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["rows", "topdown", "ensemble"], default=None)
+    ap.add_argument("--only", choices=["first", "rows", "topdown", "ensemble"], default=None)
     ap.add_argument("--print", action="store_true", help="print the tables from the units measured so far")
     args = ap.parse_args()
     if not args.print:
         run_stages(config_for(None), target="embed", progress=False)
-        for group, fn in (("rows", run_rows), ("topdown", run_topdown), ("ensemble", run_ensemble)):
-            if args.only in (None, group):
+        groups = (("first", run_first), ("rows", run_rows), ("topdown", run_topdown), ("ensemble", run_ensemble))
+        for group, fn in groups:
+            if args.only in (None, group) and not (args.only is None and group == "first"):
                 fn()
     print_tables()
 
