@@ -204,7 +204,7 @@ def save_bundle(
         cleaner = None
         if config.text_column == TextColumn.clean_text:
             cleaner = _bundle_cleaner(config, tmp, copy=copy_encoder)
-        onnx_ref, onnx_fp = (_bundle_onnx(config, encoder, tmp) if onnx else (None, None))
+        onnx_ref, onnx_fp = _bundle_onnx(config, encoder, tmp) if onnx else (None, None)
         files = {rel: file_sha256(tmp / rel) for rel in _bundle_files(tmp)}
         meta = BundleMeta(
             format=BUNDLE_FORMAT,

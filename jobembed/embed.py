@@ -45,6 +45,7 @@ from jobembed.store import VectorTable, open_store
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS_FORMAT = "jobembed-embeddings/2"
+TAXONOMY_DIR = "taxonomy"
 
 
 def text_key(text: str) -> bytes:
@@ -378,9 +379,11 @@ def embed_splits(
         out_dir: the run's ``embed/`` folder; receives one ``<name>-<fingerprint>/`` folder per encoder with
             ``{split}.npy`` (float32, (n_rows, dim), split order), ``labels.npy`` (labels.json order) and
             ``embeddings.json`` (model, fingerprint, prompts, length, precision, row counts, id hashes), and
-            ``taxonomy.npy`` (rows in ``taxonomy`` order) when the run has a taxonomy.
-        taxonomy: prepare's ``taxonomy.parquet`` (``text``, ``label``, ...): its texts are encoded like ads (the text
-            prompt), since the systems may train on them beside the ads (``report.taxonomy_rows``).
+            with ``taxonomy``, ``taxonomy/<name>-<fingerprint>.npy`` (rows in ``taxonomy`` order) and ``.json``:
+            beside, not inside, the encoder's folder, so what reads only the splits' vectors (triplets) is not made
+            again when taxonomy rows are turned on.
+        taxonomy: prepare's ``taxonomy.parquet`` (``text``, ``label``, ...) when the systems train on its rows
+            (``report.taxonomy_rows``): its texts are encoded like ads (the text prompt).
 
     Returns:
         canonical model reference -> its folder.
@@ -429,8 +432,11 @@ def embed_splits(
         if taxonomy is not None:
             rows = taxonomy["text"].astype(str).tolist()
             vectors = text_emb.encode(rows, progress=progress, description=f"{short}: taxonomy")
-            _save_npy(folder / "taxonomy.npy", vectors)
-            meta["taxonomy"] = {"rows": len(rows), "texts_sha1": texts_sha1(rows)}
+            (out_dir / TAXONOMY_DIR).mkdir(exist_ok=True)
+            _save_npy(out_dir / TAXONOMY_DIR / f"{folder.name}.npy", vectors)
+            write_json(
+                out_dir / TAXONOMY_DIR / f"{folder.name}.json", {"rows": len(rows), "texts_sha1": texts_sha1(rows)}
+            )
         write_json(folder / "embeddings.json", meta)
         out[text_emb.model_ref] = folder
     return out
@@ -515,9 +521,14 @@ def load_vectors(
         raise DataError(f"{folder}/labels.npy was made for other category texts", fix=rerun)
     taxonomy_vectors = None
     if taxonomy is not None:
-        if meta.get("taxonomy", {}).get("texts_sha1") != texts_sha1(taxonomy["text"].astype(str).tolist()):
-            raise DataError(f"{folder} holds no vectors of this run's taxonomy texts (taxonomy.npy)", fix=rerun)
-        taxonomy_vectors = np.load(folder / "taxonomy.npy", allow_pickle=False)
+        where = Path(embed_dir) / TAXONOMY_DIR / folder.name
+        try:
+            made_for = read_json(where.with_suffix(".json")).get("texts_sha1")
+        except (OSError, ValueError):
+            made_for = None
+        if made_for != texts_sha1(taxonomy["text"].astype(str).tolist()):
+            raise DataError(f"{embed_dir} holds no vectors of this run's taxonomy texts ({where}.npy)", fix=rerun)
+        taxonomy_vectors = np.load(where.with_suffix(".npy"), allow_pickle=False)
     return RunVectors(
         model=resolved.ref,
         fingerprint=fingerprint,

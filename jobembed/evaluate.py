@@ -303,7 +303,8 @@ def _fit_predict(
     if extra is not None and system.vectors is not None and X_extra is None:
         raise DataError(
             f"{system.display} has no vectors of the taxonomy texts that report.taxonomy_rows asks for",
-            fix="re-run `jobembed embed RUN` (every encoder encodes the taxonomy texts of a run that has them)",
+            fix="re-run `jobembed report RUN` (it re-runs embed, embed-finetuned, finetune-cv or finetune-seeds, "
+            "whichever made these vectors, to encode the taxonomy texts too)",
         )
     heads_hold_out = system.name in ("mlp", "hier", "fusion", "topdown")
     if extra is not None and heads_hold_out and (val_idx is None or not len(val_idx)):
@@ -360,7 +361,7 @@ def _fit_predict(
     if system.name == "e2e":
         weight, bias, classes = system.vectors.classifier
         model = MLPHead.from_linear(weight, bias, classes, device=settings.head.device)
-        if X_val is None:  # inside a CV fold: the slice the fold's fine-tune chose its checkpoint on
+        if val_idx is None:  # inside a CV fold: the inner slice the fold's fine-tune chose its checkpoint on
             _, va = holdout_split(
                 np.unique(y_tr, return_inverse=True)[1],
                 fraction=settings.head.validation_fraction,
@@ -368,7 +369,8 @@ def _fit_predict(
                 groups=groups,
             )
             X_val, y_val = X_tr[va], y_tr[va]
-        model.calibrate_on(X_val, y_val)
+        if X_val is not None:  # the held-out protocol without a val split: every train ad was trained on, so T = 1
+            model.calibrate_on(X_val, y_val)
         return np.asarray(model.predict(X_eval), dtype=str), model
     if system.name == "zeroshot":
         model = CosineClassifier().fit_prototypes(system.vectors.labels, labels["label"].astype(str).tolist())
@@ -732,6 +734,8 @@ def evaluate_systems(
             }
             if system.name in HYBRID_SYSTEMS:
                 results[system.key]["fusion_weight"] = model.weight_
+            if system.name == "topdown" and hierarchy.flat:
+                results[system.key]["note"] = "the labels do not nest (no parent level): topdown is a flat model twice"
 
     fold_size = len(dev) / len(folds)
     if tuned_cv is not None:
@@ -767,7 +771,7 @@ def evaluate_systems(
             "text_column": col,
         },
         "hierarchy": {"parents": hierarchy.parents, "note": hierarchy.note},
-        "taxonomy_rows": _extra_summary(settings.extra),
+        "taxonomy_rows": _extra_summary(settings.extra, [str(s) for s in settings.report.systems]),
         # Rare classes, where macro-F1 is lost: per-class F1 over the pooled out-of-fold answers (every dev ad
         # predicted once; test F1 on a class with 1-4 test ads is noise), for the classes with few dev ads.
         "rare_classes_oof": _rare_classes(y_dev, oof_pred, ranking, max_ads=settings.report.rare_class_max_ads),
@@ -782,7 +786,7 @@ def evaluate_systems(
     )
 
 
-def _extra_summary(extra: ExtraRows | None) -> dict[str, Any] | None:
+def _extra_summary(extra: ExtraRows | None, systems: list[str]) -> dict[str, Any] | None:
     if extra is None:
         return None
     counts = pd.Series(extra.labels).value_counts()
@@ -790,7 +794,7 @@ def _extra_summary(extra: ExtraRows | None) -> dict[str, Any] | None:
         "rows": len(extra.labels),
         "kinds": list(extra.kinds),
         "weight": extra.weight,
-        "systems": [s for s in EXTRA_ROW_SYSTEMS],
+        "systems": [s for s in systems if s in EXTRA_ROW_SYSTEMS],  # those of the report that trained on them
         "labels_reached": len(counts),
         "rows_per_label": {str(k): int(v) for k, v in counts.sort_index().items()},
     }

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from jobembed import encoders, tracking
+from jobembed import distributed, encoders, tracking
 from jobembed.artifacts import atomic_write_text, write_json
 from jobembed.config import default_cache_dir
 from jobembed.errors import DataError
@@ -240,8 +241,9 @@ CLASSIFIER_FORMAT = "jobembed-classifier/1"
 def classifier_loss(model, *, n_classes: int, class_weights: np.ndarray):
     """The plain end-to-end classifier as a sentence-transformers loss: a linear layer on the sentence embedding,
     cross-entropy with class weights; the trainer updates the layer with the encoder (``learning_rate_mapping``
-    gives it its own rate). The embedding is unit-length, so it is scaled by sqrt(dim) first (coordinates of unit
-    scale, as the MLP head standardises); ``linear()`` folds the scale into the weights."""
+    gives it its own rate). The embedding is normalised to unit length (the vectors ``embed`` writes and the layer is
+    applied to) and scaled by sqrt(dim) (coordinates of unit scale, as the MLP head standardises); ``linear()`` folds
+    the scale into the weights."""
     from torch import nn
 
     dim = model.get_embedding_dimension()
@@ -256,7 +258,10 @@ def classifier_loss(model, *, n_classes: int, class_weights: np.ndarray):
 
         def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
             embeddings = self.model(sentence_features[0])["sentence_embedding"]
-            logits = self.classifier(embeddings.to(self.classifier.weight.dtype) * self.scale)
+            # unit length, as `embed` writes every vector (normalize_embeddings=True), whether or not the model ends
+            # in a Normalize module: the layer is trained on the vectors it will be applied to
+            embeddings = F.normalize(embeddings.to(self.classifier.weight.dtype), dim=-1)
+            logits = self.classifier(embeddings * self.scale)
             return F.cross_entropy(logits, labels, weight=self.class_weights.to(logits.dtype))
 
         def linear(self) -> tuple[np.ndarray, np.ndarray]:
@@ -268,6 +273,8 @@ def classifier_loss(model, *, n_classes: int, class_weights: np.ndarray):
 
 
 def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None, class_counts: np.ndarray | None = None):
+    """The ``finetune.loss`` module; ``matryoshka_dims`` wraps any but ``classifier`` (whose layer reads the full
+    vector) in MatryoshkaLoss."""
     from sentence_transformers.sentence_transformer import losses
 
     kind = FinetuneLoss(config.loss)
@@ -279,10 +286,10 @@ def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None, cla
             model, n_classes=n_classes, class_weights=class_weights(class_counts, str(config.class_weight))
         )
     if kind is FinetuneLoss.batch_hard:
-        return losses.BatchHardTripletLoss(model)
-    if kind is FinetuneLoss.batch_all:
-        return losses.BatchAllTripletLoss(model)
-    if kind is FinetuneLoss.mnrl:
+        loss = losses.BatchHardTripletLoss(model)
+    elif kind is FinetuneLoss.batch_all:
+        loss = losses.BatchAllTripletLoss(model)
+    elif kind is FinetuneLoss.mnrl:
         loss = (
             class_aware_mnrl(model, n_classes=n_classes)
             if config.class_aware and n_classes
@@ -515,7 +522,7 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def last_complete_checkpoint(folder: Path) -> str | None:
+def last_complete_checkpoint(folder: Path, *, require: str | None = None) -> str | None:
     """The newest ``checkpoint-N`` in ``folder`` that a run can resume from, or None.
 
     The Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a newer checkpoint without
@@ -530,6 +537,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):
             continue
+        if require is not None and not (path / require).is_file():
+            continue  # the classifier layer is written after the trainer's files: killed in between
         return str(path)
     return None
 
@@ -543,10 +552,13 @@ class _ClassifierCheckpoints:
         self.loss = loss
 
     def save(self, folder: Path) -> None:
+        """Atomically: a run killed while writing leaves no half file (the checkpoint is then not resumable)."""
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.loss.classifier.state_dict().items()}
-        save_file(state, str(Path(folder) / CLASSIFIER_FILE))
+        tmp = Path(folder) / f".{CLASSIFIER_FILE}.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, Path(folder) / CLASSIFIER_FILE)
 
     def load(self, folder: str | Path | None) -> bool:
         from safetensors.torch import load_file
@@ -677,6 +689,12 @@ def finetune(
     counts = np.bincount(triplets.frame["label"], minlength=len(triplets.classes)) if on_labels else None
     loss = build_loss(model, config=config, n_classes=len(triplets.classes), guide=guide, class_counts=counts)
     classifier = _ClassifierCheckpoints(loss) if kind is FinetuneLoss.classifier else None
+    if classifier is not None and distributed.world_size() > 1:
+        # the layer lives in the loss, outside the model DDP wraps: each process would train a layer of its own
+        raise DataError(
+            "finetune.loss classifier runs in one process: its linear layer is not synchronised across processes",
+            fix="run it without torchrun/accelerate (one GPU), or use batch_hard / batch_all / mnrl under a launcher",
+        )
 
     train = Dataset.from_pandas(triplets.frame, preserve_index=False)
     speed = speed_settings(model, triplets.frame, config=config, device=device, text_prompt=text_prompt)
@@ -742,14 +760,19 @@ def finetune(
         data_collator=speed["data_collator"],
         callbacks=[classifier.callback()] if classifier else None,
     )
-    last = last_complete_checkpoint(checkpoints)
-    if classifier is not None and last is not None and not classifier.load(last):
-        last = None  # a checkpoint without its classifier layer (made before it was kept) cannot be resumed from
+    last = last_complete_checkpoint(checkpoints, require=CLASSIFIER_FILE if classifier is not None else None)
+    if classifier is not None and last is not None:
+        classifier.load(last)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
-    if classifier is not None and has_centroid:
-        classifier.load(trainer.state.best_model_checkpoint)  # the layer of the checkpoint the trainer reloaded
+    best = trainer.state.best_model_checkpoint if has_centroid else None
+    # the layer of the checkpoint whose encoder the trainer reloaded: never the last step's with the best encoder
+    if classifier is not None and best and not classifier.load(best):
+        raise DataError(
+            f"the best checkpoint {trainer.state.best_model_checkpoint} lacks its classifier layer",
+            fix="run the fine-tune again (its checkpoints are kept until it finishes)",
+        )
     # The kept checkpoint's evaluation, from the log (evaluating again would cost a full pass over the val ads).
     evals = [row for row in trainer.state.log_history if PRIMARY_METRIC in row or "eval_sequential_score" in row]
     key = PRIMARY_METRIC if has_centroid else "eval_sequential_score"
@@ -823,7 +846,7 @@ def card_section(info: dict[str, Any], config: FinetuneConfig) -> str:
         data,
         f"- Loss: {info['loss']}"
         + (" (class-aware in-batch negatives)" if info["class_aware"] else "")
-        + (f", Matryoshka {config.matryoshka_dims}" if config.matryoshka_dims else "")
+        + (f", Matryoshka {config.matryoshka_dims}" if config.matryoshka_dims and not info.get("classifier") else "")
         + (f"; its linear layer is in `{CLASSIFIER_FILE}`" if info.get("classifier") else "")
         + ".",
         f"- Settings: {config.epochs:g} epoch(s), batch {config.batch_size}, lr {config.learning_rate:g}, warmup "

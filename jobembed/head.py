@@ -694,6 +694,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
             try:
                 head.model_ = NumpyMLP(np_load(weights_path.read_bytes()))
+                first, last = head.model_.layers[0][0], head.model_.layers[-1][0]
+                if first.shape[1] != meta["n_features_in"] or last.shape[0] != len(meta["classes"]):
+                    raise ValueError(f"layers {first.shape} ... {last.shape}")
             except (KeyError, ValueError) as e:
                 raise BundleError(f"{weights_path}: weights do not fit head.json ({e})", fix="retrain") from None
             dev = "cpu"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -35,6 +36,7 @@ from jobembed.errors import ConfigError
 from jobembed.sections import TrackingBackend, TrackingConfig
 
 register_section("tracking", TrackingConfig)
+logger = logging.getLogger(__name__)
 
 # MLflow's limit on one param value.
 _MAX_PARAM = 6000
@@ -87,6 +89,16 @@ class StageRun:
         self.log_artifact("bundle", bundle)
 
     def record(self, *, summary: Mapping[str, Any], folder: Path, tracked: Tracked | None) -> None:
+        """Log what the stage produced; a failure here (the stage's outputs are already in place) is a warning, so the
+        stage stays done and the command goes on."""
+        try:
+            self._record(summary=summary, folder=folder, tracked=tracked)
+        except Exception as e:  # the tracker's own errors: network, quotas, a store's constraints
+            logger.warning(
+                "tracking: could not log the stage's outputs (%s: %s); the stage itself is done", type(e).__name__, e
+            )
+
+    def _record(self, *, summary: Mapping[str, Any], folder: Path, tracked: Tracked | None) -> None:
         metrics = numbers(summary) | (tracked.metrics if tracked else {})
         if metrics:
             self.log_metrics(metrics)
@@ -124,6 +136,11 @@ class Tracker:
 
     def close(self) -> None:
         pass
+
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[None]:
+        """One unit of the stage that runs (a CV fold's or a seed's fine-tune): its trainer's curves go under it."""
+        yield
 
     def report_to(self) -> str:
         """The trainer's ``report_to`` for the stage that runs now."""
@@ -177,7 +194,8 @@ class MlflowTracker(Tracker):
     def _parent_run(self) -> str:
         if self._parent is None:
             experiment = self.mlflow.set_experiment(self.config.experiment)
-            mine = f"tags.`jobembed.run_dir` = '{self.run_dir.resolve()}' and tags.`jobembed.kind` = 'pipeline'"
+            folder = str(self.run_dir.resolve()).replace("'", "\\'")  # a quote in the path would end the string
+            mine = f"tags.`jobembed.run_dir` = '{folder}' and tags.`jobembed.kind` = 'pipeline'"
             found = self.mlflow.search_runs(
                 [experiment.experiment_id], filter_string=mine, output_format="list", max_results=1
             )
@@ -200,6 +218,11 @@ class MlflowTracker(Tracker):
             if params:
                 self.mlflow.log_params(params)
             yield _MlflowRun(self.mlflow)
+
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[None]:
+        with self.mlflow.start_run(run_name=name, nested=True, tags={"jobembed.unit": name}):
+            yield
 
     def report_to(self) -> str:
         return "mlflow"
@@ -256,8 +279,18 @@ class WandbTracker(Tracker):
         finally:
             run.finish()
 
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[None]:
+        # A W&B process has one active run and a trainer logs into it from step 0: folds or seeds would overwrite one
+        # another's curves, so inside a unit the trainer reports nothing (the stage's run keeps its summary).
+        self._in_unit = True
+        try:
+            yield
+        finally:
+            self._in_unit = False
+
     def report_to(self) -> str:
-        return "wandb"
+        return "none" if getattr(self, "_in_unit", False) else "wandb"
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
@@ -303,6 +336,17 @@ class TensorBoardTracker(Tracker):
             if previous is None:
                 os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
             else:
+                os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[None]:
+        previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        if self._current is not None:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self._current / "trainer" / name)
+        try:
+            yield
+        finally:
+            if previous is not None:
                 os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
     def report_to(self) -> str:
@@ -353,6 +397,11 @@ class LazyTracker(Tracker):
         finally:
             _ACTIVE.pop()
 
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[None]:
+        with self._get().unit(name):
+            yield
+
     def report_to(self) -> str:
         return self._get().report_to()
 
@@ -370,6 +419,17 @@ def open_tracker(config: Any, *, main: bool = True) -> Tracker:
     else:
         _need("tensorboard", "tensorboard")
     return LazyTracker(section, config.run_dir)
+
+
+@contextlib.contextmanager
+def unit(name: str) -> Iterator[None]:
+    """A unit of the stage that runs now (``finetune-cv``'s folds, ``finetune-seeds``' seeds): each trainer's curves
+    under a run (MLflow: a nested run) or folder (TensorBoard) of its own."""
+    if not _ACTIVE:
+        yield
+        return
+    with _ACTIVE[-1].unit(name):
+        yield
 
 
 def report_to(config: Any = None) -> str:

@@ -136,3 +136,82 @@ def test_a_label_loss_with_a_triplet_file_is_one_clear_error(tmp_path, tiny_enco
     result = invoke("prepare", run, "-c", tmp_path / "run.yaml", "-q")  # refused before anything runs
     assert result.exit_code == 1 and "trains on the run's labelled ads" in result.output and not run.exists()
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_classifier_layer_reads_unit_length_vectors_as_embed_writes_them():
+    """Reproduces: the layer was trained on the raw sentence embedding but applied to the unit-length vectors embed
+    writes; for an encoder without a Normalize module the served answers were not the trained ones."""
+    import torch
+
+    from jobembed.finetune import classifier_loss
+
+    class Raw(torch.nn.Module):  # an encoder whose embeddings are not unit length
+        def get_embedding_dimension(self) -> int:
+            return 4
+
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    loss = classifier_loss(Raw(), n_classes=3, class_weights=np.ones(3))
+    x = torch.tensor([[3.0, 0.0, 4.0, 0.0], [0.0, 10.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    weight, bias = loss.linear()
+    unit = x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)
+    logits = torch.tensor(unit @ weight.T + bias)
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.isclose(loss([{"x": x}], labels), expected, atol=1e-5)
+
+
+def test_e2e_is_calibrated_only_on_rows_its_fine_tune_did_not_train_on():
+    """Reproduces: with an empty val split, the held-out protocol cut a 'CV inner slice' of train, rows the finetune
+    stage had trained on: an overconfident temperature. Now: CV folds (val_idx None) calibrate on the inner slice,
+    a held-out fit without val keeps temperature 1."""
+    import pandas as pd
+
+    from jobembed.config import PipelineConfig
+    from jobembed.embed import RunVectors
+    from jobembed.evaluate import EvalSettings, System, _fit_predict
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 40)
+    X = (rng.normal(size=(80, 4)) + np.where(y == "a", 1.0, -1.0)[:, None]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    dev = pd.DataFrame({"id": [str(i) for i in range(80)], "label": y, "group": np.arange(80), "text": ["t"] * 80})
+    vectors = RunVectors("m", "f" * 16, "fp32", None, X, X[:0], X[:4], np.zeros((2, 4), np.float32))
+    vectors.classifier = (np.array([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]]), np.zeros(2), ["a", "b"])
+    settings = EvalSettings.of(PipelineConfig.model_validate({"text_column": "text"}))
+    common = {"settings": settings, "labels": None, "dev": dev, "X_dev": X, "train_idx": np.arange(80),
+              "X_eval": X[:4], "texts_eval": ["t"] * 4}  # fmt: skip
+    _, held_out = _fit_predict(System("e2e", vectors, "m"), val_idx=np.arange(0), **common)
+    _, in_cv = _fit_predict(System("e2e", vectors, "m"), val_idx=None, **common)
+    assert held_out.temperature_ == 1.0 and in_cv.temperature_ != 1.0
+
+
+def test_a_checkpoint_without_its_classifier_layer_is_not_resumed_from(tmp_path):
+    """Reproduces: a run killed between the trainer's files and the layer's left a checkpoint that looked complete;
+    resuming from it restarted the layer from nothing."""
+    from jobembed.finetune import last_complete_checkpoint
+
+    for step, layer in ((10, True), (20, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        if layer:
+            (folder / CLASSIFIER_FILE).write_bytes(b"x")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+    assert last_complete_checkpoint(tmp_path, require=CLASSIFIER_FILE) == str(tmp_path / "checkpoint-10")
+
+
+def test_the_classifier_loss_refuses_several_processes(tmp_path, tiny_encoder_dir, monkeypatch):
+    """Its layer lives in the loss, outside what DDP synchronises: refused with one line, not trained apart."""
+    from jobembed import distributed
+    from jobembed.finetune import finetune
+    from jobembed.sections import FinetuneConfig
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    rows = labelled_rows(["a b", "c d", "e f", "g h"], list("xyxy"), classes=["x", "y"], ids=list("0123"), what="t")
+    with pytest.raises(DataError, match="one process"):
+        finetune(
+            triplets=rows, val_triplets=None, centroid_data=None, model_ref=str(tiny_encoder_dir), text_prompt=None,
+            config=FinetuneConfig(loss="classifier", device="cpu", max_seq_length=16), out_dir=tmp_path / "out",
+        )  # fmt: skip

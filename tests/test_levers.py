@@ -159,7 +159,7 @@ def test_taxonomy_rows_without_a_taxonomy_or_of_unknown_kinds_are_one_clear_erro
     splits, vectors = _splits()  # vectors without taxonomy vectors: the fix is to re-run embed
     extra = ExtraRows(rows=np.arange(2), texts=["a", "b"], labels=np.array(["11", "12"]), weight=1.0)
     labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
-    with pytest.raises(DataError, match="jobembed embed"):
+    with pytest.raises(DataError, match="jobembed report"):
         fit_on_train(
             System("mlp", vectors, "enc"), settings=EvalSettings.of(_config(), extra), labels=labels, splits=splits
         )
@@ -252,7 +252,7 @@ def test_a_run_with_a_taxonomy_trains_on_its_rows_and_bundles_top_down(tmp_path,
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "-q"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tax"
-    (folder,) = (run / "embed").glob("*/taxonomy.npy")
+    (folder,) = (run / "embed" / "taxonomy").glob("*.npy")
     table = pd.read_parquet(run / "prepare" / "taxonomy.parquet")
     assert np.load(folder).shape[0] == len(table)
     metrics = read_json(run / "report" / "metrics.json")
@@ -328,3 +328,35 @@ def test_the_embed_stage_can_run_the_encoder_as_int8_onnx_and_the_bundle_follows
     assert runner.invoke(app, ["bundle", str(run), "-q"]).exit_code == 0
     assert read_json(run / "bundle" / "bundle.json")["encoder"]["backend"] == "onnx-int8"
     assert load_bundle(run / "bundle", device="cpu").backend == "onnx-int8"
+
+
+def test_turning_taxonomy_rows_on_re_embeds_but_keeps_the_triplets(tmp_path, tiny_encoder_dir):
+    """Reproduces: the taxonomy's vectors sat inside the encoder's folder (and were made for any run with a taxonomy),
+    so turning taxonomy rows on, or only adding a taxonomy for label texts, changed what triplets reads and re-ran it
+    (and the fine-tune after it). Now they are encoded only for taxonomy rows, beside the encoder's folder."""
+    make_ads(10, seed=3).to_csv(tmp_path / "ads.csv", index=False)
+    make_labels().to_csv(tmp_path / "labels.csv", index=False)
+    rows = [(code, words[0], "name") for code, (_, words) in OCCUPATIONS.items()]
+    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
+    base = {
+        "name": "keys",
+        "runs_dir": str(tmp_path / "runs"),
+        "text_column": "text",
+        "prepare": {
+            "input": str(tmp_path / "ads.csv"),
+            "id_col": "id",
+            "taxonomy": {"path": str(tmp_path / "tax.csv")},
+        },
+        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+        "triplets": {"judge": "none", "relative_margin": 1.0, "min_anchors_per_class": 2},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(base))
+    run = tmp_path / "runs" / "keys"
+    assert runner.invoke(app, ["triplets", str(run), "-c", str(tmp_path / "a.yaml"), "-q"]).exit_code == 0
+    assert not (run / "embed" / "taxonomy").exists()  # a taxonomy alone (label texts) encodes no rows
+    (tmp_path / "b.yaml").write_text("report:\n  taxonomy_rows: {weight: 0.5}\n")
+    result = runner.invoke(app, ["embed", str(run), "-c", str(tmp_path / "b.yaml"), "-q"])
+    assert result.exit_code == 0 and "embed: running" in result.output, result.output
+    assert list((run / "embed" / "taxonomy").glob("*.npy"))
+    result = runner.invoke(app, ["triplets", str(run), "-q"])
+    assert result.exit_code == 0 and "triplets: up to date" in result.output, result.output

@@ -162,3 +162,23 @@ def test_a_backend_that_is_not_installed_is_one_clear_error_before_any_stage(tmp
     result = runner.invoke(app, ["run", "--config", str(config), "--tracking", "wandb", "-q"])
     assert result.exit_code == 1 and "jobembed[wandb]" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "runs" / "none" / "prepare").exists()  # refused before any stage ran
+
+
+def test_a_tracker_that_fails_after_a_stage_is_a_warning_and_the_stage_stays_done(
+    tmp_path, tiny_encoder_dir, monkeypatch, caplog
+):
+    """Reproduces: logging ran after the stage's stamp was written, so a tracker error aborted the command and the
+    stage, current from then on, was never logged; now the stage is done and the failure is a warning."""
+    pytest.importorskip("mlflow")
+    from jobembed import tracking
+
+    def broken(self, metrics):
+        raise RuntimeError("tracking server went away")
+
+    monkeypatch.setattr(tracking._MlflowRun, "log_metrics", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _config(tmp_path, tiny_encoder_dir, name="warn", tracking={"backend": "mlflow", "uri": uri})
+    result = runner.invoke(app, ["prepare", str(tmp_path / "runs" / "warn"), "-c", str(config), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "could not log the stage's outputs" in caplog.text and "went away" in caplog.text
+    assert (tmp_path / "runs" / "warn" / "prepare" / "stage.json").is_file()

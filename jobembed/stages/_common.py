@@ -46,9 +46,15 @@ def prepared(config: PipelineConfig, *, texts: bool = True) -> tuple[dict[str, p
     return splits, data.load_labels(prepare_dir)
 
 
+def trains_on_taxonomy(config: PipelineConfig) -> bool:
+    """Whether the systems train on the taxonomy's texts (``report.taxonomy_rows`` on a run with a taxonomy): then every
+    encoder encodes them too."""
+    return config.prepare.taxonomy is not None and config.report.taxonomy_rows is not None
+
+
 def taxonomy_rows(config: PipelineConfig) -> pd.DataFrame | None:
-    """prepare's taxonomy table (``data.load_taxonomy_rows``), or None when the run has no taxonomy."""
-    return data.load_taxonomy_rows(config.run_dir / "prepare")
+    """prepare's taxonomy table (``data.load_taxonomy_rows``) when the systems train on it, else None."""
+    return data.load_taxonomy_rows(config.run_dir / "prepare") if trains_on_taxonomy(config) else None
 
 
 def run_vectors(config: PipelineConfig, model: str, splits, labels) -> embed.RunVectors:

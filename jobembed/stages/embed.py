@@ -29,7 +29,7 @@ from jobembed.cli.base import (
 from jobembed.config import register_section, write_resolved
 from jobembed.engine import Stage, StageContext, register, register_pin
 from jobembed.sections import EmbedBackend, EmbedConfig
-from jobembed.stages._common import canon, embed_into, names_models, reads_clean_text
+from jobembed.stages._common import canon, embed_into, names_models, reads_clean_text, trains_on_taxonomy
 
 if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
@@ -52,10 +52,10 @@ def _pin_embed(config: PipelineConfig) -> PipelineConfig:
 
 
 def _embed_identity(config: PipelineConfig) -> dict[str, str]:
-    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model. A run
-    with a taxonomy also encodes its texts (taxonomy.npy), so such runs made before that re-run embed once."""
+    """The content fingerprint of every encoder: a folder rebuilt in place with other weights is a new model. Where the
+    systems train on the taxonomy's rows, its texts are encoded too (embed/taxonomy/)."""
     out = {ref: encoders.model_fingerprint(ref, cache_dir=config.embed.cache_dir) for ref in config.embed.models()}
-    if config.prepare.taxonomy is not None:
+    if trains_on_taxonomy(config):
         out["taxonomy_rows"] = "encoded"
     return out
 
@@ -110,7 +110,7 @@ register(
         consumes=lambda config: {"prepare": ("*",), **({"clean": ("*",)} if reads_clean_text(config) else {})},
         run=_run_embed,
         identity=_embed_identity,
-        products=("*/*.npy", "*/embeddings.json"),
+        products=("*/*.npy", "*/embeddings.json", "taxonomy/*.json"),
         names_models=names_models,
         help="encode every split and the category texts with every encoder (cached)",
         # 2: embeddings.json no longer carries how many texts came from the cache (it changed with every re-run).

@@ -32,7 +32,15 @@ from jobembed.engine import KeepStamp, Stage, StageContext, register, register_p
 from jobembed.errors import DataError
 from jobembed.finetune import LabelledRows, Triplets, finetune, labelled_rows, load_triplets, read_classifier
 from jobembed.sections import FinetuneConfig, FinetuneLoss
-from jobembed.stages._common import canon, embed_into, names_models, prepared, reads_clean_text, taxonomy_rows
+from jobembed.stages._common import (
+    canon,
+    embed_into,
+    names_models,
+    prepared,
+    reads_clean_text,
+    taxonomy_rows,
+    trains_on_taxonomy,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -265,9 +273,9 @@ def keep_classifier(model: Path, unit: Path) -> None:
 
 
 def taxonomy_identity(config: PipelineConfig) -> dict[str, str]:
-    """For the stages that encode with a fine-tuned model: a run with a taxonomy also encodes its texts, so such
-    units made before that are made again once."""
-    return {"taxonomy_rows": "encoded"} if config.prepare.taxonomy is not None else {}
+    """For the stages that encode with a fine-tuned model: where the systems train on the taxonomy's rows, its texts
+    are encoded too."""
+    return {"taxonomy_rows": "encoded"} if trains_on_taxonomy(config) else {}
 
 
 def _drop_checkpoints(folder: Path) -> None:
@@ -302,9 +310,12 @@ def finetuned_vectors(config: PipelineConfig, splits, labels) -> embed.RunVector
 
 
 def _finetuned_identity(config: PipelineConfig) -> dict[str, str]:
-    """The fine-tuned model's content fingerprint: new weights under the same settings are a new encoder."""
+    """The fine-tuned model's content fingerprint (new weights under the same settings are a new encoder), and whether
+    the taxonomy's texts are encoded too."""
     model = Path(finetuned_model(config))
-    return {"model": encoders.model_fingerprint(str(model)) if model.is_dir() else "missing"}
+    return {"model": encoders.model_fingerprint(str(model)) if model.is_dir() else "missing"} | taxonomy_identity(
+        config
+    )
 
 
 def _embed_finetuned_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from jobembed import distributed, ui
+from jobembed import distributed, tracking, ui
 from jobembed.artifacts import hash_obj, pause_for_test, read_json, write_json
 from jobembed.config import default_cache_dir, register_check
 from jobembed.engine import Stage, StageContext, Unit, register
@@ -252,16 +252,17 @@ def _fold(
         )
         if on_labels:
             mined["kept"] = len(triplets.frame)
-        info = run_recipe(
-            config,
-            triplets=triplets,
-            val=val,
-            centroid=centroid_data(config, frames),
-            out_dir=tmp / "finetune",
-            checkpoint_dir=checkpoints,
-            final_dir=unit.folder / "finetune",
-            progress=ctx.progress,
-        )
+        with tracking.unit(f"fold-{k}"):  # the fold's trainer curves apart from the other folds'
+            info = run_recipe(
+                config,
+                triplets=triplets,
+                val=val,
+                centroid=centroid_data(config, frames),
+                out_dir=tmp / "finetune",
+                checkpoint_dir=checkpoints,
+                final_dir=unit.folder / "finetune",
+                progress=ctx.progress,
+            )
         if main:
             model = tmp / "finetune" / "model"
             started = time.perf_counter()

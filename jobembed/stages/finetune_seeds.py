@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobembed import distributed, ui
+from jobembed import distributed, tracking, ui
 from jobembed.artifacts import hash_obj, read_json, write_json
 from jobembed.data import SPLITS
 from jobembed.embed import RunVectors
@@ -129,16 +129,17 @@ def _one_seed(ctx: StageContext, unit, *, seed: int, splits: dict[str, pd.DataFr
     )
     checkpoints = ctx.keep_dir("checkpoints") / unit.key
     with unit.build() as tmp:
-        info = run_recipe(
-            config,
-            triplets=triplets,
-            val=val,
-            centroid=centroid_data(config, splits),
-            out_dir=tmp / "finetune",
-            checkpoint_dir=checkpoints,
-            final_dir=unit.folder / "finetune",
-            progress=ctx.progress,
-        )
+        with tracking.unit(f"seed-{seed}"):  # the seed's trainer curves apart from the other seeds'
+            info = run_recipe(
+                config,
+                triplets=triplets,
+                val=val,
+                centroid=centroid_data(config, splits),
+                out_dir=tmp / "finetune",
+                checkpoint_dir=checkpoints,
+                final_dir=unit.folder / "finetune",
+                progress=ctx.progress,
+            )
         if main:
             model = tmp / "finetune" / "model"
             started = time.perf_counter()

@@ -47,6 +47,7 @@ from jobembed.stages._common import (
     reads_clean_text,
     run_vectors,
     taxonomy_rows,
+    trains_on_taxonomy,
 )
 from jobembed.stages.finetune import extra_seeds, finetuned_model, finetuned_vectors, protocol_seeds
 from jobembed.stages.finetune_cv import fold_vectors
@@ -85,7 +86,8 @@ def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
 def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {
         "prepare": ("*",),
-        "embed": tuple(p for ref in config.embed.models() for p in encoder_part(config, ref)),
+        "embed": tuple(p for ref in config.embed.models() for p in encoder_part(config, ref))
+        + (("taxonomy/*",) if trains_on_taxonomy(config) else ()),
         "embed-finetuned": ("*",),
         "finetune": ("ads_seen.json",),
         "finetune-cv": ("*",),
@@ -152,7 +154,8 @@ def _recipe(config: PipelineConfig, tuned_cv: TunedCV) -> dict[str, Any]:
     folds = read_json(config.run_dir / "finetune-cv" / "folds.json")
     info = read_json(config.run_dir / "finetune" / "finetune.json")
     triplets = config.run_dir / "triplets" / "report.json"
-    llm = (read_json(triplets).get("llm") or {}) if triplets.is_file() else {}
+    on_triplets = info.get("data", "triplets") == "triplets"  # a loss on labels judged nothing
+    llm = (read_json(triplets).get("llm") or {}) if on_triplets and triplets.is_file() else {}
     n_dev = len(tuned_cv.folds[0].dev)
     return {
         "model": str(tuned_cv.tuned.model),
