@@ -13,7 +13,7 @@ folds), the parent level (ISCO major group) read off the sub-major answer, and t
 dev ad predicted once) for exact McNemar against the unit's baseline and per-class F1 of the rare classes.
 
 Units (each a JSON file in experiments/out/levers/units/, so a run that stops keeps what it finished):
-- rows: fusion with no taxonomy rows, with every kind at weight 0.1, 0.3, 1.0 and 3.0, and names only (kzis_name,
+- rows: fusion with no taxonomy rows, with every kind at weight 0.1, 0.3, 1.0, 3.0 and 10.0, and names only (kzis_name,
   occupation, esco_name, thesaurus, esco_alt) at 0.3 and 1.0; its parts (tfidf, mlp) without rows and at 1.0;
 - topdown: the topdown system (fusion at both levels) without rows and with every kind at 1.0, beside fusion;
 - ensemble: a log-linear pool of the calibrated out-of-fold probabilities of tfidf, mlp and logreg on e5 and of
@@ -58,6 +58,7 @@ ROWS = {
     "all-0.3": {"weight": 0.3},
     "all-1.0": {"weight": 1.0},
     "all-3.0": {"weight": 3.0},
+    "all-10.0": {"weight": 10.0},
     "names-0.3": {"kinds": NAMES, "weight": 0.3},
     "names-1.0": {"kinds": NAMES, "weight": 1.0},
 }
@@ -136,7 +137,7 @@ def _proba_unit(name: str, system: str) -> Path:
 
 def run_rows() -> None:
     # fusion first: the best system, and the one a default is chosen for; then its two parts
-    for rows in ("none", "all-0.3", "all-1.0", "names-0.3", "all-0.1", "all-3.0", "names-1.0"):
+    for rows in ("none", "all-0.3", "all-1.0", "names-0.3", "all-0.1", "all-3.0", "names-1.0", "all-10.0"):
         _unit(f"fusion-{rows}", "fusion", rows)
     for system in ("mlp", "tfidf"):  # fusion's two parts, with and without the rows fusion does best with
         for rows in ("none", "all-1.0"):
@@ -145,7 +146,7 @@ def run_rows() -> None:
 
 def run_first() -> None:
     """The units a decision waits on, before the rest of the rows group."""
-    for rows in ("all-3.0", "names-1.0"):
+    for rows in ("all-3.0", "names-1.0", "all-10.0"):
         _unit(f"fusion-{rows}", "fusion", rows)
     run_topdown()
 
