@@ -146,7 +146,7 @@ def run_rows() -> None:
 
 def run_first() -> None:
     """The units a decision waits on, before the rest of the rows group."""
-    for rows in ("all-3.0", "names-1.0", "all-10.0"):
+    for rows in ("none", "all-1.0", "all-3.0", "all-10.0"):
         _unit(f"fusion-{rows}", "fusion", rows)
     run_topdown()
 
