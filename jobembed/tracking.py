@@ -193,6 +193,8 @@ class MlflowTracker(Tracker):
 
     def _parent_run(self) -> str:
         if self._parent is None:
+            if self.mlflow.get_experiment_by_name(self.config.experiment) is None:
+                self.mlflow.create_experiment(self.config.experiment, artifact_location=_artifact_root(self.uri))
             experiment = self.mlflow.set_experiment(self.config.experiment)
             folder = str(self.run_dir.resolve()).replace("'", "\\'")  # a quote in the path would end the string
             mine = f"tags.`jobembed.run_dir` = '{folder}' and tags.`jobembed.kind` = 'pipeline'"
@@ -226,6 +228,15 @@ class MlflowTracker(Tracker):
 
     def report_to(self) -> str:
         return "mlflow"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store. MLflow's default for a database store is
+    ``./mlruns`` in the working directory, which would scatter models wherever a command happens to run; a server
+    (``http``) or a file store chooses its own place (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def _param(value: Any) -> str:

@@ -28,14 +28,21 @@ def _config(root: Path, model: Path, *, name: str, tracking: dict, finetune: boo
     return path
 
 
-def test_mlflow_gets_a_parent_run_per_run_folder_and_a_nested_run_per_stage_that_ran(tmp_path, tiny_encoder_dir):
+def test_mlflow_gets_a_parent_run_per_run_folder_and_a_nested_run_per_stage_that_ran(
+    tmp_path, tiny_encoder_dir, monkeypatch
+):
     mlflow = pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _config(tmp_path, tiny_encoder_dir, name="ml", tracking={"backend": "mlflow", "uri": uri}, finetune=True)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     result = runner.invoke(app, ["run", "--config", str(config), "-q"])
     assert result.exit_code == 0, result.output
+    # the artifacts sit beside the store, not in whatever folder the command ran from (MLflow's ./mlruns)
+    assert not any(elsewhere.iterdir()) and (tmp_path / "mlartifacts").is_dir()
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("jobembed")
     runs = client.search_runs([experiment.experiment_id])
