@@ -45,7 +45,8 @@ def config_for(max_new_folds: int | None):
                 "text_column": "clean_text",
                 "prepare": pl_jobads("isco_submajor"),
                 "clean": {"backend": "rules", "language": "pl"},
-                "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 256},
+                # torch vectors, named: issue 21's figures compare with issue 20's, whatever the CPU default becomes
+                "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 256, "backend": "torch"},
                 "triplets": {"judge": "model", "positive": "nearest"},
                 "finetune": RECIPE,
                 "report": {

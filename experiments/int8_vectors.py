@@ -1,6 +1,6 @@
 """Issue 22, item 4: torch fp32 vs ONNX int8 vectors for the whole pipeline (`embed.backend`), on this CPU.
 
-    .venv/bin/python experiments/int8_vectors.py              # ~25 min on 2 CPU cores
+    .venv/bin/python experiments/int8_vectors.py              # ~10 min on 2 CPU cores
     .venv/bin/python experiments/int8_vectors.py --encode-only --rows 500
 
 pl-jobads `isco_submajor`, the settings of experiments/finetune_cv.py (rules-cleaned text, builtin e5-small at 256
