@@ -15,7 +15,7 @@ dev ad predicted once) for exact McNemar against the unit's baseline and per-cla
 Units (each a JSON file in experiments/out/levers/units/, so a run that stops keeps what it finished):
 - rows: fusion with no taxonomy rows, with every kind at weight 0.1, 0.3, 1.0, 3.0 and 10.0, and names only (kzis_name,
   occupation, esco_name, thesaurus, esco_alt) at 0.3 and 1.0; its parts (tfidf, mlp) without rows and at 1.0;
-- topdown: the topdown system (fusion at both levels) without rows and with every kind at 1.0, beside fusion;
+- topdown: the topdown system (fusion at both levels) without rows and with every kind at 1.0 and 3.0, beside fusion;
 - ensemble: a log-linear pool of the calibrated out-of-fold probabilities of tfidf, mlp and logreg on e5 and of
   centroid cosine (weights chosen per fold on the fold's inner slice would need refits; here they are chosen on the
   other folds' out-of-fold answers, a cheap estimate that says whether more members are worth building).
@@ -154,7 +154,7 @@ def run_first() -> None:
 
 
 def run_topdown() -> None:
-    for rows in ("none", "all-1.0"):
+    for rows in ("none", "all-1.0", "all-3.0"):
         _unit(f"topdown_fusion-{rows}", "topdown", rows, topdown_base="fusion")
 
 
@@ -205,7 +205,7 @@ def print_tables() -> None:
         print(f"\nChosen by CV macro-F1 of fusion: {chosen} ({grid[chosen]['summary']['macro_f1']['mean']:.3f})")
     counts = dev["label"].value_counts()
     rare = sorted(counts[counts <= 30].index, key=lambda c: counts[c])
-    wanted = ("fusion-none", "fusion-all-1.0", chosen, "topdown_fusion-none", "topdown_fusion-all-1.0")
+    wanted = ("fusion-none", "fusion-all-1.0", chosen, "topdown_fusion-none", f"topdown_{chosen}")
     shown = [n for n in dict.fromkeys(wanted) if n in units]
     if shown:
         print("\nRare classes (≤ 30 dev ads), F1 over the pooled out-of-fold answers:\n")
