@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-container lint format setup clean serve-demo
+.PHONY: demo test test-fast test-container lint format setup clean serve-demo pl-taxonomy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ serve-demo: $(STAMP)
 	    data=json.dumps({'texts': ['Magazynier, obsługa wózka widłowego, praca zmianowa w centrum logistycznym']}).encode()); \
 	  print('POST /v1/classify ->', json.dumps(json.load(u.urlopen(r))['predictions'][0], ensure_ascii=False))"; \
 	status=$$?; kill -INT $$pid; wait $$pid; exit $$status
+
+# pl-jobads' taxonomy folder (KZiS, the thesaurus, ESCO's Polish labels) as the one code,text,kind table that
+# prepare.taxonomy reads (configs/default.yaml). Derived data: written under runs/, never committed.
+pl-taxonomy: runs/pl-taxonomy.csv
+runs/pl-taxonomy.csv: $(STAMP)
+	$(BIN)/python experiments/common.py $@
 
 test: $(STAMP) $(TRACKING) $(BROWSER)
 	$(BIN)/pytest -q

@@ -77,3 +77,9 @@ def pl_taxonomy(out: Path = OUT / "pl-taxonomy.csv") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return out
+
+
+if __name__ == "__main__":  # make pl-taxonomy: the table configs/default.yaml reads
+    import sys
+
+    print(pl_taxonomy(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT / "pl-taxonomy.csv"))
