@@ -348,9 +348,10 @@ class TaxonomyRowsConfig(_Strict):
     # Empty: every kind. The names (kzis_name, occupation, esco_name) are short and many; descriptions and tasks
     # are long and one per group.
     kinds: list[str] = Field(default_factory=list)
-    # A taxonomy row's weight relative to one ad. Chosen on pl-jobads by CV macro-F1 of fusion over 0.1, 0.3, 1, 3 and
-    # 10 (experiments/levers.py; docs/results.md#the-taxonomys-texts-as-training-rows): 3 was best (0.679 against 0.614
-    # without rows), 10 began to redraw the frequent classes (accuracy fell). The rows lift the rare classes most.
+    # A taxonomy row's weight relative to one ad. Chosen on pl-jobads by CV macro-F1 of fusion over 0.1, 0.3, 1, 3
+    # and 10 (experiments/levers.py; docs/results.md, "The taxonomy's texts as training rows"): 3 was best (0.679
+    # against 0.614 without rows); at 10 accuracy fell (the taxonomy redrew the frequent classes). The rows lift the
+    # rare classes most.
     weight: float = Field(3.0, gt=0, le=10)
 
 
