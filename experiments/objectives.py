@@ -19,8 +19,8 @@ Every objective gets the same budget, one epoch (~15 min of training on 2 CPU co
 one evaluation at its end (CentroidEvaluator: centroid-cosine macro-F1 of the val ads against 1,000 training ads), so
 no checkpoint is chosen on the val ads the table scores. Then every split is encoded with the fine-tuned encoder at
 256 tokens and each system is fit on the train split (the MLP stops early on its own repost-grouped slice of train,
-as inside a CV fold) and scored on the val split (782 ads); the test split is not read. `frozen` is the same fits on the frozen vectors. Each unit writes
-experiments/out/objectives/<name>.json when done.
+as inside a CV fold) and scored on the val split (782 ads); the test split is not read. `frozen` is the same fits
+on the frozen vectors. Each unit writes experiments/out/objectives/<name>.json when done.
 """
 
 from __future__ import annotations
