@@ -92,6 +92,20 @@ def print_folds(config) -> None:
             )
 
 
+def print_versus(m: dict) -> None:
+    """The report's tests of each fine-tuned system: against the same system frozen and against TF-IDF + LR."""
+    res = m["systems"]
+    print("\n| fine-tuned | vs | CV diff | corrected t p | McNemar p out-of-fold | McNemar p test |")
+    print("|---|---|---|---|---|---|")
+    for key in m["ranking"]:
+        for other, v in (res[key].get("versus") or {}).items():
+            print(
+                f"| {res[key]['display']} | {res[other]['display']} | {v['cv_macro_f1_diff']:+.3f} | "
+                f"{v['cv_macro_f1_ttest']['p_value']:.3g} | {v['mcnemar_oof']['p_value']:.3g} | "
+                f"{v['mcnemar_test']['p_value']:.3g} |"
+            )
+
+
 def print_report(config) -> None:
     m = json.loads((config.run_dir / "report" / "metrics.json").read_text())
     res = m["systems"]
@@ -104,15 +118,7 @@ def print_report(config) -> None:
             f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['std']:.3f} | {r['test']['accuracy']:.3f} | "
             f"{r['test']['macro_f1']:.3f} |"
         )
-    print("\n| fine-tuned | vs | CV diff | corrected t p | McNemar p out-of-fold | McNemar p test |")
-    print("|---|---|---|---|---|---|")
-    for key in m["ranking"]:
-        for other, v in (res[key].get("versus") or {}).items():
-            print(
-                f"| {res[key]['display']} | {res[other]['display']} | {v['cv_macro_f1_diff']:+.3f} | "
-                f"{v['cv_macro_f1_ttest']['p_value']:.3g} | {v['mcnemar_oof']['p_value']:.3g} | "
-                f"{v['mcnemar_test']['p_value']:.3g} |"
-            )
+    print_versus(m)
     print("\n" + json.dumps(m["finetune_cv"], indent=1))
 
 

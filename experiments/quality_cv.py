@@ -31,6 +31,7 @@ import json
 import time
 
 from common import OUT, pl_jobads, pl_taxonomy
+from finetune_cv import print_versus
 
 from jobembed.config import load_config
 from jobembed.stages import pin_models, run_stages
@@ -98,15 +99,7 @@ def print_report(config) -> None:
             f"[{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}] | {r['test']['macro_f1']:.3f} "
             f"[{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}] | {test_major:.3f} |"
         )
-    print("\n| fine-tuned | vs | CV diff | corrected t p | McNemar p out-of-fold | McNemar p test |")
-    print("|---|---|---|---|---|---|")
-    for key in m["ranking"]:
-        for other, v in (res[key].get("versus") or {}).items():
-            print(
-                f"| {res[key]['display']} | {res[other]['display']} | {v['cv_macro_f1_diff']:+.3f} | "
-                f"{v['cv_macro_f1_ttest']['p_value']:.3g} | {v['mcnemar_oof']['p_value']:.3g} | "
-                f"{v['mcnemar_test']['p_value']:.3g} |"
-            )
+    print_versus(m)
     rare = m.get("rare_classes_oof") or {}
     if rare.get("classes"):
         shown = m["ranking"][:4]
