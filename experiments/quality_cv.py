@@ -1,7 +1,7 @@
 """Issue 21: the levers that the validation screens kept, through the CV with fine-tuning inside each fold, then the
 test split read once for the CV-chosen system and the baselines.
 
-    .venv/bin/python experiments/quality_cv.py                 # fine-tunes one more fold (~45 min on 2 CPU cores)
+    .venv/bin/python experiments/quality_cv.py                 # fine-tunes one more fold (~30-45 min on 2 CPU cores)
     .venv/bin/python experiments/quality_cv.py --folds 3       # every fold left, then the test-split fine-tune and
                                                                # the report (the test split's one reading)
     .venv/bin/python experiments/quality_cv.py --folds 0       # print what is done
@@ -66,7 +66,8 @@ def config_for(args: argparse.Namespace, max_new_folds: int | None):
                 "text_column": "clean_text",
                 "prepare": pl_jobads("isco_submajor") | {"taxonomy": {"path": str(pl_taxonomy())}},
                 "clean": {"backend": "rules", "language": "pl"},
-                "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 256},
+                # torch vectors, as issue 20's figures (experiments/finetune_cv.py)
+                "embed": {"model": "builtin:multilingual-e5-small", "max_seq_length": 256, "backend": "torch"},
                 "triplets": {"judge": "model", "positive": "nearest"},
                 "finetune": finetune,
                 "report": {
@@ -123,8 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", type=int, default=1, help="new folds to fine-tune now (0: print only)")
     ap.add_argument("--loss", default="classifier", help="the objective the screen chose (experiments/objectives.py)")
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--rows-weight", type=float, default=0.3, help="taxonomy rows' weight; 0: no rows")
+    ap.add_argument("--epochs", type=float, default=1.0, help="the screen's budget: one epoch")
+    ap.add_argument("--rows-weight", type=float, default=3.0, help="taxonomy rows' weight (levers.py chose 3); 0: none")
     ap.add_argument("--rows-kinds", nargs="*", default=None)
     ap.add_argument("--name", default="quality-cv")
     args = ap.parse_args()
