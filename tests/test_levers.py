@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -220,25 +221,29 @@ def test_a_top_down_bundle_classifies_like_the_fitted_head(tiny_encoder_dir, tmp
 # ------------------------------------------------------------------------------ the pipeline
 
 
+def _taxonomy_run(tmp_path: Path, name: str, *, n_ads: int, encoder: Path, rows: list[tuple], labels: bool = True):
+    """ads.csv, labels.csv (optional) and tax.csv in ``tmp_path``, and the base config of a run that reads them."""
+    make_ads(n_ads, seed=3).to_csv(tmp_path / "ads.csv", index=False)
+    prepare = {"input": str(tmp_path / "ads.csv"), "id_col": "id", "taxonomy": {"path": str(tmp_path / "tax.csv")}}
+    if labels:
+        make_labels().to_csv(tmp_path / "labels.csv", index=False)
+        prepare["labels"] = {"path": str(tmp_path / "labels.csv")}
+    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
+    return {
+        "name": name,
+        "runs_dir": str(tmp_path / "runs"),
+        "text_column": "text",
+        "prepare": prepare,
+        "embed": {"model": str(encoder), "max_seq_length": 32},
+    }
+
+
 def test_a_run_with_a_taxonomy_trains_on_its_rows_and_bundles_top_down(tmp_path, tiny_encoder_dir):
     """prepare reads the taxonomy, embed encodes its texts, report trains on them (never holding them out) and
     ranks topdown with the rest, bundle serves what won."""
-    make_ads(14, seed=3).to_csv(tmp_path / "ads.csv", index=False)
-    make_labels().to_csv(tmp_path / "labels.csv", index=False)
     kinds = ["name", "title", "title", "tasks", "tasks"]
     rows = [(code, word, kinds[i % 5]) for code, (_, words) in OCCUPATIONS.items() for i, word in enumerate(words)]
-    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
-    config = {
-        "name": "tax",
-        "runs_dir": str(tmp_path / "runs"),
-        "text_column": "text",
-        "prepare": {
-            "input": str(tmp_path / "ads.csv"),
-            "id_col": "id",
-            "labels": {"path": str(tmp_path / "labels.csv")},
-            "taxonomy": {"path": str(tmp_path / "tax.csv")},
-        },
-        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+    config = _taxonomy_run(tmp_path, "tax", n_ads=14, encoder=tiny_encoder_dir, rows=rows) | {
         "head": {"hidden_sizes": [16], "max_epochs": 20, "patience": 5},
         "report": {
             "systems": ["centroid", "mlp", "topdown"],
@@ -268,21 +273,8 @@ def test_a_run_with_a_taxonomy_trains_on_its_rows_and_bundles_top_down(tmp_path,
 def test_label_positives_read_the_runs_category_texts_in_the_ads_language(tmp_path, tiny_encoder_dir):
     """--positive label trained on English label-set descriptions; with a taxonomy and embed.label_text taxonomy
     they are the label's own (Polish) taxonomy texts, and a run made without changes keeps its triplets' key."""
-    make_ads(12, seed=3).to_csv(tmp_path / "ads.csv", index=False)
-    make_labels().to_csv(tmp_path / "labels.csv", index=False)
     rows = [(code, words[0], "name") for code, (_, words) in OCCUPATIONS.items()]
-    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
-    base = {
-        "name": "pos",
-        "runs_dir": str(tmp_path / "runs"),
-        "text_column": "text",
-        "prepare": {
-            "input": str(tmp_path / "ads.csv"),
-            "id_col": "id",
-            "labels": {"path": str(tmp_path / "labels.csv")},
-            "taxonomy": {"path": str(tmp_path / "tax.csv")},
-        },
-        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+    base = _taxonomy_run(tmp_path, "pos", n_ads=12, encoder=tiny_encoder_dir, rows=rows) | {
         "triplets": {"judge": "none", "positive": "label", "relative_margin": 1.0, "min_anchors_per_class": 2},
     }
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(base))
@@ -334,20 +326,8 @@ def test_turning_taxonomy_rows_on_re_embeds_but_keeps_the_triplets(tmp_path, tin
     """Reproduces: the taxonomy's vectors sat inside the encoder's folder (and were made for any run with a taxonomy),
     so turning taxonomy rows on, or only adding a taxonomy for label texts, changed what triplets reads and re-ran it
     (and the fine-tune after it). Now they are encoded only for taxonomy rows, beside the encoder's folder."""
-    make_ads(10, seed=3).to_csv(tmp_path / "ads.csv", index=False)
-    make_labels().to_csv(tmp_path / "labels.csv", index=False)
     rows = [(code, words[0], "name") for code, (_, words) in OCCUPATIONS.items()]
-    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
-    base = {
-        "name": "keys",
-        "runs_dir": str(tmp_path / "runs"),
-        "text_column": "text",
-        "prepare": {
-            "input": str(tmp_path / "ads.csv"),
-            "id_col": "id",
-            "taxonomy": {"path": str(tmp_path / "tax.csv")},
-        },
-        "embed": {"model": str(tiny_encoder_dir), "max_seq_length": 32},
+    base = _taxonomy_run(tmp_path, "keys", n_ads=10, encoder=tiny_encoder_dir, rows=rows, labels=False) | {
         "triplets": {"judge": "none", "relative_margin": 1.0, "min_anchors_per_class": 2},
     }
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(base))
