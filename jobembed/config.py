@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
@@ -34,9 +35,10 @@ class Strict(BaseModel):
     # Fields that change how fast a stage runs (or where it reads from), not what it computes: left out of
     # stage keys.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
-    # Fields added after runs were made whose default keeps the old behaviour: left out of stage keys while at that
-    # default, so adding one does not re-run what those runs made.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after runs were made, each with the value those runs had (the behaviour before the field): left
+    # out of stage keys while they hold it, so adding one does not re-run what those runs made, and changing its
+    # default later does change the key.
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
 
 class TextColumn(StrEnum):
@@ -131,15 +133,22 @@ def section_for_key(section: BaseModel) -> dict[str, Any]:
 
 def _runtime_exclude(section: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {name: True for name in getattr(section, "RUNTIME_FIELDS", ())}
-    fields = type(section).model_fields
-    for name in getattr(section, "LATER_FIELDS", ()):
-        if getattr(section, name) == fields[name].get_default(call_default_factory=True):
+    # A field added after runs were made is out of the key while it holds the value those runs had (LATER_FIELDS:
+    # name -> that value), not while it holds today's default: a default changed later must change the key.
+    for name, before in getattr(section, "LATER_FIELDS", {}).items():
+        if _same(getattr(section, name), before):
             out[name] = True
     for name in type(section).model_fields:
         value = getattr(section, name)
         if name not in out and isinstance(value, BaseModel) and (inner := _runtime_exclude(value)):
             out[name] = inner
     return out
+
+
+def _same(value: Any, before: Any) -> bool:
+    if isinstance(value, BaseModel):
+        return False  # a nested section set where runs had none
+    return value == before
 
 
 _VAR = re.compile(r"\$\{([^}]+)\}")

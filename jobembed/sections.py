@@ -8,9 +8,11 @@ keeps plain strings.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -124,7 +126,7 @@ class PrepareConfig(_Strict):
 
     # The input file's content hash is in prepare's key, so moving or renaming the file re-runs nothing.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"input"})
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"taxonomy"})
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"taxonomy": None})
 
     input: Path | None = None
     text_col: str = "text"
@@ -264,8 +266,8 @@ class EmbedConfig(_Strict):
     # never "auto": it changes every vector, so it is in the key, and a bundle encodes new ads the same way.
     backend: EmbedBackend = EmbedBackend.torch
 
-    # Added after runs were made: out of the key while at its default, so those runs' vectors stay current.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"backend"})
+    # Added after runs were made: out of the key while at the value those runs had, so their vectors stay current.
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"backend": "torch"})
 
     def models(self) -> list[str]:
         """``model`` then ``extra_models``, without repeats."""
@@ -402,9 +404,9 @@ class ReportConfig(_Strict):
     max_new_folds: int | None = Field(None, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"keep_fold_models", "max_new_folds"})
-    # Added after runs were made: out of the key while at their defaults, so those runs' reports stay current.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"finetune_cv", "topdown_base", "taxonomy_rows", "rare_class_max_ads"}
+    # Added after runs were made: out of the key while at the values those runs had, so their reports stay current.
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"finetune_cv": False, "topdown_base": "fusion", "taxonomy_rows": None, "rare_class_max_ads": 30}
     )
 
     @field_validator("systems")
@@ -435,8 +437,8 @@ class BundleConfig(_Strict):
     # without PyTorch can run it (jobembed-serve --backend onnx-int8; dockerfiles/serve.Dockerfile).
     backend: EmbedBackend = EmbedBackend.torch
 
-    # Added after runs were made: out of the key while at their defaults, so those runs' bundles stay current.
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"report_page", "backend"})
+    # Added after runs were made: out of the key while at the values those runs had, so their bundles stay current.
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"report_page": False, "backend": "torch"})
 
 
 class ClassifyConfig(_Strict):
@@ -700,8 +702,9 @@ class FinetuneConfig(_Strict):
             "compile",
         }
     )
-    # Added after runs were made: out of the key while at their defaults (they act on the classifier loss only).
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"class_weight", "head_learning_rate"})
+    # Added after runs were made: out of the key while at the values those runs had (they act on the classifier loss
+    # only; runs before them trained it this way).
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"class_weight": "sqrt", "head_learning_rate": 2e-3})
 
     # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
     # turns it on for that run; with it on, report adds the fine-tuned encoder's systems.

@@ -49,3 +49,21 @@ def test_runtime_fields_stay_out_of_stage_keys():
     b = PipelineConfig.model_validate({"embed": {"batch_size": 64, "device": "auto"}})
     c = PipelineConfig.model_validate({"embed": {"max_seq_length": 128}})
     assert section_for_key(a.embed) == section_for_key(b.embed) != section_for_key(c.embed)
+
+
+def test_a_later_fields_default_changed_afterwards_changes_the_key():
+    """Reproduces: a field added later was left out of the key while at *today's* default, so flipping its default
+    (say embed.backend torch -> onnx-int8) would give new int8 runs the key of old torch runs: stale vectors reported
+    as up to date. It is left out only while it holds the value runs had before it existed."""
+    from types import MappingProxyType
+
+    from jobembed.config import Strict
+
+    class Section(Strict):
+        LATER_FIELDS = MappingProxyType({"backend": "torch"})
+        size: int = 1
+        backend: str = "onnx-int8"  # the default flipped after the field was added
+
+    before_the_field = {"size": 1}
+    assert section_for_key(Section(backend="torch")) == before_the_field  # old runs keep their key
+    assert section_for_key(Section()) == {"size": 1, "backend": "onnx-int8"} != before_the_field
