@@ -79,10 +79,10 @@ def print_folds(config) -> None:
         tuned = FoldVectors(dev=np.load(unit / "dev.npy"), labels=np.load(unit / "labels.npy"))
         for name in ("centroid", "mlp"):
             one = [folds[k - 1]]
-            base, _, _ = cross_validate(
+            base, *_ = cross_validate(
                 System(name, frozen), settings=settings, labels=labels, dev=dev, X_dev=X_dev, folds=one
             )
-            ft, _, _ = cross_validate(
+            ft, *_ = cross_validate(
                 System(name, frozen, fold_vectors=(tuned,)), settings=settings, labels=labels, dev=dev, X_dev=None,
                 folds=one,
             )  # fmt: skip

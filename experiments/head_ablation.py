@@ -72,7 +72,7 @@ def main() -> None:
     for name, change in variants.items():
         cfg = load_config(None, {**base, **{f"{section}.{k}": v for k, v in change.items()}})
         t0 = time.perf_counter()
-        results[name], _, _ = cross_validate(  # fold metrics; the out-of-fold answers are not needed here
+        results[name], *_ = cross_validate(  # fold metrics; the out-of-fold answers are not needed here
             system, settings=EvalSettings.of(cfg), labels=labels, dev=dev, X_dev=X_dev, folds=folds
         )
         seconds[name] = time.perf_counter() - t0

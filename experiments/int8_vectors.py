@@ -94,7 +94,7 @@ def quality() -> dict:
         folds = cv_folds(dev, n_folds=FOLDS, seed=config.prepare.seed)
         X = np.concatenate([vectors.train, vectors.val])
         for name in ("mlp", "fusion"):
-            fold_metrics, _, _ = cross_validate(
+            fold_metrics, *_ = cross_validate(
                 System(name, vectors, "e5"), settings=EvalSettings.of(config), labels=labels, dev=dev, X_dev=X,
                 folds=folds,
             )  # fmt: skip

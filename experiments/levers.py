@@ -89,7 +89,7 @@ def _unit(name: str, system: str, rows_key: str, **report) -> dict:
     settings = EvalSettings.of(config, extra_rows(config, taxonomy_rows(config)))
     hierarchy = find_hierarchy(labels["label"].astype(str).tolist(), mode=config.report.hierarchy)
     started = time.perf_counter()
-    fold_metrics, (conf, _), pred = cross_validate(
+    fold_metrics, (conf, _), pred, _ = cross_validate(
         System(system, None if system == "tfidf" else frozen, "e5"),
         settings=settings, labels=labels, dev=dev, X_dev=np.concatenate([frozen.train, frozen.val]), folds=folds,
         hierarchy=hierarchy,

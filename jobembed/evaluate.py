@@ -157,6 +157,8 @@ class Evaluation:
             threshold is chosen on it; the bundle keeps its winner's, so classify computes the same threshold).
         oof_pred: system key -> the predicted label of every dev ad from the fold model that held it out (exact
             McNemar on the pooled out-of-fold answers: every dev ad predicted once).
+        oof_proba: system key -> ``(n_dev, k)`` out-of-fold probabilities, columns ``np.unique(y_dev)`` (the
+            report writes them to ``oof/`` for a second round of judging).
     """
 
     metrics: dict[str, Any]
@@ -170,6 +172,7 @@ class Evaluation:
     # the dev pool's ids and labels, in the order of ``oof`` and ``oof_pred``
     dev_ids: np.ndarray | None = None
     y_dev: np.ndarray | None = None
+    oof_proba: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -586,7 +589,7 @@ def cross_validate(
     folds: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[], None] | None = None,
     hierarchy: Hierarchy | None = None,
-) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray], np.ndarray]:
+) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
     """Per-fold metrics of one system over the dev pool (train + val), and its out-of-fold answers; the test
     split is not involved.
 
@@ -595,14 +598,17 @@ def cross_validate(
     system with ``fold_vectors`` reads fold i's own vectors in fold i (``X_dev`` is then ignored).
 
     Returns:
-        ``(fold metrics, (confidence, correct), predictions)``: the pair and the predictions have one entry per dev
-        row, from the fold model that held the row (and its reposts) out; the abstention threshold is chosen on
-        the pair.
+        ``(fold metrics, (confidence, correct), predictions, probabilities)``: the pair, the predictions and the
+        ``(n_dev, k)`` probabilities (columns: the dev pool's classes, sorted; 0 for a class a fold model never saw)
+        have one entry per dev row, from the fold model that held the row (and its reposts) out; the abstention
+        threshold is chosen on the pair.
     """
     y_dev = dev["label"].to_numpy(dtype=str)
+    classes = np.unique(y_dev)
     out = []
     confidence, correct = np.zeros(len(dev)), np.zeros(len(dev), dtype=bool)
     predictions = np.empty(len(dev), dtype=object)
+    probabilities = np.zeros((len(dev), len(classes)), dtype=np.float32)
     for i, (tr, te) in enumerate(folds):
         taxonomy = system.vectors.taxonomy if system.vectors is not None else None
         if system.fold_vectors is not None:
@@ -632,6 +638,9 @@ def cross_validate(
         proba = predict_proba(system, model, X_eval, texts_eval)
         confidence[te], correct[te] = metrics.confidence_and_correct(y_dev[te], proba, model.classes_)
         predictions[te] = pred
+        seen = np.isin(np.asarray(model.classes_, dtype=str), classes)  # a taxonomy row's class no dev ad has
+        columns = np.searchsorted(classes, np.asarray(model.classes_, dtype=str)[seen])
+        probabilities[np.ix_(te, columns)] = proba[:, seen]
         fold = metrics.classification_metrics(y_dev[te], pred, min_support=settings.report.min_support)
         parent = _parent_scores(hierarchy or Hierarchy(), y_dev[te], pred, min_support=settings.report.min_support)
         if parent is not None:
@@ -639,7 +648,7 @@ def cross_validate(
         out.append(fold)
         if on_fold:
             on_fold()
-    return out, (confidence, correct), predictions.astype(str)
+    return out, (confidence, correct), predictions.astype(str), probabilities
 
 
 def evaluate_systems(
@@ -688,6 +697,7 @@ def evaluate_systems(
     test_preds: dict[str, np.ndarray] = {}
     oof: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     oof_pred: dict[str, np.ndarray] = {}
+    oof_proba: dict[str, np.ndarray] = {}
     with ui.bar(enabled=progress) as bar:
         task = bar.add_task("fitting systems", total=len(systems) * (len(folds) + 1))
         for system in systems:
@@ -695,7 +705,7 @@ def evaluate_systems(
             pred, model = fit_on_train(system, settings=settings, labels=labels, splits=splits, hierarchy=hierarchy)
             bar.advance(task)
             fitted[system.key], test_preds[system.key] = model, pred
-            fold_metrics, oof[system.key], oof_pred[system.key] = cross_validate(
+            fold_metrics, oof[system.key], oof_pred[system.key], oof_proba[system.key] = cross_validate(
                 system,
                 settings=settings,
                 labels=labels,
@@ -782,7 +792,17 @@ def evaluate_systems(
         "pairwise": pairwise,
     }
     return Evaluation(
-        summary, fitted, test_preds, per_class, label_order, y_test, oof, oof_pred, dev["id"].to_numpy(str), y_dev
+        summary,
+        fitted,
+        test_preds,
+        per_class,
+        label_order,
+        y_test,
+        oof,
+        oof_pred,
+        dev["id"].to_numpy(str),
+        y_dev,
+        oof_proba=oof_proba,
     )
 
 

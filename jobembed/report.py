@@ -7,6 +7,8 @@ re-run never leaves tables or figures of systems it no longer has:
 - ``index.html``: the same as one self-contained page (figures inlined, sortable tables, no ad text; ``report_page``);
 - ``metrics.json``: everything in the report, for programs (format ``jobembed-report/4``);
 - ``per_class/<system key>.csv``, ``figures/*.png``, ``config.yaml`` (the resolved config);
+- ``oof/``: every CV system's out-of-fold probabilities of the dev ads (``jobembed.oof``), which a second round's
+  model judge reads (``triplets.judge_probs``);
 - ``winner/``: the best system a bundle can serve (MLP head, hybrid head or cosine prototypes) as ``head/``
   files plus ``winner.json`` (with the out-of-fold confidences its abstention threshold was chosen on, from which
   ``classify --target-accuracy`` computes the same threshold); the ``bundle`` stage packages it with labels and
@@ -33,9 +35,11 @@ from jobembed import metrics as M
 from jobembed.artifacts import atomic_dir, write_json
 from jobembed.config import write_resolved
 from jobembed.evaluate import HYBRID_SYSTEMS, SYSTEM_TITLES, Evaluation
+from jobembed.oof import write_oof
 from jobembed.report_page import PageExtras, confusion_pairs, render_page, suspected_noise
 
 WINNER_DIR = "winner"
+OOF_DIR = "oof"
 # The same kind of system as the winner, on the fine-tuned encoder (bundle.encoder: finetuned).
 WINNER_FINETUNED_DIR = "winner-finetuned"
 
@@ -78,6 +82,16 @@ def write_report(evaluation: Evaluation, *, out_dir: Path, resolved: BaseModel, 
         result = {**result, "figures": _figures(tmp / "figures", evaluation)}
         write_json(tmp / "metrics.json", result)
         write_resolved(resolved, tmp)
+        if evaluation.oof_proba and evaluation.dev_ids is not None:
+            cv = {k: s["cv"]["summary"]["macro_f1"]["mean"] for k, s in result["systems"].items() if s.get("cv")}
+            write_oof(
+                tmp / OOF_DIR,
+                ids=evaluation.dev_ids,
+                labels=evaluation.y_dev,
+                probs=evaluation.oof_proba,
+                file_keys={key: _file_key(key) for key in evaluation.oof_proba},
+                macro_f1=cv,
+            )
         (tmp / "report.md").write_text(
             render_markdown(result, labels=labels, per_class=evaluation.per_class[result["winner"]]), encoding="utf-8"
         )

@@ -658,6 +658,19 @@ class TripletsConfig(_Strict):
     cv_folds: int = Field(5, ge=2)
     seed: int = 13
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    # A second round: the model judge reads these out-of-fold probabilities (one file of a first round's
+    # report/oof/, e.g. the fine-tuned fusion's) instead of fitting its own on the frozen vectors. Its content, not
+    # its path, is in the key. Every train and val ad must be in it: the same prepare settings and data.
+    judge_probs: Path | None = None
+
+    # where judge_probs lies changes nothing (its content hash is in the stage's identity)
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"judge_probs"})
+
+    @model_validator(mode="after")
+    def _probs_for_the_model_judge(self) -> TripletsConfig:
+        if self.judge_probs is not None and self.judge != JudgeKind.model:
+            raise ValueError(f"triplets.judge_probs is read by the model judge only, and the judge is {self.judge}")
+        return self
 
     @model_validator(mode="after")
     def _floor_below_cap(self) -> TripletsConfig:

@@ -102,3 +102,43 @@ def test_cv_folds_larger_than_the_smallest_class_still_runs():
         progress=False,
     )
     assert len(result.metrics["systems"]["mlp@m-33333333"]["cv"]["folds"]) == 8
+
+
+def test_out_of_fold_probabilities_are_the_fold_models_answers_and_read_back(tmp_path):
+    """Every CV system's out-of-fold probabilities (what a second round's judge reads): one row per dev ad, columns
+    the dev classes, the argmax is the out-of-fold prediction, and report/oof/ reads back the same numbers."""
+    from jobembed.oof import read_oof, write_oof
+
+    splits = _splits()
+    vectors = {"enc": _vectors(splits, "enc", "1" * 16)}
+    result = evaluate_systems(
+        settings=EvalSettings.of(_config(systems=["tfidf", "centroid", "mlp"])),
+        splits=splits,
+        labels=LABELS,
+        vectors=vectors,
+        progress=False,
+    )
+    n_dev = len(splits["train"]) + len(splits["val"])
+    assert set(result.oof_proba) == set(result.metrics["systems"])
+    for key, proba in result.oof_proba.items():
+        assert proba.shape == (n_dev, 3)
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+        assert (np.array(CLASSES)[proba.argmax(axis=1)] == result.oof_pred[key]).mean() > 0.97  # ties aside
+    write_oof(
+        tmp_path / "oof",
+        ids=result.dev_ids,
+        labels=result.y_dev,
+        probs=result.oof_proba,
+        file_keys={k: k.replace("/", "_") for k in result.oof_proba},
+        macro_f1={},
+    )
+    key = "mlp@enc-11111111"
+    back = read_oof(tmp_path / "oof" / f"{key}.parquet")
+    assert back.system == key and back.classes.tolist() == CLASSES
+    np.testing.assert_allclose(back.probs, result.oof_proba[key], atol=1e-6)
+    ids = np.array(["ad7", "ad0"])
+    np.testing.assert_allclose(
+        back.rows_for(ids, what="ads", source=tmp_path), result.oof_proba[key][[7, 0]], atol=1e-6
+    )
+    with pytest.raises(DataError, match=r"1 of the 2 ads are not among them \(first: 'elsewhere'\)"):
+        back.rows_for(np.array(["ad1", "elsewhere"]), what="ads", source=tmp_path)

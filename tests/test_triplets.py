@@ -550,6 +550,62 @@ def test_every_judge_writes_the_same_columns_on_the_same_candidates(tri_workspac
     assert "offline" in invoke("triplets", run, "--judge", "model", "-q").output
 
 
+def _first_round(run, folder, *, flip=None, drop=None):
+    """A first round's report/oof/ file by hand: one-hot probabilities of every dev ad's label (nothing looks
+    mislabelled), except ``flip`` (all its mass on another class); ``drop`` leaves an ad out."""
+    from jobembed.oof import write_oof
+
+    dev = pd.concat([pd.read_parquet(run / "prepare" / f"{s}.parquet") for s in ("train", "val")], ignore_index=True)
+    if drop is not None:
+        dev = dev[dev["id"] != drop].reset_index(drop=True)
+    classes = np.unique(dev["label"].astype(str))
+    probs = (dev["label"].astype(str).to_numpy()[:, None] == classes[None, :]).astype(np.float32)
+    if flip is not None:
+        row = int(np.flatnonzero(dev["id"].to_numpy() == flip)[0])
+        probs[row] = np.roll(probs[row], 1)
+    write_oof(folder, ids=dev["id"].to_numpy(), labels=dev["label"].to_numpy(), probs={"fusion@ft": probs},
+              file_keys={"fusion@ft": "fusion@ft"}, macro_f1={"fusion@ft": 0.5})  # fmt: skip
+    return folder / "fusion@ft.parquet"
+
+
+def test_a_second_round_judge_reads_the_first_rounds_out_of_fold_probabilities(tri_workspace, tmp_path, monkeypatch):
+    """triplets.judge_probs: the model judge flags what the first round's probabilities say (here one ad and nothing
+    else), names them in every verdict, re-judges when their content changes and not when the file moves; a file
+    made for other rows, or set for another judge, is one line."""
+    monkeypatch.setenv("JOBEMBED_CACHE", str(tmp_path / "cache"))
+    run = _fresh_run(tri_workspace, "second-round")
+    train = pd.read_parquet(run / "prepare" / "train.parquet")
+    suspect = str(train["id"].iloc[0])
+    first = _first_round(run, tmp_path / "r1" / "report" / "oof", flip=suspect)
+    result = invoke("triplets", run, "--judge", "model", "--judge-probs", first, "-q")
+    assert result.exit_code == 0, result.output
+    cands = pd.read_parquet(run / "triplets" / "candidates" / "train.parquet")
+    assert set(cands["judge"]) == {"model:cleanlab/oof:fusion@ft"}
+    noise = pd.read_csv(run / "triplets" / "noise.csv", dtype=str)
+    assert noise["id"].tolist() == [suspect]  # one-hot elsewhere: cleanlab finds nothing else
+    as_anchor = cands[cands["anchor_id"] == suspect]
+    assert len(as_anchor) and (as_anchor["reason"] == "anchor_mislabelled").all() and not as_anchor["keep"].any()
+    assert cands.loc[cands["anchor_id"] != suspect, "keep"].mean() > 0.5
+
+    moved = tmp_path / "elsewhere" / "oof"
+    moved.parent.mkdir()
+    first.parent.rename(moved)
+    result = invoke("triplets", run, "--judge", "model", "--judge-probs", moved / first.name)
+    assert result.exit_code == 0 and "triplets: up to date" in result.output, result.output
+    _first_round(run, moved)  # a new first round with nothing flagged: new content, re-judged
+    result = invoke("triplets", run, "--judge", "model", "--judge-probs", moved / first.name, "-q")
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(run / "triplets" / "noise.csv", dtype=str).empty
+
+    other = _first_round(run, tmp_path / "other" / "oof", drop=suspect)
+    result = invoke("triplets", run, "--judge", "model", "--judge-probs", other, "-q")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"1 of the {len(train)} train ads are not among them (first: '{suspect}')" in " ".join(result.output.split())
+    result = invoke("triplets", run, "--judge", "llm", "--judge-probs", other, "-q")
+    assert result.exit_code == 1 and "judge_probs is read by the model judge only" in result.output
+    assert pd.read_csv(run / "triplets" / "noise.csv", dtype=str).empty  # the failed runs left the outputs as they were
+
+
 def test_model_judge_finds_flipped_labels():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 24)) * 2

@@ -54,6 +54,7 @@ from jobembed.stages.finetune import (
 )
 from jobembed.stages.triplets import (
     inputs_for,
+    judge_probs_identity,
     judged_splits,
     label_positive_identity,
     prompts_identity,
@@ -96,6 +97,7 @@ def _identity(config: PipelineConfig) -> dict[str, Any]:
         | {"finetune": finetune_identity(config)}
         | taxonomy_identity(config)
         | label_positive_identity(config)
+        | judge_probs_identity(config)
     )
 
 

@@ -13,7 +13,7 @@ from jobembed.cli.base import ConfigOpt, ForceOpt, ModelOpt, QuietOpt, RunArg, c
 from jobembed.config import default_cache_dir, register_section, write_resolved
 from jobembed.embed import RunVectors
 from jobembed.engine import Stage, StageContext, config_for_run, pin_models, register, run_stages
-from jobembed.errors import JobembedError
+from jobembed.errors import DataError, JobembedError
 from jobembed.sections import CleanBackend, JudgeKind, JudgeMode, NoiseFilter, PositiveStrategy, TripletsConfig
 from jobembed.stages._common import encoder_part, frozen_identity, names_models, prepared, reads_clean_text, run_vectors
 from jobembed.store import open_store
@@ -99,9 +99,24 @@ def prompts_identity() -> dict[str, str]:
     return {p.name: file_sha256(p) for p in prompts}
 
 
+def judge_probs_identity(config: PipelineConfig) -> dict[str, str]:
+    """The content of ``triplets.judge_probs`` (a second round's judge reads it), where set: a new first round
+    re-judges; moving the file does not."""
+    path = config.triplets.judge_probs
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise DataError(
+            f"triplets.judge_probs names {path}, which is not found",
+            fix="name one of a first round's RUN/report/oof/*.parquet (`jobembed report` writes them)",
+        )
+    return {"judge_probs": file_sha256(Path(path))}
+
+
 def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
-    """The frozen encoder that mined the candidates, and the judge's prompt templates."""
-    return frozen_identity(config) | prompts_identity() | label_positive_identity(config)
+    """The frozen encoder that mined the candidates, the judge's prompt templates and its first-round
+    probabilities."""
+    return frozen_identity(config) | prompts_identity() | label_positive_identity(config) | judge_probs_identity(config)
 
 
 def triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
@@ -168,6 +183,14 @@ def triplets_command(
     triplets__noise_filter: Annotated[
         NoiseFilter | None, typer.Option("--noise-filter", help="model judge: cleanlab's filter_by method.")
     ] = None,
+    triplets__judge_probs: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge-probs",
+            help="model judge, second round: a first round's RUN/report/oof/<system>.parquet replaces its own "
+            "probabilities.",
+        ),
+    ] = None,
     triplets__llm__concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, help="Calls in flight.")
     ] = None,
@@ -203,7 +226,9 @@ def triplets_command(
     """Mine anchor/positive/negative triplets in the training split (a small validation set in val; the test split
     is never read) and judge them: an LLM at any OpenAI-compatible endpoint (key from OPENAI_API_KEY only), an
     offline model (cleanlab, the default) or none. Writes RUN/triplets/: train.parquet, val.parquet, candidates/,
-    noise.csv (probably mislabelled ads), report.md."""
+    noise.csv (probably mislabelled ads), report.md. With --judge-probs the model judge reads a first round's
+    out-of-fold probabilities (e.g. RUN1/report/oof/<fine-tuned fusion>.parquet) instead of fitting its own: a second
+    round of judging with a better model."""
     from jobembed.triplets import client
 
     values, flags = overrides(dict(locals()), ctx)

@@ -163,6 +163,31 @@ def label_probs(inputs: TripletInputs, config: TripletsConfig) -> tuple[np.ndarr
     return classes, train_probs, val_probs
 
 
+def judge_probs(inputs: TripletInputs, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(classes, train_probs, val_probs, system)`` from a first round's out-of-fold file
+    (``triplets.judge_probs``); ``system`` is the first round's system key.
+
+    Raises:
+        DataError: the file is not a report's oof file, lacks a train or val ad, or has no column for one of their
+            labels (it was made for other rows or another label set).
+    """
+    from jobembed.errors import DataError
+    from jobembed.oof import read_oof
+
+    oof = read_oof(path)
+    present = set(inputs.frames["train"]["label"].astype(str)) | set(inputs.frames["val"]["label"].astype(str))
+    unknown = sorted(present - set(oof.classes))
+    if unknown:
+        raise DataError(
+            f"{path} has probabilities for {len(oof.classes)} classes, without {unknown[:5]} that these ads carry",
+            fix="point triplets.judge_probs at report/oof/ of a run with the same prepare settings and data",
+        )
+    rows = {
+        split: oof.rows_for(inputs.frames[split]["id"].to_numpy(), what=f"{split} ads", source=path) for split in POOLS
+    }
+    return oof.classes, rows["train"], rows["val"], oof.system
+
+
 def label_models(
     inputs: TripletInputs,
     config: TripletsConfig,
@@ -206,7 +231,13 @@ def make_triplets(
     if kind is JudgeKind.none or candidates.empty:
         verdicts = judges.judge_none(candidates)
     elif kind is JudgeKind.model:
-        verdicts = judges.judge_model(candidates, models=label_models(inputs, config))
+        probs, first_round = None, None
+        if config.judge_probs is not None:
+            classes, train_probs, val_probs, first_round = judge_probs(inputs, config.judge_probs)
+            probs = classes, train_probs, val_probs
+        verdicts = judges.judge_model(candidates, models=label_models(inputs, config, probs))
+        if first_round is not None:  # the report and every verdict name the probabilities it read
+            verdicts.frame["judge"] = f"model:cleanlab/oof:{first_round}"
     else:
         job = llm_job(inputs, candidates, config)
         verdicts = judges.judge_llm(candidates, job=job, config=config.llm, store=store, progress=progress)
