@@ -13,7 +13,11 @@ at 256 tokens, the same seed-13 splits). Each objective fine-tunes e5-small once
 - `classifier` — the plain end-to-end classifier: a linear layer on the sentence embedding, class-weighted (sqrt)
   cross-entropy, every training ad, one epoch (the layer at lr 2e-3);
 - `batch_hard`, `batch_all` — sentence-transformers' BatchHard / BatchAllTripletLoss over batches from
-  GroupByLabelBatchSampler, every training ad, one epoch.
+  GroupByLabelBatchSampler, every training ad, one epoch;
+- `mnrl_round2` — lever 4's second round: `mnrl` with the model judge reading the fine-tuned fusion's out-of-fold
+  probabilities from experiments/quality_cv.py's report (`triplets.judge_probs`) instead of its own (run it with
+  `--only mnrl_round2` after that report). Second-order leak: those probabilities for the train ads come from fold
+  models that saw the val ads' labels (the quality CV's folds cover train + val), so its val score is optimistic.
 
 Every objective gets the same budget, one epoch (~15 min of training on 2 CPU cores for the ones over every ad), and
 one evaluation at its end (CentroidEvaluator: centroid-cosine macro-F1 of the val ads against 1,000 training ads), so
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from common import OUT
@@ -46,8 +51,22 @@ OBJECTIVES = {  # in the order they are run: the plain classifier (the issue's q
     "mnrl": {"loss": "mnrl", "epochs": 1, "max_triplets": 1728},
     "batch_hard": {"loss": "batch_hard", "epochs": 1},
     "batch_all": {"loss": "batch_all", "epochs": 1},
+    # lever 4's second round: today's recipe, its judge reading the quality CV's fine-tuned fusion out of fold
+    "mnrl_round2": {"loss": "mnrl", "epochs": 1, "max_triplets": 1728},
 }
 SYSTEMS = ("centroid", "mlp", "fusion", "e2e")
+
+
+def first_round_probs() -> Path:
+    """The fine-tuned fusion's out-of-fold probabilities from experiments/quality_cv.py's report (its report/oof/)."""
+    report = OUT / "quality-cv" / "report"
+    if not (report / "oof" / "oof.json").is_file():
+        raise SystemExit(f"{report}/oof/ not found: run experiments/quality_cv.py --folds 3 first (its report)")
+    systems = json.loads((report / "metrics.json").read_text())["systems"]
+    oof = json.loads((report / "oof" / "oof.json").read_text())["systems"]
+    tuned = [k for k in oof if systems[k]["system"] == "fusion" and "finetune" in str(systems[k]["encoder"])]
+    assert len(tuned) == 1, tuned
+    return report / "oof" / oof[tuned[0]]["file"]
 
 
 def config_for(name: str | None):
@@ -55,6 +74,8 @@ def config_for(name: str | None):
     base["name"] = f"objective-{name or 'frozen'}"
     base["report"] = {"cv_folds": 3, "bootstrap": 0}
     base["finetune"] = {"enabled": name is not None, "eval_train_ads": 1000, **COMMON, **OBJECTIVES.get(name, {})}
+    if name == "mnrl_round2":
+        base["triplets"]["judge_probs"] = str(first_round_probs())
     return pin_models(load_config(None, base))
 
 
@@ -137,6 +158,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.print:
         for name in [None, *OBJECTIVES]:
+            if name == "mnrl_round2" and args.only != name:
+                continue  # it needs the quality CV's report: only on request
             if args.only in (None, name or "frozen"):
                 unit(name)
     print_table()
