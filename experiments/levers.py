@@ -222,10 +222,10 @@ def print_tables() -> None:
             print(f"| {c} | {counts[c]} | " + " | ".join(cells) + " |")
     probas = {p.stem.removeprefix("proba-"): np.load(p) for p in sorted(UNITS.glob("proba-*.npy"))}
     if len(probas) >= 2:
-        _ensemble_table(probas, dev, config)
+        ensemble_table(probas, dev, config)
 
 
-def _ensemble_table(probas: dict[str, np.ndarray], dev, config) -> None:
+def ensemble_table(probas: dict[str, np.ndarray], dev, config) -> None:
     """Log-linear pools of out-of-fold probabilities; each fold's weights chosen on the other folds' answers."""
     y = dev["label"].to_numpy(dtype=str)
     classes = np.unique(y)
