@@ -32,6 +32,7 @@ LAYERS = [
     "clean",
     "embed",
     "metrics",
+    "oof",
     "hierarchy",
     "baselines",
     "head",
