@@ -35,7 +35,6 @@ class OutOfFold:
     """One system's out-of-fold probabilities: ``probs[i]`` is ad ``ids[i]``'s row, columns in ``classes`` order."""
 
     ids: np.ndarray
-    labels: np.ndarray
     classes: np.ndarray
     probs: np.ndarray
     system: str
@@ -123,7 +122,6 @@ def read_oof(path: Path) -> OutOfFold:
         )
     return OutOfFold(
         ids=frame["id"].to_numpy(dtype=str),
-        labels=frame["label"].to_numpy(dtype=str),
         classes=classes,
         probs=frame[classes.tolist()].to_numpy(dtype=np.float64),
         system=system,
