@@ -14,6 +14,10 @@ tokens, the same seed-13 splits and 3 repost-grouped CV folds of the dev pool) p
 - the fine-tuning objective experiments/objectives.py chose on validation (lever 2; `--loss`, `--epochs`), run inside
   every fold on the fold's training ads outside its inner slice (the finetune-cv stage), and once on the train split
   for the test split and the bundle;
+- `--prior-power A`: fusion's prior correction (`report.hybrid.prior_power`), A chosen on the CV's out-of-fold
+  answers by experiments/prior_power.py. Run it in a copy of this run folder (`cp -a experiments/out/quality-cv
+  experiments/out/quality-cv-prior` then `--name quality-cv-prior --folds 3`), so the fold fine-tunes are reused
+  (only the report re-runs, reading the test split once for this configuration) and the first report stays;
 - the systems: TF-IDF + LR, centroid, MLP and fusion on the frozen and the fine-tuned encoders, and the end-to-end
   classifier's own layer (`e2e`) where the loss is `classifier`; `--topdown` adds the top-down system (off by default:
   it lost to flat fusion on the frozen encoder at every rows weight, experiments/levers.py).
@@ -81,6 +85,8 @@ def config_for(args: argparse.Namespace, max_new_folds: int | None):
                     "max_new_folds": max_new_folds,
                     "taxonomy_rows": rows,
                     "topdown_base": "fusion",
+                    # fusion's prior correction (experiments/prior_power.py chose it in the CV); 0: none
+                    "hybrid": {"prior_power": getattr(args, "prior_power", 0.0)},
                 },
             },
         )
@@ -132,6 +138,9 @@ def main() -> None:
     ap.add_argument("--rows-weight", type=float, default=3.0, help="taxonomy rows' weight (levers.py chose 3); 0: none")
     ap.add_argument("--rows-kinds", nargs="*", default=None)
     ap.add_argument("--topdown", action="store_true", help="add the top-down system (lost on the frozen encoder)")
+    ap.add_argument(
+        "--prior-power", type=float, default=0.0, help="fusion's prior correction (prior_power.py chose 0.4); 0: none"
+    )
     ap.add_argument("--name", default="quality-cv")
     args = ap.parse_args()
     config = config_for(args, args.folds or None)

@@ -346,7 +346,7 @@ def _fit_predict(
             mode=system.name, head=settings.head, tfidf=settings.report.tfidf, hybrid=settings.report.hybrid
         ).fit(
             X_tr, y_tr, texts=texts_tr, X_val=X_val, y_val=y_val, texts_val=texts_val, groups=groups,
-            sample_weight=weights,
+            sample_weight=weights, prior_rows=None if weights is None else np.arange(len(y_tr)) < len(train_idx),
         )  # fmt: skip
         return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
     if system.name == "topdown":
@@ -744,6 +744,8 @@ def evaluate_systems(
             }
             if system.name in HYBRID_SYSTEMS:
                 results[system.key]["fusion_weight"] = model.weight_
+                if model.prior_power_:
+                    results[system.key]["prior_power"] = model.prior_power_
             if system.name == "topdown" and hierarchy.flat:
                 results[system.key]["note"] = "the labels do not nest (no parent level): topdown is a flat model twice"
 

@@ -5,7 +5,9 @@ summary of its first tokens), and on pl-jobads they disagree on about a quarter 
 combine them, both fit on the same training rows as every other system:
 
 - ``fusion``: late fusion of calibrated probabilities, ``log p = w log p_tfidf + (1 - w) log p_mlp`` (a
-  weighted geometric pool), renormalised and re-calibrated; ``w`` is chosen on validation by log-loss.
+  weighted geometric pool), renormalised and re-calibrated; ``w`` is chosen on validation by log-loss. With
+  ``hybrid.prior_power`` a > 0 the result is divided by the training ads' class shares to the power a
+  (logit adjustment), so rare classes win ads the frequent ones took.
 - ``stack``: out-of-fold TF-IDF + LR log-probabilities appended to the embedding as MLP inputs; the MLP
   learns per class when to trust the lexical model. Out-of-fold, so no training row's extra features come
   from a model that saw its label.
@@ -14,7 +16,9 @@ Data contract: ``fit(X, y, texts=...)`` with ``X`` ``(n, d)`` embeddings and ``t
 embeddings were made from; ``predict_proba(X, texts=...)`` ``(m, k)`` in ``classes_`` order.
 
 Saved as ``hybrid.json`` plus ``tfidf/`` (vocabularies in JSON, idf and LR weights in safetensors) and
-``mlp/`` (``MLPHead.save``): a server loads it without pickle.
+``mlp/`` (``MLPHead.save``): a server loads it without pickle. ``hybrid.json`` is format 1 without a prior
+correction (as before it existed) and format 2 with one, so a jobembed that predates it refuses the head instead of
+answering without the correction.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from jobembed.sections import HeadConfig, HybridConfig, TfidfConfig
 
 TFIDF_FORMAT = "jobembed-tfidf/1"
 HYBRID_FORMAT = "jobembed-hybrid/1"
+HYBRID_PRIOR_FORMAT = "jobembed-hybrid/2"  # with prior_power > 0: class_prior and prior_power in hybrid.json
 HYBRID_MODES = ("fusion", "stack")
 # Floor of a probability before its log: an LR probability of exactly 0 would make a log-feature of -inf.
 _EPS = 1e-6
@@ -219,6 +224,9 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         weight_: fusion weight of TF-IDF (``fusion``; None when stacking).
         temperature_: temperature of the fused distribution (``fusion``; 1.0 when stacking).
         fusion_curve_: per grid weight, validation log-loss and macro-F1 (``fusion``).
+        prior_power_: the fitted fusion's ``hybrid.prior_power`` (0.0 when stacking).
+        class_prior_: ``(k,)`` the training ads' class shares, add-one smoothed (``fusion``), that
+            ``predict_proba`` divides by to the power ``prior_power_``.
     """
 
     def __init__(
@@ -245,6 +253,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         texts_val: Sequence[str] | None = None,
         groups: Sequence[Any] | None = None,
         sample_weight: Sequence[float] | None = None,
+        prior_rows: Sequence[bool] | None = None,
     ) -> HybridHead:
         """Fit both parts; validation rows (given, or held out stratified and repost-grouped) stop the MLP early,
         calibrate, and choose the fusion weight.
@@ -255,6 +264,8 @@ class HybridHead(ClassifierMixin, BaseEstimator):
             groups: ``(n,)`` repost groups, for the held-out rows and the stacking folds.
             sample_weight: ``(n,)`` row weights for both parts (``fusion`` only, and only with validation rows
                 given: rows that are not ads are never held out).
+            prior_rows: ``(n,)`` True for the rows whose labels make the class prior of ``hybrid.prior_power``:
+                the ads, not taxonomy rows (their shares are the taxonomy's, not the portal's). None: every row.
         """
         if self.mode not in HYBRID_MODES:
             raise DataError(f"HybridHead mode={self.mode!r}", expected=" | ".join(HYBRID_MODES))
@@ -263,13 +274,16 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         if not (len(X) == len(y) == len(texts)):
             raise DataError(f"X, y and texts differ in length ({len(X)}, {len(y)}, {len(texts)})")
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        prior_rows = np.ones(len(y), dtype=bool) if prior_rows is None else np.asarray(prior_rows, dtype=bool)
+        if len(prior_rows) != len(y):
+            raise DataError(f"prior_rows has {len(prior_rows)} entries for {len(y)} training rows")
         if sample_weight is not None and (self.mode != "fusion" or X_val is None):
             raise DataError("HybridHead takes sample_weight in fusion mode with validation rows given")
         if X_val is None:
             y_idx = np.unique(y, return_inverse=True)[1]
             tr, va = holdout_split(y_idx, fraction=head.validation_fraction, seed=head.seed, groups=groups)
             X_val, y_val, texts_val = X[va], y[va], [texts[i] for i in va]
-            X, y, texts, groups = X[tr], y[tr], [texts[i] for i in tr], groups[tr]
+            X, y, texts, groups, prior_rows = X[tr], y[tr], [texts[i] for i in tr], groups[tr], prior_rows[tr]
         y_val = np.asarray(y_val, dtype=str)
         known = np.isin(y_val, np.unique(y))
         X_val, y_val = np.asarray(X_val, dtype=np.float32)[known], y_val[known]
@@ -286,6 +300,7 @@ class HybridHead(ClassifierMixin, BaseEstimator):
                 y_val=y_val,
             )
             self.weight_, self.temperature_, self.fusion_curve_ = None, 1.0, []
+            self.prior_power_, self.class_prior_ = 0.0, None
             return self
         self.mlp_ = MLPHead.from_config(head).fit(X, y, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
         self.tfidf_.calibrate(texts_val, y_val)
@@ -299,6 +314,9 @@ class HybridHead(ClassifierMixin, BaseEstimator):
             self.fusion_curve_.append({"weight": w, "val_nll": nll(z, y_idx, t), "val_macro_f1": float(f1), "t": t})
         best = min(self.fusion_curve_, key=lambda r: (r["val_nll"], abs(r["weight"] - 0.5)))
         self.weight_, self.temperature_ = float(best["weight"]), float(best["t"])
+        # Add-one: a class with taxonomy rows but no ad in this fit still gets a finite, small share.
+        counts = (y[prior_rows][:, None] == self.classes_[None, :]).sum(axis=0) + 1.0
+        self.prior_power_, self.class_prior_ = float(hybrid.prior_power), counts / counts.sum()
         return self
 
     def _out_of_fold(self, texts: list[str], y: np.ndarray, groups: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
@@ -331,7 +349,10 @@ class HybridHead(ClassifierMixin, BaseEstimator):
             feats = _aligned_log_proba(self.tfidf_, texts, self.classes_)
             return self.mlp_.predict_proba(np.hstack([X, feats]).astype(np.float32))
         lt, lm = self._parts(X, texts)
-        return softmax((self.weight_ * lt + (1 - self.weight_) * lm) / self.temperature_, axis=1)
+        z = (self.weight_ * lt + (1 - self.weight_) * lm) / self.temperature_
+        if self.prior_power_:
+            z = z - self.prior_power_ * np.log(self.class_prior_)
+        return softmax(z, axis=1)
 
     def predict(self, X: np.ndarray, *, texts: Sequence[str]) -> np.ndarray:
         return self.classes_[self.predict_proba(X, texts=texts).argmax(axis=1)]
@@ -342,17 +363,21 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         path = Path(path)
         self.tfidf_.save(path / "tfidf")
         self.mlp_.save(path / "mlp")
-        write_json(
-            path / "hybrid.json",
-            {
-                "format": HYBRID_FORMAT,
-                "mode": self.mode,
-                "classes": self.classes_.tolist(),
-                "weight": self.weight_,
-                "temperature": self.temperature_,
-                "fusion_curve": self.fusion_curve_,
-            },
-        )
+        meta = {
+            "format": HYBRID_FORMAT,
+            "mode": self.mode,
+            "classes": self.classes_.tolist(),
+            "weight": self.weight_,
+            "temperature": self.temperature_,
+            "fusion_curve": self.fusion_curve_,
+        }
+        if self.prior_power_:  # without one, the file is byte for byte what it was before the correction existed
+            meta |= {
+                "format": HYBRID_PRIOR_FORMAT,
+                "prior_power": self.prior_power_,
+                "class_prior": [float(p) for p in self.class_prior_],
+            }
+        write_json(path / "hybrid.json", meta)
 
     @classmethod
     def load(cls, path: Path, *, device: str = "auto") -> HybridHead:
@@ -360,11 +385,16 @@ class HybridHead(ClassifierMixin, BaseEstimator):
         if not (path / "hybrid.json").is_file():
             raise BundleError(f"{path / 'hybrid.json'} not found", fix="re-create the bundle")
         meta = read_json(path / "hybrid.json")
-        check_format(path / "hybrid.json", meta, HYBRID_FORMAT)
+        prior = meta.get("format") == HYBRID_PRIOR_FORMAT
+        check_format(path / "hybrid.json", meta, HYBRID_PRIOR_FORMAT if prior else HYBRID_FORMAT)
+        if prior and len(meta.get("class_prior") or []) != len(meta["classes"]):
+            raise BundleError(f"{path / 'hybrid.json'}: class_prior does not match classes", fix="re-create the bundle")
         model = cls(mode=meta["mode"])
         model.tfidf_ = TfidfLogReg.load(path / "tfidf")
         model.mlp_ = MLPHead.load(path / "mlp", device=device)
         model.classes_ = np.asarray(meta["classes"], dtype=str)
         model.weight_, model.temperature_ = meta["weight"], float(meta["temperature"])
         model.fusion_curve_ = meta.get("fusion_curve", [])
+        model.prior_power_ = float(meta["prior_power"]) if prior else 0.0
+        model.class_prior_ = np.asarray(meta["class_prior"], dtype=np.float64) if prior else None
         return model

@@ -332,6 +332,14 @@ class HybridConfig(_Strict):
     # Stacking: out-of-fold TF-IDF + LR log-probabilities join the embedding as MLP inputs; this many inner
     # folds (each one TF-IDF fit) make them, so no training row's feature comes from a model that saw its label.
     stack_folds: int = Field(5, ge=2)
+    # Prior correction of fusion (logit adjustment, Menon et al. 2021): its probabilities divided by the training
+    # ads' class shares to this power, renormalised. 0 leaves them as fitted; towards 1 the rare classes get
+    # answers the frequent ones lost, buying macro-F1 with a little accuracy. 0.4 was chosen in every fold of the
+    # quality CV's out-of-fold answers (experiments/prior_power.py: fine-tuned fusion 0.706 -> 0.721 CV macro-F1,
+    # accuracy -0.004); default.yaml sets it. Not applied by stack or by top-down's inner fusions.
+    prior_power: float = Field(0.0, ge=0, le=1)
+
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"prior_power": 0.0})
 
     @field_validator("fusion_weights")
     @classmethod

@@ -70,7 +70,10 @@ class TopDownHead(ClassifierMixin, BaseEstimator):
     def _model(self) -> MLPHead | HybridHead:
         if self.base == "mlp":
             return MLPHead.from_config(self.head or HeadConfig())
-        return HybridHead(mode="fusion", head=self.head, tfidf=self.tfidf, hybrid=self.hybrid)
+        # Without the prior correction: its class prior would be the parent's or the group's, a correction nobody
+        # measured, and the product of two corrected levels is not the flat one.
+        hybrid = (self.hybrid or HybridConfig()).model_copy(update={"prior_power": 0.0})
+        return HybridHead(mode="fusion", head=self.head, tfidf=self.tfidf, hybrid=hybrid)
 
     def _fit_one(self, model, X, y, texts, X_val, y_val, texts_val, sample_weight):
         if isinstance(model, MLPHead):

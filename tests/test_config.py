@@ -51,6 +51,15 @@ def test_runtime_fields_stay_out_of_stage_keys():
     assert section_for_key(a.embed) == section_for_key(b.embed) != section_for_key(c.embed)
 
 
+def test_fusions_prior_correction_keys_the_report_only_when_set():
+    """report.hybrid.prior_power came after runs were made: at 0 (what they had) their report keys stay as they
+    were; set, it is in the key (a report with the correction is another report)."""
+    off = section_for_key(PipelineConfig.model_validate({}).report)
+    on = section_for_key(PipelineConfig.model_validate({"report": {"hybrid": {"prior_power": 0.4}}}).report)
+    assert "prior_power" not in off["hybrid"] and on["hybrid"]["prior_power"] == 0.4
+    assert {k: v for k, v in on["hybrid"].items() if k != "prior_power"} == off["hybrid"]
+
+
 def test_a_later_fields_default_changed_afterwards_changes_the_key():
     """Reproduces: a field added later was left out of the key while at *today's* default, so flipping its default
     (say embed.backend torch -> onnx-int8) would give new int8 runs the key of old torch runs: stale vectors reported

@@ -200,7 +200,8 @@ def test_a_finetune_with_other_settings_never_resumes_old_checkpoints(base, tmp_
 def test_a_killed_finetune_resumes_from_its_own_checkpoints(base):
     run = copy_run(base, "killed-finetune")
     proc = cli("finetune", run, "--epochs", "3", "-q", pause="finetune:before-commit")
-    wait_paused(proc, "finetune:before-commit")  # trained, checkpoints saved, outputs not yet swapped in
+    # 3 epochs in a subprocess: on 2 shared cores (CI beside another job) that once took past the 240 s default
+    wait_paused(proc, "finetune:before-commit", timeout=600)  # trained, checkpoints saved, outputs not yet swapped in
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     before = json.loads((run / "finetune" / "finetune.json").read_text())

@@ -22,6 +22,7 @@ from jobembed.errors import DataError
 from jobembed.evaluate import EvalSettings, ExtraRows, System, evaluate_systems, extra_rows, fit_on_train
 from jobembed.head import HeadInputError, MLPHead
 from jobembed.hybrid import TfidfLogReg
+from jobembed.sections import HybridConfig
 from jobembed.topdown import TopDownHead
 from tests.conftest import encoder_info
 from tests.synthetic import OCCUPATIONS, make_ads, make_labels
@@ -125,6 +126,24 @@ def test_taxonomy_rows_train_every_fit_and_are_never_held_out(monkeypatch):
     m = result.metrics
     assert m["taxonomy_rows"]["rows"] == len(extra.rows) and m["taxonomy_rows"]["weight"] == 0.5
     assert set(m["rare_classes_oof"]["classes"]) <= set(CODES)
+
+
+def test_fusion_with_taxonomy_rows_takes_its_class_prior_from_the_ads_only():
+    """report's fusion with report.hybrid.prior_power: the taxonomy rows train it but make no part of the prior
+    (their class shares are the taxonomy's, and the prior counts what the portal's ads look like)."""
+    splits, vectors = _splits()
+    table, tax_vectors = _taxonomy(30)  # many rows per class: with them in the prior it would be flat
+    vectors = RunVectors(**{**vectors.__dict__, "taxonomy": tax_vectors})
+    config = _config(systems=["fusion"], taxonomy_rows={"weight": 1.0})
+    config = config.model_copy(
+        update={"report": config.report.model_copy(update={"hybrid": HybridConfig(prior_power=0.4)})}
+    )
+    settings = EvalSettings.of(config, extra_rows(config, table))
+    labels = pd.DataFrame({"label": CODES, "name": CODES, "description": [""] * 4})
+    _, model = fit_on_train(System("fusion", vectors, "enc"), settings=settings, labels=labels, splits=splits)
+    counts = np.array([(splits["train"]["label"] == c).sum() + 1 for c in CODES], dtype=float)
+    assert model.prior_power_ == 0.4
+    np.testing.assert_allclose(model.class_prior_, counts / counts.sum())
 
 
 def test_taxonomy_rows_teach_a_class_that_has_no_training_ad():

@@ -150,6 +150,44 @@ def test_hybrid_round_trips_with_json_and_safetensors_only(fitted_hybrids, tmp_p
     assert (model.predict(X, texts=texts) == y).mean() > 0.7
 
 
+def test_fusion_prior_correction_divides_by_the_ads_class_shares(tmp_path):
+    """prior_power a: fusion's probabilities over the training ads' (add-one) class shares to the power a; rows
+    outside prior_rows (taxonomy texts) are trained on but make no prior; saved as format 2, read back the same."""
+    X, y, texts = _data(40)
+    keep = (y != "22") | (np.cumsum(y == "22") <= 6)  # class 22 rare: 6 ads against 40
+    X, y, texts = X[keep], y[keep], [t for t, k in zip(texts, keep, strict=True) if k]
+    extra = 60  # rows of class 11 that are not ads: they must not make 11 look frequent
+    X_all = np.concatenate([X, X[y == "11"][:1].repeat(extra, 0)])
+    y_all, texts_all = np.concatenate([y, ["11"] * extra]), texts + ["dyrektor zarząd"] * extra
+    ads = np.arange(len(y_all)) < len(y)
+    X_val, y_val, texts_val = _data(10, seed=2)
+    model = HybridHead(mode="fusion", head=HEAD, tfidf=TFIDF, hybrid=HybridConfig(prior_power=0.5)).fit(
+        X_all, y_all, texts=texts_all, X_val=X_val, y_val=y_val, texts_val=texts_val, prior_rows=ads
+    )
+    counts = np.array([(y == c).sum() + 1 for c in CODES], dtype=float)
+    np.testing.assert_allclose(model.class_prior_, counts / counts.sum())
+    X_test, _, texts_test = _data(30, seed=3)
+    plain = copy.deepcopy(model)
+    plain.prior_power_ = 0.0
+    p0, p1 = plain.predict_proba(X_test, texts=texts_test), model.predict_proba(X_test, texts=texts_test)
+    expected = p0 / model.class_prior_**0.5
+    np.testing.assert_allclose(p1, expected / expected.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-9)
+    rare = CODES.index("22")
+    assert (p1[:, rare] >= p0[:, rare] - 1e-12).all() and (p1[:, rare] > p0[:, rare]).any()  # the rare class gains
+    model.save(tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / "hybrid.json").read_text())
+    assert meta["format"] == "jobembed-hybrid/2" and meta["prior_power"] == 0.5
+    loaded = HybridHead.load(tmp_path / "h", device="cpu")
+    np.testing.assert_allclose(loaded.predict_proba(X_test, texts=texts_test), p1, atol=1e-6)
+    plain.save(tmp_path / "p")  # no correction: the file as it was before the correction existed
+    meta = json.loads((tmp_path / "p" / "hybrid.json").read_text())
+    assert meta["format"] == "jobembed-hybrid/1" and not {"prior_power", "class_prior"} & set(meta)
+    broken = json.loads((tmp_path / "h" / "hybrid.json").read_text())
+    (tmp_path / "h" / "hybrid.json").write_text(json.dumps(broken | {"class_prior": [0.5, 0.5]}))
+    with pytest.raises(BundleError, match="class_prior does not match"):
+        HybridHead.load(tmp_path / "h", device="cpu")
+
+
 def test_hybrid_needs_as_many_texts_as_rows(fitted_hybrids):
     models, (X, _y, texts) = fitted_hybrids
     with pytest.raises(JobembedError, match="texts"):
