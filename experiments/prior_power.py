@@ -1,6 +1,8 @@
 """Issue 21: fusion's prior correction (`report.hybrid.prior_power`), chosen inside the quality CV's folds.
 
     .venv/bin/python experiments/prior_power.py     # seconds; needs experiments/quality_cv.py's report first
+    .venv/bin/python experiments/prior_power.py --versus quality-cv-prior   # that report (quality_cv.py
+                                                    # --prior-power A) against the first, system by system
 
 Logit adjustment (Menon et al., 2021, "Long-tail learning via logit adjustment"): a system's probabilities divided
 by the class shares of its training ads to a power a, renormalised; a = 0 is the system as fitted, a = 1 the
@@ -46,9 +48,46 @@ def scores(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, rows: np.ndarr
     return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
 
 
+def versus(name: str) -> None:
+    """The fusion systems of report ``name`` (with the correction) against the first report's (without): per-fold
+    CV macro-F1, corrected t-test, McNemar on the pooled out-of-fold answers, and each report's one test reading."""
+    other = OUT / name / "report"
+    first, second = (json.loads((r / "metrics.json").read_text()) for r in (REPORT, other))
+    files = json.loads((REPORT / "oof" / "oof.json").read_text())["systems"]
+    files2 = json.loads((other / "oof" / "oof.json").read_text())["systems"]
+    print(f"\n{name} (fusion's prior_power) against quality-cv (none):\n")
+    print(
+        "| system | prior_power | CV macro-F1 per fold, without → with | diff | corrected t p | McNemar p, pooled "
+        "OOF (accuracy) | test accuracy, without → with | test macro-F1, without → with | test major accuracy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, s2 in second["systems"].items():
+        if not s2.get("prior_power"):
+            continue
+        s1 = first["systems"][key]
+        a = [f["macro_f1"] for f in s1["cv"]["folds"]]
+        b = [f["macro_f1"] for f in s2["cv"]["folds"]]
+        o1, o2 = (pd.read_parquet(r / "oof" / f[key]["file"]) for r, f in ((REPORT, files), (other, files2)))
+        n_test = len(o1) / len(a)  # a fold's share of the dev pool, as the report's own tests
+        t = metrics.corrected_paired_ttest(b, a, n_train=n_test * (len(a) - 1), n_test=n_test)
+        classes = np.asarray(o1.columns[2:], dtype=str)
+        y = o1["label"].to_numpy(dtype=str)
+        mc = metrics.mcnemar(
+            y, classes[o1.iloc[:, 2:].to_numpy().argmax(1)], classes[o2.iloc[:, 2:].to_numpy().argmax(1)]
+        )
+        folds = ", ".join(f"{x:.3f} → {z:.3f}" for x, z in zip(a, b, strict=True))
+        major = [(s.get("test_parent") or {}).get("accuracy", np.nan) for s in (s1, s2)]
+        print(
+            f"| {s2['display']} | {s2['prior_power']} | {folds} | {t['mean_diff']:+.3f} | {t['p_value']:.2f} | "
+            f"{mc['p_value']:.2g} | {s1['test']['accuracy']:.3f} → {s2['test']['accuracy']:.3f} | "
+            f"{s1['test']['macro_f1']:.3f} → {s2['test']['macro_f1']:.3f} | {major[0]:.3f} → {major[1]:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args()
+    ap.add_argument("--versus", default=None, help="a run folder under experiments/out made with --prior-power")
+    args = ap.parse_args()
     meta_path = REPORT / "oof" / "oof.json"
     if not meta_path.is_file():
         raise SystemExit(f"{meta_path} not found: run experiments/quality_cv.py --folds 3 first")
@@ -104,6 +143,8 @@ def main() -> None:
     for a in GRID:
         m = scores(y, corrected(proba, counts / counts.sum(), a), classes, every)
         print(f"| {a:.1f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |")
+    if args.versus:
+        versus(args.versus)
 
 
 if __name__ == "__main__":
