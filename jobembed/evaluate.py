@@ -346,7 +346,7 @@ def _fit_predict(
             mode=system.name, head=settings.head, tfidf=settings.report.tfidf, hybrid=settings.report.hybrid
         ).fit(
             X_tr, y_tr, texts=texts_tr, X_val=X_val, y_val=y_val, texts_val=texts_val, groups=groups,
-            sample_weight=weights, prior_rows=None if weights is None else np.arange(len(y_tr)) < len(train_idx),
+            sample_weight=weights, prior_rows=np.arange(len(y_tr)) < len(train_idx),  # the ads come first
         )  # fmt: skip
         return np.asarray(model.predict(X_eval, texts=texts_eval), dtype=str), model
     if system.name == "topdown":
