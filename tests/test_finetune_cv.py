@@ -117,15 +117,14 @@ def test_fold_models_and_checkpoints_are_dropped_once_encoded(cv_run: Path):
     assert not any((cv_run / "finetune-cv" / "checkpoints").glob("*"))
 
 
-def test_a_fine_tuned_winner_is_bundled_with_its_encoder_and_classifies(cv_run: Path, tmp_path, monkeypatch):
-    """When a fine-tuned system wins the ranking, bundle serves it by evidence: the finetune stage's model copied in.
+def _tuned_winner(cv_run: Path, run: Path, monkeypatch) -> None:
+    """A copy of ``cv_run`` at ``run`` whose report ranks a fine-tuned system first.
 
     The tiny encoder barely moves in one epoch, so which side wins is a coin toss here: the report's own ranking is
     kept, and a fine-tuned first place is forced by scoring its CV a little higher."""
     from jobembed import evaluate
     from jobembed.stages import report as report_stage
 
-    run = tmp_path / "runs" / "won"
     shutil.copytree(cv_run, run)
     real = evaluate.evaluate_systems
 
@@ -142,6 +141,12 @@ def test_a_fine_tuned_winner_is_bundled_with_its_encoder_and_classifies(cv_run: 
 
     monkeypatch.setattr(report_stage, "evaluate_systems", tuned_first)
     assert invoke("report", run, "--force", "-q").exit_code == 0
+
+
+def test_a_fine_tuned_winner_is_bundled_with_its_encoder_and_classifies(cv_run: Path, tmp_path, monkeypatch):
+    """When a fine-tuned system wins the ranking, bundle serves it by evidence: the finetune stage's model copied in."""
+    run = tmp_path / "runs" / "won"
+    _tuned_winner(cv_run, run, monkeypatch)
     winner = read_json(run / "report" / "winner" / "winner.json")
     assert winner["encoder"] == str(run / "finetune" / "model")
     result = invoke("bundle", run, "-q")
@@ -152,6 +157,23 @@ def test_a_fine_tuned_winner_is_bundled_with_its_encoder_and_classifies(cv_run: 
     result = invoke("classify", "kierowca ciężarówki, prawo jazdy C+E", "--bundle", run / "bundle", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["label"]
+
+
+def test_a_moved_run_folder_bundles_its_own_fine_tuned_winner(cv_run: Path, tmp_path, monkeypatch):
+    """The report records the encoder by the path the run was addressed through; moved, the run still bundles its own
+    fine-tuned model (known by its fingerprint), with the report and every fine-tune kept."""
+    _tuned_winner(cv_run, tmp_path / "old" / "won", monkeypatch)
+    run = tmp_path / "moved" / "won"
+    shutil.move(tmp_path / "old", tmp_path / "moved")
+    assert read_json(run / "report" / "winner" / "winner.json")["encoder"] == str(tmp_path / "old/won/finetune/model")
+    report = (run / "report" / "stage.json").stat().st_mtime_ns
+    result = invoke("bundle", run, "-q")
+    assert result.exit_code == 0, result.output
+    assert (run / "report" / "stage.json").stat().st_mtime_ns == report  # nothing re-computed
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert meta["encoder"]["ref"] == "./encoder" and (run / "bundle" / "encoder").is_dir()
+    result = invoke("classify", "kierowca ciężarówki, prawo jazdy C+E", "--bundle", run / "bundle", "--json")
+    assert result.exit_code == 0, result.output
 
 
 def test_the_recipe_in_the_cv_needs_the_finetune_stage():

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobembed import data
+from jobembed import data, encoders
 from jobembed.artifacts import read_json
 from jobembed.bundle import EncoderInfo, load_head, save_bundle
 from jobembed.cli.base import ConfigOpt, ForceOpt, QuietOpt, RunArg, console, friendly, stage_command
@@ -55,14 +55,14 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
     winner = read_json(winner_dir / "winner.json")
     head = load_head(winner_dir / "head", winner["head_kind"])
     labels = data.load_labels(config.run_dir / "prepare")
+    tuned = finetuned or _own_finetuned(config, winner)
     encoder = EncoderInfo(
-        model=winner["encoder"],
+        model=finetuned_model(config) if tuned else winner["encoder"],
         fingerprint=winner["encoder_fingerprint"],
         precision=winner["encoder_precision"],
         text_prompt=winner["encoder_text_prompt"],
         max_seq_length=config.embed.max_seq_length,
     )
-    tuned = finetuned or Path(winner["encoder"]) == Path(finetuned_model(config))
     path = save_bundle(
         ctx.out,
         model=head,
@@ -77,6 +77,19 @@ def _run_bundle(ctx: StageContext) -> dict[str, Any]:
         onnx=str(config.bundle.backend) == "onnx-int8",
     )
     return {"bundle": str(path), "system": winner["key"]}
+
+
+def _own_finetuned(config: PipelineConfig, winner: dict[str, Any]) -> bool:
+    """Whether the winner's encoder is this run's fine-tuned model.
+
+    The report records the encoder by the path the run was addressed through; a run folder moved or copied since
+    still holds that model in its own ``finetune/model``, which its content fingerprint recognises."""
+    own = Path(finetuned_model(config))
+    if Path(winner["encoder"]) == own:
+        return True
+    if Path(winner["encoder"]).name != own.name or not own.is_dir():
+        return False  # a hub id, a builtin or another local encoder: bundled by its reference
+    return encoders.model_fingerprint(str(own)) == winner["encoder_fingerprint"]
 
 
 def _report_page(config: PipelineConfig) -> Path | None:
