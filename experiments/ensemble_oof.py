@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 from common import OUT
 from levers import ensemble_table
 from quality_cv import config_for
 
 from jobembed.evaluate import dev_pool
+from jobembed.oof import read_oof
 from jobembed.stages import prepared
 
 REPORT = OUT / "quality-cv" / "report"
@@ -53,9 +52,9 @@ def main() -> None:
         if s["system"] not in MEMBERS:
             continue
         tuned = "finetune" in str(s["encoder"])
-        frame = pd.read_parquet(REPORT / "oof" / entry["file"])
-        assert frame["id"].tolist() == dev["id"].astype(str).tolist(), "the oof rows are not the dev pool's"
-        probas[f"{s['system']}-{'tuned' if tuned else 'frozen'}"] = frame.iloc[:, 2:].to_numpy(dtype=np.float64)
+        path = REPORT / "oof" / entry["file"]  # format- and column-checked, its rows in the dev pool's order
+        rows = read_oof(path).rows_for(dev["id"].to_numpy(dtype=str), what="dev ads", source=path)
+        probas[f"{s['system']}-{'tuned' if tuned else 'frozen'}"] = rows
     print("members:", ", ".join(f"{k} (CV macro-F1 {systems_cv(systems, files, k):.3f})" for k in probas))
     ensemble_table(probas, dev, config)
 

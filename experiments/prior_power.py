@@ -22,19 +22,27 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from common import OUT
 from quality_cv import config_for
 
 from jobembed import metrics
 from jobembed.evaluate import cv_folds, dev_pool
+from jobembed.oof import OutOfFold, read_oof
 from jobembed.stages import prepared
 
 REPORT = OUT / "quality-cv" / "report"
 GRID = np.round(np.arange(0, 1.01, 0.1), 2)
 FOLDS = 3  # experiments/quality_cv.py's
+
+
+def dev_rows(path: Path, ids: np.ndarray) -> OutOfFold:
+    """A report's out-of-fold file (format- and column-checked), its rows in the dev pool's order."""
+    oof = read_oof(path)
+    return replace(oof, ids=ids, probs=oof.rows_for(ids, what="dev ads", source=path))
 
 
 def corrected(proba: np.ndarray, prior: np.ndarray, power: float) -> np.ndarray:
@@ -48,7 +56,7 @@ def scores(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, rows: np.ndarr
     return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
 
 
-def versus(name: str) -> None:
+def versus(name: str, *, ids: np.ndarray, y: np.ndarray) -> None:
     """The fusion systems of report ``name`` (with the correction) against the first report's (without): per-fold
     CV macro-F1, corrected t-test, McNemar on the pooled out-of-fold answers, and each report's one test reading."""
     other = OUT / name / "report"
@@ -67,14 +75,10 @@ def versus(name: str) -> None:
         s1 = first["systems"][key]
         a = [f["macro_f1"] for f in s1["cv"]["folds"]]
         b = [f["macro_f1"] for f in s2["cv"]["folds"]]
-        o1, o2 = (pd.read_parquet(r / "oof" / f[key]["file"]) for r, f in ((REPORT, files), (other, files2)))
-        n_test = len(o1) / len(a)  # a fold's share of the dev pool, as the report's own tests
+        o1, o2 = (dev_rows(r / "oof" / f[key]["file"], ids) for r, f in ((REPORT, files), (other, files2)))
+        n_test = len(ids) / len(a)  # a fold's share of the dev pool, as the report's own tests
         t = metrics.corrected_paired_ttest(b, a, n_train=n_test * (len(a) - 1), n_test=n_test)
-        classes = np.asarray(o1.columns[2:], dtype=str)
-        y = o1["label"].to_numpy(dtype=str)
-        mc = metrics.mcnemar(
-            y, classes[o1.iloc[:, 2:].to_numpy().argmax(1)], classes[o2.iloc[:, 2:].to_numpy().argmax(1)]
-        )
+        mc = metrics.mcnemar(y, o1.classes[o1.probs.argmax(1)], o2.classes[o2.probs.argmax(1)])
         folds = ", ".join(f"{x:.3f} → {z:.3f}" for x, z in zip(a, b, strict=True))
         major = [(s.get("test_parent") or {}).get("accuracy", np.nan) for s in (s1, s2)]
         print(
@@ -101,15 +105,14 @@ def main() -> None:
     splits, _ = prepared(config)
     dev = dev_pool(splits)
     y = dev["label"].to_numpy(dtype=str)
+    ids = dev["id"].to_numpy(dtype=str)
     classes = np.asarray(meta["classes"], dtype=str)
     folds = cv_folds(dev, n_folds=FOLDS, seed=config.prepare.seed)
     print("| system | a chosen per fold | CV macro-F1, a = 0 | CV macro-F1, corrected | CV acc, a = 0 "
           "| CV acc, corrected |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for key, entry in meta["systems"].items():
-        frame = pd.read_parquet(REPORT / "oof" / entry["file"])
-        assert frame["id"].tolist() == dev["id"].astype(str).tolist(), "the oof rows are not the dev pool's"
-        proba = frame[list(classes)].to_numpy(dtype=np.float64)
+        proba = dev_rows(REPORT / "oof" / entry["file"], ids).probs
         chosen, before, after = [], [], []
         for k, (_, held) in enumerate(folds):
             other = np.concatenate([te for j, (_, te) in enumerate(folds) if j != k])
@@ -133,8 +136,7 @@ def main() -> None:
             f"{cell(before, 'accuracy')} | {cell(after, 'accuracy')} |"
         )
     best = max(meta["systems"], key=lambda k: systems[k]["cv"]["summary"]["macro_f1"]["mean"])
-    frame = pd.read_parquet(REPORT / "oof" / meta["systems"][best]["file"])
-    proba = frame[list(classes)].to_numpy(dtype=np.float64)
+    proba = dev_rows(REPORT / "oof" / meta["systems"][best]["file"], ids).probs
     counts = (y[:, None] == classes[None, :]).sum(axis=0) + 1.0
     every = np.arange(len(y))
     print(f"\nPooled out-of-fold curve of the CV winner ({best}; every dev ad's prior: a look, not a choice):\n")
@@ -144,7 +146,7 @@ def main() -> None:
         m = scores(y, corrected(proba, counts / counts.sum(), a), classes, every)
         print(f"| {a:.1f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |")
     if args.versus:
-        versus(args.versus)
+        versus(args.versus, ids=ids, y=y)
 
 
 if __name__ == "__main__":
