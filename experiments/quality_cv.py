@@ -13,7 +13,7 @@ tokens, the same seed-13 splits and 3 repost-grouped CV folds of the dev pool) p
   them on the CV of the frozen encoder (lever 1);
 - the fine-tuning objective experiments/objectives.py chose on validation (lever 2; `--loss`, `--epochs`), run inside
   every fold on the fold's training ads outside its inner slice (the finetune-cv stage), and once on the train split
-  for the test split and the bundle;
+  for the test split and the bundle (`--max-seq-length`: its training tokens, 128 unless a screen chose more);
 - `--prior-power A`: fusion's prior correction (`report.hybrid.prior_power`), A chosen on the CV's out-of-fold
   answers by experiments/prior_power.py. Run it in a copy of this run folder (`cp -a experiments/out/quality-cv
   experiments/out/quality-cv-prior` then `--name quality-cv-prior --folds 3`), so the fold fine-tunes are reused
@@ -51,7 +51,7 @@ def config_for(args: argparse.Namespace, max_new_folds: int | None):
         "enabled": True,
         "loss": args.loss,
         "epochs": args.epochs,
-        "max_seq_length": 128,
+        "max_seq_length": getattr(args, "max_seq_length", 128),
         "batch_size": 32,
         "learning_rate": 3e-5,
         "evals_per_epoch": 1,
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=1, help="new folds to fine-tune now (0: print only)")
     ap.add_argument("--loss", default="classifier", help="the objective the screen chose (experiments/objectives.py)")
     ap.add_argument("--epochs", type=float, default=1.0, help="the screen's budget: one epoch")
+    ap.add_argument("--max-seq-length", type=int, default=128, help="training tokens (objectives.py's screens)")
     ap.add_argument("--rows-weight", type=float, default=3.0, help="taxonomy rows' weight (levers.py chose 3); 0: none")
     ap.add_argument("--rows-kinds", nargs="*", default=None)
     ap.add_argument("--topdown", action="store_true", help="add the top-down system (lost on the frozen encoder)")
