@@ -285,10 +285,11 @@ def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None, cla
         return classifier_loss(
             model, n_classes=n_classes, class_weights=class_weights(class_counts, str(config.class_weight))
         )
+    margin = {} if config.triplet_margin is None else {"margin": config.triplet_margin}
     if kind is FinetuneLoss.batch_hard:
-        loss = losses.BatchHardTripletLoss(model)
+        loss = losses.BatchHardTripletLoss(model, **margin)
     elif kind is FinetuneLoss.batch_all:
-        loss = losses.BatchAllTripletLoss(model)
+        loss = losses.BatchAllTripletLoss(model, **margin)
     elif kind is FinetuneLoss.mnrl:
         loss = (
             class_aware_mnrl(model, n_classes=n_classes)
@@ -300,7 +301,7 @@ def build_loss(model, *, config: FinetuneConfig, n_classes: int, guide=None, cla
     elif kind is FinetuneLoss.gist:
         loss = losses.GISTEmbedLoss(model, guide=guide)
     else:
-        loss = losses.TripletLoss(model)
+        loss = losses.TripletLoss(model, **({"triplet_margin": config.triplet_margin} if margin else {}))
     if config.matryoshka_dims:
         loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=config.matryoshka_dims)
     return loss

@@ -710,6 +710,10 @@ class FinetuneLoss(StrEnum):
         return self in (FinetuneLoss.classifier, FinetuneLoss.batch_hard, FinetuneLoss.batch_all)
 
 
+# the losses with a margin hinge on distances (finetune.triplet_margin)
+MARGIN_LOSSES = (FinetuneLoss.batch_hard, FinetuneLoss.batch_all, FinetuneLoss.triplet)
+
+
 class FinetuneConfig(_Strict):
     """``finetune``: the encoder on triplets' kept triplets with ``SentenceTransformerTrainer``."""
 
@@ -727,7 +731,9 @@ class FinetuneConfig(_Strict):
     )
     # Added after runs were made: out of the key while at the values those runs had (they act on the classifier loss
     # only; runs before them trained it this way).
-    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType({"class_weight": "sqrt", "head_learning_rate": 2e-3})
+    LATER_FIELDS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"class_weight": "sqrt", "head_learning_rate": 2e-3, "triplet_margin": None}
+    )
 
     # Off by default: a fine-tune costs minutes on a GPU and ~15 or more on a laptop CPU. `jobembed finetune RUN`
     # turns it on for that run; with it on, report adds the fine-tuned encoder's systems.
@@ -754,6 +760,11 @@ class FinetuneConfig(_Strict):
     # the learning rate of its linear layer, which starts from nothing while the encoder starts trained.
     class_weight: ClassWeight = ClassWeight.sqrt
     head_learning_rate: float = Field(2e-3, gt=0)
+    # loss batch_hard, batch_all or triplet: the hinge's margin on the Euclidean distance; None keeps
+    # sentence-transformers' 5. The encoders here end in a Normalize module (distances at most 2), so a margin of 5
+    # never closes: every triplet pushes forever, an unbounded ranking loss (issue 21's batch_hard screen sat at
+    # loss 5.0). Below 2 (0.5-1 is usual for unit vectors) a triplet already apart by the margin stops pushing.
+    triplet_margin: float | None = Field(None, gt=0)
     # Evaluations (TripletEvaluator on the val triplets, centroid-cosine macro-F1 of the val ads) per epoch; the
     # checkpoint that classifies val best is kept.
     evals_per_epoch: int = Field(2, ge=1)
@@ -782,3 +793,12 @@ class FinetuneConfig(_Strict):
     # The finetune stage does not read it, so adding a seed never re-runs the bundled model's fine-tune.
     seeds: list[int] = Field(default_factory=list)
     cache_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _margin_needs_a_margin_loss(self) -> FinetuneConfig:
+        if self.triplet_margin is not None and self.loss not in MARGIN_LOSSES:
+            raise ValueError(
+                f"triplet_margin {self.triplet_margin} acts on the losses {', '.join(MARGIN_LOSSES)}, not on "
+                f"{self.loss}: drop it, or pick one of those losses"
+            )
+        return self

@@ -60,6 +60,19 @@ def test_fusions_prior_correction_keys_the_report_only_when_set():
     assert {k: v for k, v in on["hybrid"].items() if k != "prior_power"} == off["hybrid"]
 
 
+def test_the_triplet_margin_keys_the_fine_tune_only_when_set():
+    off = section_for_key(PipelineConfig.model_validate({"finetune": {"loss": "batch_hard"}}).finetune)
+    on = section_for_key(
+        PipelineConfig.model_validate({"finetune": {"loss": "batch_hard", "triplet_margin": 0.5}}).finetune
+    )
+    assert "triplet_margin" not in off and on["triplet_margin"] == 0.5
+
+
+def test_a_triplet_margin_without_a_margin_loss_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"triplet_margin 0\.5 acts on the losses batch_hard, batch_all, triplet"):
+        load_config(None, {"finetune.loss": "classifier", "finetune.triplet_margin": 0.5})
+
+
 def test_a_later_fields_default_changed_afterwards_changes_the_key():
     """Reproduces: a field added later was left out of the key while at *today's* default, so flipping its default
     (say embed.backend torch -> onnx-int8) would give new int8 runs the key of old torch runs: stale vectors reported

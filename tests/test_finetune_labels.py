@@ -127,6 +127,26 @@ def test_label_based_triplet_losses_fine_tune_on_the_ads(tmp_path, tiny_encoder_
     assert read_classifier(run / "finetune" / "model") is None
 
 
+@pytest.mark.parametrize(
+    ("loss", "margin", "attribute", "expected"),
+    [
+        ("batch_hard", None, "triplet_margin", 5),  # sentence-transformers' own default, unchanged
+        ("batch_hard", 0.5, "triplet_margin", 0.5),
+        ("batch_all", 0.8, "triplet_margin", 0.8),
+        ("triplet", 0.3, "triplet_margin", 0.3),
+    ],
+)
+def test_the_triplet_margin_reaches_the_loss(tiny_encoder_dir, loss, margin, attribute, expected):
+    from sentence_transformers import SentenceTransformer
+
+    from jobembed.finetune import build_loss
+    from jobembed.sections import FinetuneConfig
+
+    config = FinetuneConfig(loss=loss, triplet_margin=margin)
+    built = build_loss(SentenceTransformer(str(tiny_encoder_dir), device="cpu"), config=config, n_classes=3)
+    assert getattr(built, attribute) == expected
+
+
 def test_a_label_loss_with_a_triplet_file_is_one_clear_error(tmp_path, tiny_encoder_dir):
     cfg = tiny_finetune_run(tmp_path, name="bad", model=tiny_encoder_dir, finetune=FINETUNE | {"loss": "classifier"})
     pd.DataFrame({"anchor": ["a", "b"], "positive": ["a", "b"], "negative": ["b", "a"]}).to_parquet(tmp_path / "t.pq")

@@ -369,6 +369,10 @@ def finetune_command(
     finetune__class_aware: Annotated[
         bool | None, typer.Option("--class-aware/--no-class-aware", help="mnrl: no same-class in-batch negatives.")
     ] = None,
+    finetune__triplet_margin: Annotated[
+        float | None,
+        typer.Option("--triplet-margin", help="batch_hard, batch_all, triplet: the hinge's margin [default: 5]."),
+    ] = None,
     finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
     finetune__batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=2, help="Triplets (or labelled ads) per training step.")
