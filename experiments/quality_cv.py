@@ -18,6 +18,9 @@ tokens, the same seed-13 splits and 3 repost-grouped CV folds of the dev pool) p
   answers by experiments/prior_power.py. Run it in a copy of this run folder (`cp -a experiments/out/quality-cv
   experiments/out/quality-cv-prior` then `--name quality-cv-prior --folds 3`), so the fold fine-tunes are reused
   (only the report re-runs, reading the test split once for this configuration) and the first report stays;
+- `--seeds 14 15`: the same fine-tune on the train split with more seeds, each scored once on the test split (the
+  finetune-seeds stage; seed 13 is the bundled one): the winner's spread over fine-tuning draws. In an existing run
+  folder the fold fine-tunes and seed 13's are reused; the report re-runs;
 - the systems: TF-IDF + LR, centroid, MLP and fusion on the frozen and the fine-tuned encoders, and the end-to-end
   classifier's own layer (`e2e`) where the loss is `classifier`; `--topdown` adds the top-down system (off by default:
   it lost to flat fusion on the frozen encoder at every rows weight, experiments/levers.py).
@@ -39,6 +42,7 @@ from common import OUT, pl_jobads, pl_taxonomy
 from finetune_cv import print_versus
 
 from jobembed.config import load_config
+from jobembed.report import _seeds_section
 from jobembed.stages import pin_models, run_stages
 from jobembed.stages.finetune_cv import FoldsLeft
 
@@ -57,6 +61,8 @@ def config_for(args: argparse.Namespace, max_new_folds: int | None):
         "evals_per_epoch": 1,
         "eval_train_ads": 1000,
         "seed": 13,
+        # the test-split protocol over fine-tuning seeds (the finetune-seeds stage): the winner's spread on test
+        "seeds": [13, *getattr(args, "seeds", [])] if getattr(args, "seeds", []) else [],
     }
     if args.loss == "mnrl":
         finetune["max_triplets"] = 1728
@@ -127,6 +133,8 @@ def print_report(config) -> None:
         f"{best['test']['accuracy'] - REFERENCE['accuracy_2_digits']:+.3f}); major groups read off it "
         f"{(best.get('test_parent') or {}).get('accuracy', float('nan')):.3f} vs {REFERENCE['accuracy_1_digit']}"
     )
+    if m.get("finetune_seeds"):
+        print("\n".join(_seeds_section(m)))
     print("\n" + json.dumps(m.get("finetune_cv"), indent=1))
 
 
@@ -141,6 +149,9 @@ def main() -> None:
     ap.add_argument("--topdown", action="store_true", help="add the top-down system (lost on the frozen encoder)")
     ap.add_argument(
         "--prior-power", type=float, default=0.0, help="fusion's prior correction (prior_power.py chose 0.4); 0: none"
+    )
+    ap.add_argument(
+        "--seeds", type=int, nargs="*", default=[], help="more fine-tuning seeds scored on test (beside seed 13)"
     )
     ap.add_argument("--name", default="quality-cv")
     args = ap.parse_args()
