@@ -243,7 +243,9 @@ class Plan:
         self.blocked: dict[str, KeepStamp] = {}
         self.input_digests: dict[str, dict[str, str]] = {}
 
-    def key(self, name: str) -> str:
+    def key(self, name: str, *, version: int | None = None) -> str:
+        """Stage ``name``'s key; ``version`` in place of the stage's own (for a stage whose units are keyed by the
+        content version of what a unit holds, which may lag the version of how the stage assembles them)."""
         stage = STAGES[name]
         folder = self.config.run_dir / stage.dir_name
         try:
@@ -258,7 +260,7 @@ class Plan:
         self.input_digests[name] = digests
         payload = {
             "stage": stage.key_name,
-            "version": stage.version,
+            "version": stage.version if version is None else version,
             "config": stage_settings(stage, self.config),
             "identity": identity,
             "inputs": {STAGES[i].key_name: d for i, d in digests.items()},

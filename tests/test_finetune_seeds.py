@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -14,8 +16,10 @@ from typer.testing import CliRunner
 from jobembed.artifacts import read_json
 from jobembed.cli import app
 from jobembed.config import load_config
-from jobembed.engine import Plan
-from tests.synthetic import tiny_finetune_run
+from jobembed.engine import STAGES, Plan
+from jobembed.finetune import CLASSIFIER_FILE, CLASSIFIER_META
+from jobembed.stages.finetune_seeds import seeds_todo
+from tests.synthetic import OCCUPATIONS, tiny_finetune_run
 
 runner = CliRunner()
 
@@ -116,3 +120,56 @@ def test_seeds_that_are_not_integers_get_one_line(seeds_run: Path):
     result = invoke("finetune", seeds_run, "--seeds", "13,x")
     assert result.exit_code == 1 and "not a comma-separated list of integer seeds" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_new_stage_version_re_assembles_the_folder_without_fine_tuning_a_kept_seed(
+    seeds_run: Path, tmp_path, monkeypatch
+):
+    """A fix to how the stage assembles its folder (its version) re-runs it, but a seed's unit is keyed by what the
+    unit holds: the paid-for fine-tune is kept and only linked again."""
+    run = tmp_path / "runs" / "bumped"
+    shutil.copytree(seeds_run, run)
+    config = load_config(run / "config.yaml").model_copy(update={"run_dir": run})
+    before = Plan(config).key("finetune-seeds")
+    stage = STAGES["finetune-seeds"]
+    monkeypatch.setitem(STAGES, "finetune-seeds", dataclasses.replace(stage, version=stage.version + 1))
+    assert Plan(config).key("finetune-seeds") != before and seeds_todo(config) == []
+    kept = (run / "finetune-seeds" / "units" / "seed-14" / "stage.json").stat().st_mtime_ns
+    result = invoke("finetune", run, "--seeds", "13,14")
+    assert result.exit_code == 0, result.output
+    assert "seed 14 (1 of 1) up to date (kept)" in result.output
+    assert (run / "finetune-seeds" / "units" / "seed-14" / "stage.json").stat().st_mtime_ns == kept
+
+
+def test_a_seed_brings_its_taxonomy_vectors_and_classifier_layer_to_the_report(tmp_path, tiny_encoder_dir):
+    """Reproduces: finetune-seeds left taxonomy.npy and the classifier's layer in its units, so report stopped on a run
+    with taxonomy rows ("no vectors of the taxonomy texts") after every seed was paid for, and no seed had e2e."""
+    cfg = tiny_finetune_run(
+        tmp_path,
+        name="tax",
+        model=tiny_encoder_dir,
+        finetune={"epochs": 1, "batch_size": 8, "max_seq_length": 32, "evals_per_epoch": 1, "loss": "classifier"},
+    )
+    rows = [(code, word, "name") for code, (_, words) in OCCUPATIONS.items() for word in words[:2]]
+    pd.DataFrame(rows, columns=["code", "text", "kind"]).to_csv(tmp_path / "tax.csv", index=False)
+    cfg["prepare"]["taxonomy"] = {"path": str(tmp_path / "tax.csv")}
+    cfg["head"] = {"hidden_sizes": [16], "max_epochs": 10, "patience": 3}
+    cfg["report"] = {
+        "cv_folds": 2,
+        "bootstrap": 0,
+        "systems": ["centroid", "tfidf", "e2e"],
+        "tfidf": {"max_features": 500},
+        "taxonomy_rows": {"weight": 0.5},
+    }
+    (tmp_path / "tax.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "tax"
+    assert invoke("prepare", run, "-c", tmp_path / "tax.yaml", "-q").exit_code == 0
+    assert invoke("finetune", run, "--seeds", "13,14", "-q").exit_code == 0
+    result = invoke("report", run, "-q")
+    assert result.exit_code == 0, result.output
+    seed = run / "finetune-seeds" / "seed-14"
+    table = pd.read_parquet(run / "prepare" / "taxonomy.parquet")
+    assert np.load(seed / "taxonomy.npy").shape[0] == len(table)
+    assert (seed / CLASSIFIER_FILE).is_file() and (seed / CLASSIFIER_META).is_file()
+    systems = read_json(run / "report" / "metrics.json")["finetune_seeds"]["systems"]
+    assert {"centroid", "e2e"} <= set(systems) and len(systems["e2e"]["macro_f1"]["values"]) == 2

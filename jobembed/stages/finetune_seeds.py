@@ -14,8 +14,9 @@ a seed fine-tunes that seed alone and a killed run resumes with the seeds it fin
 keeps its unit. A seed's model and checkpoints are dropped once its vectors are written, unless
 ``finetune.keep_checkpoints``. Under ``torchrun`` every rank fine-tunes; rank 0 alone encodes and writes.
 
-Outputs: ``seed-<s>/`` (``{train,val,test,labels}.npy``: float32, rows in split order; ``seed.json``;
-``ads_seen.json``) and ``seeds.json``.
+Outputs: ``seed-<s>/`` (``{train,val,test,labels}.npy``: float32, rows in split order; ``taxonomy.npy`` when the
+systems train on the taxonomy's rows; the end-to-end classifier's layer with ``finetune.loss: classifier``;
+``seed.json``; ``ads_seen.json``) and ``seeds.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jobembed.data import SPLITS
 from jobembed.embed import RunVectors
 from jobembed.engine import Plan, Stage, StageContext, register
 from jobembed.errors import DataError
-from jobembed.finetune import read_classifier
+from jobembed.finetune import CLASSIFIER_FILE, CLASSIFIER_META, read_classifier
 from jobembed.stages._common import names_models, prepared, taxonomy_rows
 from jobembed.stages.finetune import (
     centroid_data,
@@ -55,6 +56,14 @@ if TYPE_CHECKING:
     from jobembed.config import PipelineConfig
 
 SEEDS_FORMAT = "jobembed-finetune-seeds/1"
+# The stage's version moves when how it assembles its folder from the units changes; a unit's key holds UNIT_VERSION,
+# which moves only when what a unit holds changes, so a fix to the assembly never fine-tunes a kept seed again.
+# 2: links taxonomy.npy and the classifier's layer, which version 1 left in the units (report then failed on a run
+# with taxonomy rows and served no seed's e2e system).
+STAGE_VERSION = 2
+UNIT_VERSION = 1
+# Every file of a unit that report reads (the optional ones when there).
+_UNIT_FILES = (*(f"{s}.npy" for s in SPLITS), "labels.npy", "taxonomy.npy", "seed.json", "ads_seen.json")
 
 
 def ids_sha1(frame: pd.DataFrame) -> str:
@@ -70,7 +79,8 @@ def _identity(config: PipelineConfig) -> dict[str, Any]:
 def _recipe_key(config: PipelineConfig) -> str:
     """The stage's key without its seeds: what a seed's unit is current under, beside its own seed."""
     f = config.finetune
-    return Plan(config.model_copy(update={"finetune": f.model_copy(update={"seeds": []})})).key("finetune-seeds")
+    plan = Plan(config.model_copy(update={"finetune": f.model_copy(update={"seeds": []})}))
+    return plan.key("finetune-seeds", version=UNIT_VERSION)
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
@@ -87,8 +97,9 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             _one_seed(ctx, unit, seed=seed, splits=splits, labels=labels)
         if distributed.is_main():
             (ctx.out / f"seed-{seed}").mkdir()
-            for name in (*(f"{s}.npy" for s in SPLITS), "labels.npy", "seed.json", "ads_seen.json"):
-                os.link(unit.folder / name, ctx.out / f"seed-{seed}" / name)  # the unit keeps its own
+            for name in (*_UNIT_FILES, CLASSIFIER_FILE, CLASSIFIER_META):
+                if (unit.folder / name).is_file():
+                    os.link(unit.folder / name, ctx.out / f"seed-{seed}" / name)  # the unit keeps its own
             summaries.append(read_json(unit.folder / "seed.json"))
     if not distributed.is_main():
         return {}
@@ -236,6 +247,7 @@ register(
         on_cpu=finetune_on_cpu,
         names_models=names_models,
         summarise=True,
+        version=STAGE_VERSION,
         help="the fine-tune again for every other seed of finetune.seeds, every split re-encoded (test protocol)",
     )
 )
