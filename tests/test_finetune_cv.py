@@ -3,6 +3,7 @@ table (issue 20)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from jobembed.artifacts import PAUSE_ENV, read_json
 from jobembed.cli import app
 from jobembed.config import load_config
+from jobembed.engine import STAGES, _nothing
 from jobembed.errors import ConfigError
 from jobembed.evaluate import cv_folds
 from tests.synthetic import tiny_finetune_run
@@ -174,6 +176,28 @@ def test_a_moved_run_folder_bundles_its_own_fine_tuned_winner(cv_run: Path, tmp_
     assert meta["encoder"]["ref"] == "./encoder" and (run / "bundle" / "encoder").is_dir()
     result = invoke("classify", "kierowca ciężarówki, prawo jazdy C+E", "--bundle", run / "bundle", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_a_bundle_that_points_at_a_copied_runs_original_is_not_up_to_date(cv_run: Path, tmp_path, monkeypatch):
+    """Reproduces: a copy of a run bundled before the fine-tuned winner was recognised by fingerprint pointed at the
+    original's model, and once the original was gone bundle still said "up to date": nothing in its key held that
+    decision."""
+    from jobembed.stages import bundle as bundle_stage
+
+    _tuned_winner(cv_run, tmp_path / "first" / "won", monkeypatch)
+    run = tmp_path / "copy" / "won"
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    with monkeypatch.context() as old_code:  # the code before the fix: the recorded path alone, nothing in the key
+        old_code.setattr(bundle_stage, "_own_finetuned", lambda config, winner: False)
+        old_code.setitem(STAGES, "bundle", dataclasses.replace(STAGES["bundle"], identity=_nothing))
+        assert invoke("bundle", run, "-q").exit_code == 0
+    original = str(tmp_path / "first/won/finetune/model")
+    assert json.loads((run / "bundle" / "bundle.json").read_text())["encoder"]["ref"] == original
+    shutil.rmtree(tmp_path / "first")
+    result = invoke("bundle", run)
+    assert result.exit_code == 0 and "bundle: up to date" not in result.output, result.output
+    assert json.loads((run / "bundle" / "bundle.json").read_text())["encoder"]["ref"] == "./encoder"
+    assert "bundle: up to date" in invoke("bundle", run).output  # and current from then on
 
 
 def test_the_recipe_in_the_cv_needs_the_finetune_stage():

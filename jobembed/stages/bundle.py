@@ -92,6 +92,20 @@ def _own_finetuned(config: PipelineConfig, winner: dict[str, Any]) -> bool:
     return encoders.model_fingerprint(str(own)) == winner["encoder_fingerprint"]
 
 
+def _identity(config: PipelineConfig) -> dict[str, str] | None:
+    """None (the key of every bundle made before this identity existed) unless the CV winner is this run's fine-tuned
+    model recorded under another path (a run folder moved or copied since its report): such a bundle copies the run's
+    own model, so one made before that was recognised (it points at the old path) is not current."""
+    if config.bundle.encoder == BundleEncoderChoice.finetuned:
+        return None  # always this run's model, copied
+    try:
+        winner = read_json(config.run_dir / "report" / WINNER_DIR / "winner.json")
+        moved = Path(winner["encoder"]) != Path(finetuned_model(config)) and _own_finetuned(config, winner)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no report yet (or an unreadable one): the stage itself says what is missing
+    return {"winner_encoder": "this run's finetune/model, moved"} if moved else None
+
+
 def _report_page(config: PipelineConfig) -> Path | None:
     if not config.bundle.report_page:
         return None
@@ -157,6 +171,7 @@ register(
         inputs=("prepare", "report", "finetune"),
         consumes=_bundle_consume,
         run=_run_bundle,
+        identity=_identity,
         names_models=names_models,
         help="the report's best servable system as a deployable bundle",
         track=lambda config, folder: Tracked(model=folder, artifacts={"bundle_json": folder / "bundle.json"}),
