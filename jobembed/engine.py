@@ -78,6 +78,13 @@ def _nothing(config: Any) -> None:
     return None
 
 
+# A consumed input's file patterns, or a function that gives them. Patterns that resolve a model (an encoder's folder
+# is named by its fingerprint) are functions: called when a key is hashed, after the run's models are pinned, so
+# working out which stages a command needs resolves no model (no network, no builtin build) and an empty run folder
+# gets prepare's own message first.
+Patterns = tuple[str, ...] | Callable[[], tuple[str, ...]]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of the pipeline.
@@ -92,8 +99,8 @@ class Stage:
         identity: what else its result depends on (input file hashes, model fingerprints), JSON-able; may raise
             ``KeepStamp``.
         consumes: ``config -> {input stage: file patterns}``: which inputs' files it reads (fnmatch patterns over
-            paths relative to the input's folder; ``"*"`` all). An input left out is not read. Default: every
-            product of every input.
+            paths relative to the input's folder; ``"*"`` all), or a function that gives them (``Patterns``). An
+            input left out is not read. Default: every product of every input.
         products: patterns of the files later stages read; their content digests go into those stages' keys.
         enabled: ``config -> bool``; a disabled stage neither runs nor is read, and its folder is left alone.
         off_reason: ``config -> str`` for the progress line of a disabled stage.
@@ -123,7 +130,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     ignores: tuple[str, ...] = ()
     identity: Callable[[Any], Any] = _nothing
-    consumes: Callable[[Any], Mapping[str, tuple[str, ...]]] | None = None
+    consumes: Callable[[Any], Mapping[str, Patterns]] | None = None
     products: tuple[str, ...] = ("*",)
     enabled: Callable[[Any], bool] = _always
     off_reason: Callable[[Any], str] = lambda config: "disabled"
@@ -183,11 +190,14 @@ def register_pin(pin: Callable[[Any], Any]) -> None:
     _PINS.append(pin)
 
 
-def consumed(name: str, config: Any) -> dict[str, tuple[str, ...]]:
-    """The inputs ``name`` reads under ``config`` and which of their files; disabled inputs are left out."""
+def consumed(name: str, config: Any) -> dict[str, Patterns]:
+    """The inputs ``name`` reads under ``config`` and which of their files (or a function that gives them); disabled
+    inputs are left out."""
     stage = STAGES[name]
     wanted = stage.consumes(config) if stage.consumes else {i: STAGES[i].products for i in stage.inputs}
-    return {i: tuple(p) for i, p in wanted.items() if i in stage.inputs and STAGES[i].enabled(config)}
+    return {
+        i: p if callable(p) else tuple(p) for i, p in wanted.items() if i in stage.inputs and STAGES[i].enabled(config)
+    }
 
 
 def needed(name: str, config: Any) -> list[str]:
@@ -256,7 +266,7 @@ class Plan:
                 raise DataError(str(reason), fix=reason.fix) from None
             identity, self.blocked[name] = stamp["identity"], reason
         self.identities[name] = identity
-        digests = {i: self.digest(i, patterns) for i, patterns in consumed(name, self.config).items()}
+        digests = {i: self.digest(i, p() if callable(p) else p) for i, p in consumed(name, self.config).items()}
         self.input_digests[name] = digests
         payload = {
             "stage": stage.key_name,

@@ -436,6 +436,11 @@ BAD_INPUTS = [
     (["classify", "--input", "{ws}/new.csv", "--bundle", "{ws}/runs/tiny/bundle", "--text-col", "x"], "'x'"),
     # models
     (["embed", "{ws}/runs/never"], "no prepared splits"),
+    # stages whose inputs' patterns name an encoder's folder: were a Hub lookup of the default model, before prepare
+    (["report", "{ws}/runs/never"], "no prepared splits"),
+    (["bundle", "{ws}/runs/never"], "no prepared splits"),
+    (["triplets", "{ws}/runs/never"], "no prepared splits"),
+    (["head", "{ws}/runs/never"], "no prepared splits"),
     (["embed", "{ws}/runs/tiny", "--model", "builtin:nope"], "builtin"),
     (["embed", "{ws}/runs/tiny", "--model", "sentence-transformers/no-such-model-xyz"], "HF_HUB_OFFLINE"),
     # bundles

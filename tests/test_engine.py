@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from jobembed import engine
 from jobembed.artifacts import PAUSE_ENV
 from jobembed.cli import app
+from jobembed.sections import CleanBackend
 from tests.synthetic import tiny_finetune_run
 
 runner = CliRunner()
@@ -264,7 +265,7 @@ def test_clean_alone_pins_its_model_before_its_key(base, monkeypatch):
     real_clean = stages.STAGES["clean"].run
 
     def fake_clean(ctx):  # no GLiNER2 weights offline: the rules clean instead (the cleaning is not under test)
-        rules = ctx.config.clean.model_copy(update={"backend": "rules"})
+        rules = ctx.config.clean.model_copy(update={"backend": CleanBackend.rules})
         return real_clean(dataclasses.replace(ctx, config=ctx.config.model_copy(update={"clean": rules})))
 
     stage = dataclasses.replace(stages.STAGES["clean"], run=fake_clean, identity=lambda c: {"model": c.clean.model})

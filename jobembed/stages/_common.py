@@ -3,6 +3,7 @@ references."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +30,20 @@ def canon(ref: str, cache_dir: Path | None = None) -> str:
     return ref if resolved.kind == "local" else resolved.ref
 
 
-def encoder_part(config: PipelineConfig, ref: str) -> tuple[str, ...]:
-    """The embed folder of one encoder, as a pattern of embed's files."""
-    resolved = encoders.resolve(ref, cache_dir=config.embed.cache_dir)
-    return (f"{embed.encoder_slug(resolved.ref, encoders.fingerprint_of(resolved))}/*",)
+def encoder_part(
+    config: PipelineConfig, refs: Sequence[str], *, also: tuple[str, ...] = ()
+) -> Callable[[], tuple[str, ...]]:
+    """The embed folders of the encoders ``refs`` (and the patterns ``also``), as a function that gives those patterns
+    of embed's files: resolving a model is left to the key's hashing (``engine.Patterns``)."""
+
+    def patterns() -> tuple[str, ...]:
+        out = []
+        for ref in refs:
+            resolved = encoders.resolve(ref, cache_dir=config.embed.cache_dir)
+            out.append(f"{embed.encoder_slug(resolved.ref, encoders.fingerprint_of(resolved))}/*")
+        return (*out, *also)
+
+    return patterns
 
 
 def prepared(config: PipelineConfig, *, texts: bool = True) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:

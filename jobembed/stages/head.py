@@ -121,7 +121,7 @@ register(
         reads=("classify", "clean", "embed", "text_column", "report.min_support"),
         ignores=("embed.extra_models",),
         inputs=("prepare", "embed"),
-        consumes=lambda config: {"prepare": ("*",), "embed": encoder_part(config, config.embed.model)},
+        consumes=lambda config: {"prepare": ("*",), "embed": encoder_part(config, [config.embed.model])},
         run=_run_train_head,
         identity=frozen_identity,
         names_models=names_models,

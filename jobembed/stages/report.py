@@ -27,7 +27,7 @@ from jobembed.cli.base import (
 )
 from jobembed.config import register_section
 from jobembed.embed import short_name
-from jobembed.engine import Stage, StageContext, register
+from jobembed.engine import Patterns, Stage, StageContext, register
 from jobembed.errors import DataError, JobembedError
 from jobembed.evaluate import (
     EvalSettings,
@@ -83,11 +83,12 @@ def refuse_leaky_encoders(config: PipelineConfig, splits) -> None:
             )
 
 
-def _report_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
-    out: dict[str, tuple[str, ...]] = {
+def _report_consume(config: PipelineConfig) -> dict[str, Patterns]:
+    out: dict[str, Patterns] = {
         "prepare": ("*",),
-        "embed": tuple(p for ref in config.embed.models() for p in encoder_part(config, ref))
-        + (("taxonomy/*",) if trains_on_taxonomy(config) else ()),
+        "embed": encoder_part(
+            config, config.embed.models(), also=("taxonomy/*",) if trains_on_taxonomy(config) else ()
+        ),
         "embed-finetuned": ("*",),
         "finetune": ("ads_seen.json",),
         "finetune-cv": ("*",),

@@ -12,7 +12,7 @@ from jobembed.clean.core import load_clean_column
 from jobembed.cli.base import ConfigOpt, ForceOpt, ModelOpt, QuietOpt, RunArg, console, friendly, overrides, print_stage
 from jobembed.config import default_cache_dir, register_section, write_resolved
 from jobembed.embed import RunVectors
-from jobembed.engine import Stage, StageContext, config_for_run, pin_models, register, run_stages
+from jobembed.engine import Patterns, Stage, StageContext, config_for_run, pin_models, register, run_stages
 from jobembed.errors import DataError, JobembedError
 from jobembed.sections import CleanBackend, JudgeKind, JudgeMode, NoiseFilter, PositiveStrategy, TripletsConfig
 from jobembed.stages._common import encoder_part, frozen_identity, names_models, prepared, reads_clean_text, run_vectors
@@ -119,8 +119,8 @@ def _triplets_identity(config: PipelineConfig) -> dict[str, str]:
     return frozen_identity(config) | prompts_identity() | label_positive_identity(config) | judge_probs_identity(config)
 
 
-def triplets_consume(config: PipelineConfig) -> dict[str, tuple[str, ...]]:
-    out = {"prepare": ("*",), "embed": encoder_part(config, config.embed.model)}
+def triplets_consume(config: PipelineConfig) -> dict[str, Patterns]:
+    out: dict[str, Patterns] = {"prepare": ("*",), "embed": encoder_part(config, [config.embed.model])}
     if reads_clean_text(config) or config.clean.backend != CleanBackend.none:  # the judge reads cleaned text
         out["clean"] = ("*",)
     return out
