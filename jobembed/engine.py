@@ -576,7 +576,8 @@ def run_stages(
     Returns:
         stage -> "ran" | "skipped" | "off", in run order.
     """
-    created = not config.run_dir.exists()
+    # the run folder and any parents of it this command makes: a failure before anything is written removes them
+    created = [p for p in [config.run_dir, *config.run_dir.parents] if not p.exists()]
     check_run_dir(config.run_dir)
     try:
         return _run(
@@ -589,20 +590,26 @@ def run_stages(
         )
     except BaseException:
         if created:
-            _remove_if_unused(config.run_dir)
+            _remove_if_unused(config.run_dir, created[1:])
         raise
 
 
-def _remove_if_unused(run_dir: Path) -> None:
-    """Remove a run folder this command made, when it holds nothing but stage locks: a command that failed before
-    writing anything leaves no empty run folder behind."""
+def _remove_if_unused(run_dir: Path, parents: list[Path]) -> None:
+    """Remove a run folder this command made, when it holds nothing but stage locks, and the ``parents`` it made
+    (innermost first) that are left empty: a command that failed before writing anything leaves no folder behind."""
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    if all(p.is_file() and p.name.startswith(".") and p.name.endswith(".lock") for p in entries):
-        for p in entries:
-            p.unlink(missing_ok=True)
-        run_dir.rmdir()
+    if not all(p.is_file() and p.name.startswith(".") and p.name.endswith(".lock") for p in entries):
+        return
+    for p in entries:
+        p.unlink(missing_ok=True)
+    run_dir.rmdir()
+    for parent in parents:
+        try:
+            parent.rmdir()  # only when empty: another run may have been made beside ours meanwhile
+        except OSError:
+            return
 
 
 def _run(

@@ -441,6 +441,7 @@ BAD_INPUTS = [
     (["bundle", "{ws}/runs/never"], "no prepared splits"),
     (["triplets", "{ws}/runs/never"], "no prepared splits"),
     (["head", "{ws}/runs/never"], "no prepared splits"),
+    (["report", "{ws}/runs/no/such/run"], "no prepared splits"),  # left no/such/ behind
     (["embed", "{ws}/runs/tiny", "--model", "builtin:nope"], "builtin"),
     (["embed", "{ws}/runs/tiny", "--model", "sentence-transformers/no-such-model-xyz"], "HF_HUB_OFFLINE"),
     # bundles
@@ -468,12 +469,17 @@ def test_bad_input_gives_one_clear_line_and_loses_nothing(finished_run, workspac
     watched = [finished_run / p for p in ("report/metrics.json", "bundle/bundle.json", "head/bundle.json")]
     before = {p: p.stat().st_mtime_ns for p in watched}
     args = [a.format(ws=workspace) for a in args]
-    new_run = Path(args[1]) if args[0] in STAGES and not Path(args[1]).exists() else None
+    new_run = None  # the topmost folder of the run's path that does not exist yet
+    if args[0] in STAGES:
+        for folder in [Path(args[1]), *Path(args[1]).parents]:
+            if folder.exists():
+                break
+            new_run = folder
     result = invoke(*args)
     assert one_red_line(result), result.output
     assert needle in result.output, result.output
     assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing finished was touched
-    assert new_run is None or not new_run.exists()  # and no empty run folder is left behind
+    assert new_run is None or not new_run.exists()  # and no empty run folder (or its new parents) is left behind
 
 
 def test_runs_dir_that_is_a_file(workspace):
