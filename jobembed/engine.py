@@ -81,7 +81,7 @@ def _nothing(config: Any) -> None:
 # A consumed input's file patterns, or a function that gives them. Patterns that resolve a model (an encoder's folder
 # is named by its fingerprint) are functions: called when a key is hashed, after the run's models are pinned, so
 # working out which stages a command needs resolves no model (no network, no builtin build) and an empty run folder
-# gets prepare's own message first.
+# gets the first stage's own message.
 Patterns = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
 
