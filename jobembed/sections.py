@@ -763,7 +763,8 @@ class FinetuneConfig(_Strict):
     # loss batch_hard, batch_all or triplet: the hinge's margin on the Euclidean distance; None keeps
     # sentence-transformers' 5. The encoders here end in a Normalize module (distances at most 2), so a margin of 5
     # never closes: every triplet pushes forever, an unbounded ranking loss (issue 21's batch_hard screen sat at
-    # loss 5.0). Below 2 (0.5-1 is usual for unit vectors) a triplet already apart by the margin stops pushing.
+    # loss 5.0). Below 2 (0.5-1 is usual for unit vectors) a triplet already apart by the margin stops pushing; at 0.5
+    # that screen trained the same model as at 5 (no hardest triplet got that far apart), so it is not a default.
     triplet_margin: float | None = Field(None, gt=0)
     # Evaluations (TripletEvaluator on the val triplets, centroid-cosine macro-F1 of the val ads) per epoch; the
     # checkpoint that classifies val best is kept.
