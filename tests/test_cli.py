@@ -573,6 +573,42 @@ def test_every_value_a_flag_accepts_is_in_the_help(path, command):
             assert str(value) in text, f"{' '.join(path)}: {flag} accepts {value!r}, which --help does not name"
 
 
+@pytest.mark.parametrize(
+    ("path", "command"), list(_commands()), ids=lambda x: " ".join(x) if isinstance(x, list) else ""
+)
+def test_every_bracket_of_an_option_help_is_shown(path, command):
+    """Reproduces: rich read "[default: 5]" or "[torch]" in an option's help as a markup tag and printed nothing of it
+    ("the hinge's margin ."). Every bracketed or parenthesised part of an option's help appears in --help."""
+    result = invoke(*path, "--help")
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.replace("│", " ").split())
+    for param in command.params:
+        for part in re.findall(r"\[[^\[\]]*\]|\([^()]*\)", " ".join((getattr(param, "help", None) or "").split())):
+            assert part in shown, f"{' '.join(path)} {param.opts}: {part!r} is missing from --help"
+
+
+@pytest.mark.parametrize("group", [[], ["clean"]], ids=["jobembed", "clean"])
+def test_every_command_is_listed_by_its_summary_on_one_line(group):
+    """Reproduces: the command list showed each docstring's first paragraph with the source's line breaks, so a long
+    one broke mid-sentence over several rows. Each command is listed by its first paragraph, whole, on one line of an
+    120-column terminal."""
+    import inspect
+
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for name in group:
+        cmd = cmd.commands[name]
+    result = runner.invoke(app, [*group, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
+    for name, sub in cmd.commands.items():
+        if sub.hidden:
+            continue
+        summary = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
+        assert f"{name} {summary}" in lines, f"{name}: {summary!r} is not one line of the command list"
+
+
 def test_a_text_with_nothing_to_read_is_uncertain_with_a_reason(finished_run):
     """Reproduces (issue 23): classify "😀🚀🔥💼" got a confident label (the head's prior), uncertain false."""
     result = invoke("classify", "😀🚀🔥💼", "--bundle", finished_run / "bundle", "--json", "--min-confidence", "0")

@@ -31,6 +31,7 @@ stderr and exit code 1; Ctrl-C keeps finished stages and the caches and exits 13
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 import sys
@@ -53,7 +54,16 @@ err_console = Console(stderr=True)
 
 
 class OneLineErrors(TyperGroup):
-    """Usage errors as one red line and exit 1, like every other error, instead of a usage box and exit 2."""
+    """Usage errors as one red line and exit 1, like every other error, instead of a usage box and exit 2; each
+    command listed by its docstring's first paragraph as one flowing line."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and command.short_help is None and command.help:
+            # typer's rich help lists a command by its first paragraph with the docstring's line breaks kept, so a
+            # paragraph wrapped at 120 columns in the source broke mid-sentence in the list
+            command.short_help = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        return command
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:

@@ -89,8 +89,9 @@ def clean_eval(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score a cleaner on gold spans: span precision/recall/F1 per type, exact and overlap (gliner2), or
-    how much gold span text survives (rules)."""
+    """Score a cleaner on gold spans (JSONL), per entity type.
+
+    gliner2: span precision/recall/F1 per type, exact and overlap; rules: how much gold span text survives."""
     from jobembed.artifacts import write_json
     from jobembed.clean.eval import eval_markdown, evaluate_cleaner
 
@@ -172,7 +173,9 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even when up to date.")] = False,
     tracking: Annotated[
         TrackingBackend | None,
-        typer.Option("--tracking", help="Log each stage that runs: mlflow, wandb or tensorboard [tracking.backend]."),
+        typer.Option(
+            "--tracking", help="Log each stage that runs: mlflow, wandb or tensorboard (default: tracking.backend)."
+        ),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -204,8 +207,9 @@ def status(
     run_dir: RunArg,
     config: ConfigOpt = None,
 ) -> None:
-    """Show what each stage of RUN would do now, and why: current, runs (the reason), waits for an input that runs
-    first, or off. Nothing runs, and nothing is written."""
+    """Show what each stage of RUN would do now, and why; nothing runs and nothing is written.
+
+    Each stage is current, runs (the reason), waits for an input that runs first, or off."""
     require_run(run_dir, config)
     values, flags = overrides(dict(locals()), ctx)
     cfg = pin_models(config_for_run(run_dir, config, values, flags=flags))
@@ -236,13 +240,15 @@ def classify(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write --input's predictions here (.csv, .jsonl or .parquet).")
     ] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="How many labels to list [bundle's: 3].")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="How many labels to list (default: the bundle's, 3).")
+    ] = None,
     min_confidence: Annotated[
         float | None,
         typer.Option(
             "--min-confidence",
             callback=probability,
-            help="Below this top probability (0 to 1), answer 'uncertain' [bundle's setting]. Not with "
+            help="Below this top probability (0 to 1), answer 'uncertain' (default: the bundle's setting). Not with "
             "--target-accuracy.",
         ),
     ] = None,

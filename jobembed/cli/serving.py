@@ -24,15 +24,18 @@ def serve_command(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML with a serve: section (see configs/serve.yaml).")
     ] = None,
-    serve__host: Annotated[str | None, typer.Option("--host", help="Address to listen on [127.0.0.1].")] = None,
-    serve__port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Port [8000].")] = None,
+    serve__host: Annotated[
+        str | None, typer.Option("--host", help="Address to listen on (default: 127.0.0.1).")
+    ] = None,
+    serve__port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Port (default: 8000).")] = None,
     serve__workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Worker processes, each with its own model [1].")
+        int | None, typer.Option("--workers", min=1, help="Worker processes, each with its own model (default: 1).")
     ] = None,
     serve__backend: Annotated[
         ServeBackend | None,
         typer.Option(
-            "--backend", help="torch, or onnx-int8: the encoder exported to int8 ONNX (faster on CPU) [the bundle's]."
+            "--backend",
+            help="torch, or onnx-int8: the encoder exported to int8 ONNX, faster on CPU (default: the bundle's).",
         ),
     ] = None,
     serve__batching: Annotated[
@@ -40,7 +43,7 @@ def serve_command(
     ] = None,
     serve__batch_wait_ms: Annotated[
         float | None,
-        typer.Option("--batch-wait-ms", min=0, help="Under load, wait for more requests [GPU 5, CPU 0]."),
+        typer.Option("--batch-wait-ms", min=0, help="Under load, wait for more requests (default: GPU 5, CPU 0)."),
     ] = None,
     serve__cache: Annotated[
         bool | None,
@@ -52,12 +55,13 @@ def serve_command(
         typer.Option("--report/--no-report", help="Show the bundle's report page at /report (bundle --report-page)."),
     ] = None,
 ) -> None:
-    """Serve a bundle over HTTP: POST /v1/classify, GET /v1/labels, /v1/info, /healthz, /readyz, /metrics, a page at
-    / to paste an ad, and with --report the bundle's report page at /report (behind the API key). The bundle is
-    verified first (format, the hash of every file and of bundle.json's answer-changing fields, encoder fingerprint);
-    API keys come from JOBEMBED_API_KEYS (comma-separated; a list with no key in it refuses to start). With --cache,
-    repeated texts are answered from a bounded in-memory cache of vectors (serve.cache_size texts); nothing is written
-    to disk."""
+    """Serve a bundle over HTTP (FastAPI): classify, labels, health, metrics and a page to paste an ad.
+
+    Endpoints: POST /v1/classify, GET /v1/labels, /v1/info, /healthz, /readyz, /metrics, a page at / to paste an ad, and
+    with --report the bundle's report page at /report (behind the API key). The bundle is verified first (format, the
+    hash of every file and of bundle.json's answer-changing fields, encoder fingerprint); API keys come from
+    JOBEMBED_API_KEYS (comma-separated; a list with no key in it refuses to start). With --cache, repeated texts are
+    answered from a bounded in-memory cache of vectors (serve.cache_size texts); nothing is written to disk."""
     from jobembed.bundle import find_latest_bundle
     from jobembed.serve import api_keys_from_env, check_bundle, run_server
 

@@ -148,13 +148,15 @@ def bundle_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Package the report's best servable system as RUN/bundle: the best-ranked of the MLP, hier or e2e head, the
-    fusion, stack or topdown head, or cosine prototypes (centroid, zero-shot); TF-IDF + LR and LR alone are never
-    bundled. The bundle holds the head (safetensors), the labels, the encoder reference with its fingerprint, the
-    abstention rule's out-of-fold answers and a hash of every file; with --report-page also the report's page
-    (report.html, no ad text) for serve --report; with --backend onnx-int8 also the encoder as its int8 ONNX export
-    and tokenizer (encoder-onnx/), which jobembed-serve --backend onnx-int8 runs without PyTorch. With --encoder
-    finetuned, the same kind of system on the run's fine-tuned encoder, which is copied into the bundle."""
+    """Package the report's best servable system as RUN/bundle, for classify and serve.
+
+    The system is the best-ranked of the MLP, hier or e2e head, the fusion, stack or topdown head, or cosine prototypes
+    (centroid, zero-shot); TF-IDF + LR and LR alone are never bundled. The bundle holds the head (safetensors), the
+    labels, the encoder reference with its fingerprint, the abstention rule's out-of-fold answers and a hash of every
+    file; with --report-page also the report's page (report.html, no ad text) for serve --report; with --backend
+    onnx-int8 also the encoder as its int8 ONNX export and tokenizer (encoder-onnx/), which jobembed-serve --backend
+    onnx-int8 runs without PyTorch. With --encoder finetuned, the same kind of system on the run's fine-tuned encoder,
+    which is copied into the bundle."""
     from jobembed.bundle import read_bundle_meta
 
     run = stage_command("bundle", dict(locals()))

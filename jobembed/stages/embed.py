@@ -91,15 +91,17 @@ def embed_command(
     embed__precision: PrecisionOpt = None,
     embed__backend: Annotated[
         EmbedBackend | None,
-        typer.Option("--backend", help="torch, or onnx-int8: the int8 ONNX export (faster on a CPU) [torch]."),
+        typer.Option("--backend", help="torch, or onnx-int8: the int8 ONNX export, faster on a CPU (default: torch)."),
     ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode every split, the category texts (and a taxonomy's texts) with each encoder, cached: re-runs and shared
-    texts are free. --backend onnx-int8 runs the encoder as its int8 ONNX export (new vectors: a new key, a cache
-    namespace of their own, and a bundle that encodes new ads the same way)."""
+    """Encode every split, the category texts and a taxonomy's texts with each encoder, cached.
+
+    Re-runs and texts shared with another run are free (the cache). --backend onnx-int8 runs the encoder as its int8
+    ONNX export (new vectors: a new key, a cache namespace of their own, and a bundle that encodes new ads the same
+    way)."""
 
     run = stage_command("embed", dict(locals()))
     for meta_path in sorted((run / "embed").glob("*/embeddings.json")):

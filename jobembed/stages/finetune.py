@@ -358,10 +358,10 @@ def finetune_command(
     run_dir: RunArg,
     finetune__model: Annotated[
         str | None,
-        typer.Option("--base-model", help="Encoder to fine-tune [default: embed.model, the frozen one]."),
+        typer.Option("--base-model", help="Encoder to fine-tune (default: embed.model, the frozen one)."),
     ] = None,
     finetune__triplets: Annotated[
-        Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative [default: the run's].")
+        Path | None, typer.Option("--triplets", help="A Parquet with anchor, positive, negative (default: the run's).")
     ] = None,
     finetune__loss: Annotated[
         FinetuneLoss | None, typer.Option("--loss", help="Training loss: on triplets, or on labelled ads.")
@@ -371,7 +371,7 @@ def finetune_command(
     ] = None,
     finetune__triplet_margin: Annotated[
         float | None,
-        typer.Option("--triplet-margin", help="batch_hard, batch_all, triplet: the hinge's margin [default: 5]."),
+        typer.Option("--triplet-margin", help="batch_hard, batch_all, triplet: the hinge's margin (default: 5)."),
     ] = None,
     finetune__epochs: Annotated[float | None, typer.Option("--epochs", min=0.01, help="Training epochs.")] = None,
     finetune__batch_size: Annotated[
@@ -419,17 +419,19 @@ def finetune_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune the encoder with SentenceTransformerTrainer: on the run's kept triplets (MNRL with the hard negative,
-    same-class in-batch negatives masked, by default), or with --loss classifier | batch_hard | batch_all on every
-    training ad with its label (no triplets: classifier trains a linear layer with the encoder, kept beside the model
-    as the report's e2e system; batch_hard/batch_all are sentence-transformers' label-based triplet losses). Keeps the
-    checkpoint with the best validation centroid-cosine macro-F1; after an interruption it resumes from the newest
-    complete checkpoint made under the same settings (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/
-    (model/ with its model card, finetune.json, ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then
-    writes RUN/embed-finetuned/ (the fine-tuned vectors report reads). With --seeds, the finetune-seeds stage then
-    fine-tunes once more for every other seed on the same training rows and encodes every split with each
-    (RUN/finetune-seeds/; each seed's model is dropped once encoded), so that report can show the fine-tuned systems
-    seed by seed on the test split. Turns finetune on for the run (finetune.enabled, kept in its config.yaml)."""
+    """Fine-tune the encoder with SentenceTransformerTrainer, on the run's triplets or on its labelled ads.
+
+    By default on the run's kept triplets (MNRL with the hard negative, same-class in-batch negatives masked), or with
+    --loss classifier | batch_hard | batch_all on every training ad with its label (no triplets: classifier trains a
+    linear layer with the encoder, kept beside the model as the report's e2e system; batch_hard/batch_all are
+    sentence-transformers' label-based triplet losses). Keeps the checkpoint with the best validation centroid-cosine
+    macro-F1; after an interruption it resumes from the newest complete checkpoint made under the same settings
+    (RUN/finetune/checkpoints/<stage key>/). Writes RUN/finetune/ (model/ with its model card, finetune.json,
+    ads_seen.json, log.jsonl) in one swap; the embed-finetuned stage then writes RUN/embed-finetuned/ (the fine-tuned
+    vectors report reads). With --seeds, the finetune-seeds stage then fine-tunes once more for every other seed on the
+    same training rows and encodes every split with each (RUN/finetune-seeds/; each seed's model is dropped once
+    encoded), so that report can show the fine-tuned systems seed by seed on the test split. Turns finetune on for the
+    run (finetune.enabled, kept in its config.yaml)."""
     params = dict(locals())
     params["finetune__enabled"] = True  # asking for the stage turns it on for this run (kept in its config.yaml)
     from jobembed.config import load_config

@@ -337,19 +337,21 @@ def report_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compare every system in report.systems on every encoder (embed.model and embed.extra_models), on the same
+    """Compare every system on every encoder with CV, one test-split reading, significance tests and abstention.
+
+    Every system in report.systems runs on every encoder (embed.model and embed.extra_models), on the same
     repost-grouped splits and CV folds. Default systems: zero-shot cosine, centroid cosine, TF-IDF + LR, LR on
-    embeddings, the MLP head and fusion (MLP + TF-IDF, late fusion); stack (stacked TF-IDF features) and hier (a
-    head trained on both ISCO levels) on request. Systems are ranked by CV macro-F1 over train + val, each scored
-    once on the test split with group-bootstrap intervals, corrected t-tests and McNemar against the winner, and an
-    abstention threshold chosen on the CV's out-of-fold answers. When finetune is on, the fine-tuned encoder's
-    systems get their own test-split section (not ranked: the CV pool holds ads it was trained on). With
-    --finetune-cv the recipe is run inside every fold instead (finetune-cv: triplets mined, judged and fine-tuned on
-    the fold's training rows only), and the fine-tuned systems join the CV table and the ranking, each compared with
-    the same system on the frozen encoder and with TF-IDF + LR (corrected t-test, exact McNemar on the pooled
-    out-of-fold answers and on test); the report opens with the answer and its cost. With finetune.seeds (`jobembed
-    finetune RUN --seeds 13,14,15`) the fine-tuned systems are also scored on test once per fine-tuning seed (the
-    finetune-seeds stage runs the other seeds first): each seed, the spread, and exact McNemar per seed.
+    embeddings, the MLP head and fusion (MLP + TF-IDF, late fusion); stack (stacked TF-IDF features) and hier (a head
+    trained on both ISCO levels) on request. Systems are ranked by CV macro-F1 over train + val, each scored once on the
+    test split with group-bootstrap intervals, corrected t-tests and McNemar against the winner, and an abstention
+    threshold chosen on the CV's out-of-fold answers. When finetune is on, the fine-tuned encoder's systems get their
+    own test-split section (not ranked: the CV pool holds ads it was trained on). With --finetune-cv the recipe is run
+    inside every fold instead (finetune-cv: triplets mined, judged and fine-tuned on the fold's training rows only), and
+    the fine-tuned systems join the CV table and the ranking, each compared with the same system on the frozen encoder
+    and with TF-IDF + LR (corrected t-test, exact McNemar on the pooled out-of-fold answers and on test); the report
+    opens with the answer and its cost. With finetune.seeds (`jobembed finetune RUN --seeds 13,14,15`) the fine-tuned
+    systems are also scored on test once per fine-tuning seed (the finetune-seeds stage runs the other seeds first):
+    each seed, the spread, and exact McNemar per seed.
 
     Writes RUN/report/ (report.md, metrics.json, per-class CSVs, figures, winner/ and, with a fine-tune,
     winner-finetuned/: the head a bundle serves).

@@ -223,12 +223,14 @@ def triplets_command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Mine anchor/positive/negative triplets in the training split (a small validation set in val; the test split
-    is never read) and judge them: an LLM at any OpenAI-compatible endpoint (key from OPENAI_API_KEY only), an
-    offline model (cleanlab, the default) or none. Writes RUN/triplets/: train.parquet, val.parquet, candidates/,
-    noise.csv (probably mislabelled ads), report.md. With --judge-probs the model judge reads a first round's
-    out-of-fold probabilities (e.g. RUN1/report/oof/<fine-tuned fusion>.parquet) instead of fitting its own: a second
-    round of judging with a better model."""
+    """Mine anchor/positive/negative triplets in the training split and judge them (an LLM, a model or none).
+
+    Triplets come from the training split (a small validation set from val; the test split is never read); the judge is
+    an LLM at any OpenAI-compatible endpoint (key from OPENAI_API_KEY only), an offline model (cleanlab, the default) or
+    none. Writes RUN/triplets/: train.parquet, val.parquet, candidates/, noise.csv (probably mislabelled ads),
+    report.md. With --judge-probs the model judge reads a first round's out-of-fold probabilities (e.g.
+    RUN1/report/oof/<fine-tuned fusion>.parquet) instead of fitting its own: a second round of judging with a better
+    model."""
     from jobembed.triplets import client
 
     values, flags = overrides(dict(locals()), ctx)
