@@ -56,38 +56,6 @@ def scores(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, rows: np.ndarr
     return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
 
 
-def versus(name: str, *, ids: np.ndarray, y: np.ndarray) -> None:
-    """The fusion systems of report ``name`` (with the correction) against the first report's (without): per-fold
-    CV macro-F1, corrected t-test, McNemar on the pooled out-of-fold answers, and each report's one test reading."""
-    other = OUT / name / "report"
-    first, second = (json.loads((r / "metrics.json").read_text()) for r in (REPORT, other))
-    files = json.loads((REPORT / "oof" / "oof.json").read_text())["systems"]
-    files2 = json.loads((other / "oof" / "oof.json").read_text())["systems"]
-    print(f"\n{name} (fusion's prior_power) against quality-cv (none):\n")
-    print(
-        "| system | prior_power | CV macro-F1 per fold, without → with | diff | corrected t p | McNemar p, pooled "
-        "OOF (accuracy) | test accuracy, without → with | test macro-F1, without → with | test major accuracy |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for key, s2 in second["systems"].items():
-        if not s2.get("prior_power"):
-            continue
-        s1 = first["systems"][key]
-        a = [f["macro_f1"] for f in s1["cv"]["folds"]]
-        b = [f["macro_f1"] for f in s2["cv"]["folds"]]
-        o1, o2 = (dev_rows(r / "oof" / f[key]["file"], ids) for r, f in ((REPORT, files), (other, files2)))
-        n_test = len(ids) / len(a)  # a fold's share of the dev pool, as the report's own tests
-        t = metrics.corrected_paired_ttest(b, a, n_train=n_test * (len(a) - 1), n_test=n_test)
-        mc = metrics.mcnemar(y, o1.classes[o1.probs.argmax(1)], o2.classes[o2.probs.argmax(1)])
-        folds = ", ".join(f"{x:.3f} → {z:.3f}" for x, z in zip(a, b, strict=True))
-        major = [(s.get("test_parent") or {}).get("accuracy", np.nan) for s in (s1, s2)]
-        print(
-            f"| {s2['display']} | {s2['prior_power']} | {folds} | {t['mean_diff']:+.3f} | {t['p_value']:.2f} | "
-            f"{mc['p_value']:.2g} | {s1['test']['accuracy']:.3f} → {s2['test']['accuracy']:.3f} | "
-            f"{s1['test']['macro_f1']:.3f} → {s2['test']['macro_f1']:.3f} | {major[0]:.3f} → {major[1]:.3f} |"
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--versus", default=None, help="a run folder under experiments/out made with --prior-power")
@@ -146,7 +114,9 @@ def main() -> None:
         m = scores(y, corrected(proba, counts / counts.sum(), a), classes, every)
         print(f"| {a:.1f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |")
     if args.versus:
-        versus(args.versus, ids=ids, y=y)
+        from recipe_versus import compare  # here: recipe_versus reads this module's dev_rows
+
+        compare("quality-cv", args.versus, ids=ids, y=y)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,17 @@ def kind(system: dict) -> str:
     return "fine-tuned" if "finetuned_cv" in system else "frozen"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--first", default="quality-cv-prior", help="the run folder of the recipe in place")
-    ap.add_argument("--second", default="quality-cv-2ep", help="the run folder of the recipe measured against it")
-    args = ap.parse_args()
-    reports = [OUT / name / "report" for name in (args.first, args.second)]
+def compare(first_name: str, second_name: str, *, ids: np.ndarray, y: np.ndarray) -> None:
+    """Print the table and the CV's choice for run folders ``first_name`` and ``second_name`` under
+    experiments/out; ``ids``, ``y``: the dev pool's ids and labels, in the order the out-of-fold rows are read."""
+    reports = [OUT / name / "report" for name in (first_name, second_name)]
     for report in reports:
         if not (report / "metrics.json").is_file():
             raise SystemExit(f"{report / 'metrics.json'} not found: finish experiments/quality_cv.py for it first")
     first, second = (json.loads((r / "metrics.json").read_text()) for r in reports)
     files = [json.loads((r / "oof" / "oof.json").read_text())["systems"] for r in reports]
-    run = argparse.Namespace(loss="classifier", epochs=1.0, rows_weight=3.0, rows_kinds=None, topdown=False,
-                             prior_power=0.0, name=args.first)  # fmt: skip
-    splits, _ = prepared(config_for(run, None))  # the first run's prepared splits: the dev pool's ids and labels
-    dev = dev_pool(splits)
-    y, ids = dev["label"].to_numpy(dtype=str), dev["id"].to_numpy(dtype=str)
     by_kind = {(s["system"], kind(s)): key for key, s in first["systems"].items()}
-    print(f"{args.second} against {args.first}: the same folds of {len(ids)} dev ads\n")
+    print(f"{second_name} against {first_name}: the same folds of {len(ids)} dev ads\n")
     print(
         "| system | encoder | CV macro-F1 per fold, first → second | diff | corrected t p | McNemar p, pooled OOF "
         "(accuracy first → second) | test accuracy, first → second | test macro-F1, first → second | test major "
@@ -91,11 +84,22 @@ def main() -> None:
         print(f"\nwarning: {line}")
     best = [m["systems"][m["winner"]] for m in (first, second)]
     cv = [b["cv"]["summary"]["macro_f1"]["mean"] for b in best]
-    chosen = args.second if cv[1] > cv[0] else args.first
+    chosen = second_name if cv[1] > cv[0] else first_name
     print(
-        f"\nCV winners: {args.first} {best[0]['display']} {cv[0]:.3f}, {args.second} {best[1]['display']} "
+        f"\nCV winners: {first_name} {best[0]['display']} {cv[0]:.3f}, {second_name} {best[1]['display']} "
         f"{cv[1]:.3f}: the CV chooses {chosen}"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--first", default="quality-cv-prior", help="the run folder of the recipe in place")
+    ap.add_argument("--second", default="quality-cv-2ep", help="the run folder of the recipe measured against it")
+    args = ap.parse_args()
+    run = argparse.Namespace(loss="classifier", epochs=1.0, rows_weight=3.0, rows_kinds=None, topdown=False,
+                             prior_power=0.0, name=args.first)  # fmt: skip
+    dev = dev_pool(prepared(config_for(run, None))[0])  # the first run's prepared splits: the dev pool
+    compare(args.first, args.second, ids=dev["id"].to_numpy(dtype=str), y=dev["label"].to_numpy(dtype=str))
 
 
 if __name__ == "__main__":
