@@ -5,11 +5,11 @@
 
 The report scores its CV winner on the test split from the vectors the embed stages cached; a user gets answers from
 the bundle instead: raw text in, cleaned by the bundle's cleaner, encoded by the bundle's copy of the encoder, the
-bundle's head. This script, with an empty embedding cache, sends the prepared test split's raw `text` through the command a user runs (`jobembed
-classify --input ... --out ...`, a subprocess, abstention off) and compares its top-1 answers with the labels and
-with the report's own test figures for the bundled system. It chooses nothing: the configuration was fixed by the CV
-and its test reading is already in docs/results.md; this is a check of the serving path (the same answers, up to
-float noise between batched and cached encodes), not a second reading.
+bundle's head. This script sends the prepared test split's raw `text` through the command a user runs (`jobembed
+classify --input ... --out ...`, a subprocess, abstention off, an empty embedding cache so every ad is encoded) and
+compares its top-1 answers with the labels and with the report's own test figures for the bundled system. It chooses
+nothing: the configuration was fixed by the CV and its test reading is already in docs/results.md; this is a check
+of the serving path (the same answers, up to float noise between batched and cached encodes), not a second reading.
 """
 
 from __future__ import annotations
