@@ -12,8 +12,9 @@ triplets after the model judge); the curve mines with up to 256 anchors per clas
 with fewer training ads give fewer, so the pool is smaller than 4x; "trained on" in the table says what each point
 got) and caps what each point trains on with `finetune.max_triplets` (the class-aware sampler keeps the classes'
 shares). Points: 825, 1,650, 3,300 and 6,600
-triplets at one epoch, and 1,650 at two. On 2 CPU cores a step of 32 triplets takes ~17 s at 128 tokens: ~7, 15, 30
-and 60 minutes of training, plus ~8 minutes to encode every split per point; ~3 h in all.
+triplets at one epoch, and 1,650 at two. On 2 CPU cores (measured alone) a step of 32 triplets takes ~20 s at 128
+tokens with the final evaluation: 825 x 1 trained 721 s and 3,300 x 1 2,179 s, plus ~8 minutes per point to encode
+every split; ~3.5 h for every point.
 
 Each point fine-tunes in a run folder of its own (`curve-<triplets>x<epochs>`; prepare, clean, embed and the judged
 triplets are cache hits after the first), encodes every split with its encoder and fits centroid, MLP and fusion on
