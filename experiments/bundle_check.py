@@ -1,7 +1,7 @@
 """Issue 21: does the bundle serve what the report measured? The test split's raw ads through `jobembed classify`.
 
     .venv/bin/jobembed bundle experiments/out/quality-cv-2ep          # seconds (the report's winner/ is fit)
-    .venv/bin/python experiments/bundle_check.py --name quality-cv-2ep   # ~3 min on 2 CPU cores
+    .venv/bin/python experiments/bundle_check.py --name quality-cv-2ep   # ~2 min on 2 CPU cores
 
 The report scores its CV winner on the test split from the vectors the embed stages cached; a user gets answers from
 the bundle instead: raw text in, cleaned by the bundle's cleaner, encoded by the bundle's copy of the encoder, the
@@ -54,8 +54,7 @@ def main() -> None:
         subprocess.run(command, check=True, cwd=ROOT, env=env)
         seconds = time.perf_counter() - start
         answers = pd.read_csv(dst, dtype=str)
-    label_col = next(c for c in ("label", "label_1", "top1") if c in answers.columns)
-    predicted = answers[label_col].astype(str).to_numpy()
+    predicted = answers["label"].to_numpy()  # classify --out: the input's columns + label, name, confidence, ...
     truth = test["label"].astype(str).to_numpy()
     accuracy = accuracy_score(truth, predicted)
     macro_f1 = f1_score(truth, predicted, average="macro", labels=sorted(set(truth)), zero_division=0)

@@ -1,10 +1,16 @@
-"""Shared by the experiment scripts: where the data is, the pl-jobads pipeline config, peak memory."""
+"""Shared by the experiment scripts: where the data is, the pl-jobads pipeline config, peak memory, a report's
+out-of-fold answers in the dev pool's order."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from jobembed.oof import OutOfFold, read_oof
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("JOBEMBED_DATA", ROOT.parent / "shared" / "data"))
@@ -77,6 +83,12 @@ def pl_taxonomy(out: Path = OUT / "pl-taxonomy.csv") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return out
+
+
+def dev_rows(path: Path, ids: np.ndarray) -> OutOfFold:
+    """A report's out-of-fold file (format- and column-checked), its rows in the dev pool's order ``ids``."""
+    oof = read_oof(path)
+    return replace(oof, ids=ids, probs=oof.rows_for(ids, what="dev ads", source=path))
 
 
 if __name__ == "__main__":  # make pl-taxonomy: the table configs/default.yaml reads

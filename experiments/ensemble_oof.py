@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 
-from common import OUT
+from common import OUT, dev_rows
 from levers import ensemble_table
 from quality_cv import config_for
 
 from jobembed.evaluate import dev_pool
-from jobembed.oof import read_oof
 from jobembed.stages import prepared
 
 REPORT = OUT / "quality-cv" / "report"
@@ -52,9 +51,8 @@ def main() -> None:
         if s["system"] not in MEMBERS:
             continue
         tuned = "finetune" in str(s["encoder"])
-        path = REPORT / "oof" / entry["file"]  # format- and column-checked, its rows in the dev pool's order
-        rows = read_oof(path).rows_for(dev["id"].to_numpy(dtype=str), what="dev ads", source=path)
-        probas[f"{s['system']}-{'tuned' if tuned else 'frozen'}"] = rows
+        oof = dev_rows(REPORT / "oof" / entry["file"], dev["id"].to_numpy(dtype=str))
+        probas[f"{s['system']}-{'tuned' if tuned else 'frozen'}"] = oof.probs
     print("members:", ", ".join(f"{k} (CV macro-F1 {systems_cv(systems, files, k):.3f})" for k in probas))
     ensemble_table(probas, dev, config)
 

@@ -22,27 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-from common import OUT
+from common import OUT, dev_rows
 from quality_cv import config_for
+from recipe_versus import compare
 
 from jobembed import metrics
 from jobembed.evaluate import cv_folds, dev_pool
-from jobembed.oof import OutOfFold, read_oof
 from jobembed.stages import prepared
 
 REPORT = OUT / "quality-cv" / "report"
 GRID = np.round(np.arange(0, 1.01, 0.1), 2)
 FOLDS = 3  # experiments/quality_cv.py's
-
-
-def dev_rows(path: Path, ids: np.ndarray) -> OutOfFold:
-    """A report's out-of-fold file (format- and column-checked), its rows in the dev pool's order."""
-    oof = read_oof(path)
-    return replace(oof, ids=ids, probs=oof.rows_for(ids, what="dev ads", source=path))
 
 
 def corrected(proba: np.ndarray, prior: np.ndarray, power: float) -> np.ndarray:
@@ -114,8 +106,6 @@ def main() -> None:
         m = scores(y, corrected(proba, counts / counts.sum(), a), classes, every)
         print(f"| {a:.1f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |")
     if args.versus:
-        from recipe_versus import compare  # here: recipe_versus reads this module's dev_rows
-
         compare("quality-cv", args.versus, ids=ids, y=y)
 
 

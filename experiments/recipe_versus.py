@@ -24,8 +24,7 @@ import argparse
 import json
 
 import numpy as np
-from common import OUT
-from prior_power import dev_rows
+from common import OUT, dev_rows
 from quality_cv import config_for
 
 from jobembed import metrics
